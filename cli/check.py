@@ -1,0 +1,55 @@
+"""``statelens check``: what a checkpoint is, and whether its backend is exact on it."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from statelens.cli.options import Ckpt, Device, DType, Dtype, Seed, load
+
+
+def check(
+    ckpt: Ckpt,
+    length: Annotated[int, typer.Option(help="Random tokens to verify on.", min=2)] = 300,
+    chunk: Annotated[int, typer.Option(help="Chunk length for the chunked run (best not dividing --length).",
+                                       min=1)] = 37,
+    device: Device = "cpu",
+    dtype: Dtype = DType.float32,
+    seed: Seed = 0,
+) -> None:
+    """Print a checkpoint's architecture, parameters and state sizes, then verify on random tokens that
+    one-shot, chunked and token-by-token logits agree. Exits 1 when they do not."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from statelens.models.verify import check_agreement
+
+    loaded = load(ckpt, device, dtype)
+    model = loaded.model
+    out = Console(highlight=False)
+    out.print(f"[bold]{loaded.path}[/] ({loaded.format} layout, {loaded.weights_kind} weights)")
+    out.print(f"architecture  {model.arch}, {model.n_layers} layers, d_model {model.config.d_model}, "
+              f"vocab {model.config.vocab_size}")
+    out.print(f"parameters    {model.num_parameters():,}")
+    shapes = Table("layer", "ssm state", "conv state", "numbers", box=None, pad_edge=False)
+    for i, s in enumerate(model.state_shapes()):
+        numel = 1
+        for n in s["ssm"]:
+            numel *= n
+        shapes.add_row(str(i), str(list(s["ssm"])), str(list(s["conv"])), f"{numel:,}")
+    out.print(shapes)
+    total = model.zero_state(1, device="meta").numel_per_sequence()
+    out.print(f"state size    {total:,} numbers per sequence (SSM states, all layers; "
+              f"{total * 4 / 2**20:.2f} MiB in float32)")
+
+    result = check_agreement(model, length=length, chunk=chunk, seed=seed)
+    out.print(f"\nverification on {length} random tokens (seed {seed}, {dtype.value}), "
+              f"tolerance {result.tolerance:.1e}:")
+    out.print(f"  one-shot vs chunked ({chunk} per call)  max |logit diff| {result.chunked_logits:.3e}   "
+              f"state {result.chunked_state:.3e}")
+    out.print(f"  one-shot vs token by token        max |logit diff| {result.stepwise_logits:.3e}   "
+              f"state {result.stepwise_state:.3e}")
+    if not result.ok:
+        out.print("[bold red]FAILED[/]: the runs disagree beyond tolerance")
+        raise typer.Exit(1)
+    out.print("[bold green]ok[/]: one-shot, chunked and token-by-token runs agree")

@@ -1,0 +1,50 @@
+"""``statelens``: the entry point. Commands live one per module; this file wires them and owns the
+error policy: bad input -> one line, exit 2; internal failure -> one line, exit 1; ``--debug`` shows
+the traceback."""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from statelens.cli import check
+
+app = typer.Typer(
+    name="statelens",
+    help="Diagnose the recurrent state of linear recurrent language models (Mamba-2, Mamba-1, ...).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("check")(check.check)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """statelens: state diagnostics for recurrent language models."""
+
+
+def main() -> None:
+    from statelens.errors import StatelensError
+
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except StatelensError as e:
+        if debug:
+            raise
+        print(f"statelens: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("statelens: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # an internal failure: short message, traceback only on request
+        if debug:
+            raise
+        print(f"statelens: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The one exception family statelens raises.
+
+The library never prints or exits. It raises a subclass of :class:`StatelensError`; the CLI catches it
+at the edge and turns it into a one-line message and an exit code (2 for bad input, 1 otherwise).
+"""
+
+
+class StatelensError(Exception):
+    """Base of every error statelens raises on purpose."""
+
+    exit_code = 1
+
+
+class BadInput(StatelensError):
+    """The user's input (a path, a file's content, an option) is wrong. Exit code 2.
+
+    The message names the file or option and says what is wrong, in one line.
+    """
+
+    exit_code = 2
+
+
+class CheckpointError(BadInput):
+    """A checkpoint directory, its config or its weights cannot be used."""
+
+
+class DataError(BadInput):
+    """A data file or directory cannot be read as tokens."""

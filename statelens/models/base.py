@@ -1,0 +1,134 @@
+"""The backend protocol: what every recurrent language model in statelens provides.
+
+A backend is an ``nn.Module`` subclass of :class:`RecurrentLM`. It runs
+
+    logits, state = model(tokens, state)        # tokens [batch, length] -> logits [batch, length, vocab]
+
+exactly, for any chunk length >= 1, so that a long input can be fed in pieces with the state carried.
+``model.hidden`` and ``model.unembed`` split that call in two, so callers that need only a few
+positions' logits (Effective Remembrance needs the last one) skip the vocabulary projection.
+
+The recurrent state is a :class:`State`: per layer, the SSM state and the convolution state.
+Everything above the backends (rollouts, recorders, analyses, interventions) is written against this
+file only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from statelens.models.hooks import HookPoint, name_hook_points
+from statelens.registry import Registry
+
+
+@dataclass(frozen=True)
+class State:
+    """Recurrent state of a whole model for a batch.
+
+    ssm:  per layer, the backend's SSM state (Mamba-2 ``[batch, nheads, headdim, d_state]``,
+          Mamba-1 ``[batch, d_inner, d_state]``).
+    conv: per layer, the last ``d_conv - 1`` inputs of the causal convolution,
+          ``[batch, conv_channels, d_conv - 1]``.
+    """
+
+    ssm: tuple[torch.Tensor, ...]
+    conv: tuple[torch.Tensor, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm[0].shape[0]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
+        """Applies ``fn`` to every tensor."""
+        return State(tuple(fn(t) for t in self.ssm), tuple(fn(t) for t in self.conv))
+
+    def detach(self) -> State:
+        return self.map(torch.Tensor.detach)
+
+    def clone(self) -> State:
+        return self.map(torch.Tensor.clone)
+
+    def to(self, *args, **kwargs) -> State:
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def rows(self, index: torch.Tensor | slice | list[int]) -> State:
+        """The state of a subset of the batch."""
+        return self.map(lambda t: t[index])
+
+    def where(self, rows: torch.Tensor, other: State) -> State:
+        """Per batch row: ``other`` where ``rows`` [batch] is True, else this state."""
+        def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            mask = rows.view(-1, *([1] * (mine.dim() - 1)))
+            return torch.where(mask, theirs.to(mine.dtype), mine)
+
+        return State(
+            tuple(pick(a, b) for a, b in zip(self.ssm, other.ssm)),
+            tuple(pick(a, b) for a, b in zip(self.conv, other.conv)),
+        )
+
+    def numel_per_sequence(self) -> int:
+        """SSM state size of one sequence, in numbers (conv states excluded)."""
+        return sum(t[0].numel() for t in self.ssm)
+
+
+class RecurrentLM(nn.Module):
+    """Base of every backend. Subclasses set ``arch`` and ``config`` and implement the abstract parts.
+
+    Hook points (per layer ``i``; shapes per backend docstring): ``blocks.{i}.hook_state``,
+    ``hook_conv_state``, ``hook_dt``, ``hook_decay``, ``hook_B``, ``hook_C``, ``hook_x``, ``hook_out``.
+    """
+
+    arch: str = ""
+
+    # -- to implement --------------------------------------------------------------------------
+    def hidden(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens [batch, length] (int64) -> final-normed hidden [batch, length, d_model], new state."""
+        raise NotImplementedError
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., d_model] -> logits [..., vocab] in float32 (or the model dtype if wider)."""
+        raise NotImplementedError
+
+    def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
+        """The all-zero initial state for ``batch`` sequences."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """tokens [batch, length] -> logits [batch, length, vocab], state after the last token."""
+        if state is None:
+            state = self.zero_state(tokens.shape[0])
+        hidden, state = self.hidden(tokens, state)
+        return self.unembed(hidden), state
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Every hook point by name, e.g. ``blocks.3.hook_state``."""
+        return name_hook_points(self)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied lm_head counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def state_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per layer, the shapes of one sequence's SSM and conv states (batch axis dropped)."""
+        state = self.zero_state(1, device="meta")
+        return [{"ssm": tuple(s.shape[1:]), "conv": tuple(c.shape[1:])} for s, c in zip(state.ssm, state.conv)]
+
+
+backends: Registry[type[RecurrentLM]] = Registry("backend")
+"""Backends by architecture name; a new architecture is one file in ``models/`` that registers here."""

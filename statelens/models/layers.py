@@ -1,0 +1,61 @@
+"""Pieces shared by the Mamba backends: norms and the causal depthwise convolution with state."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in float32 (or wider), as mamba-ssm's Triton kernel does."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def block_norm(d: int, eps: float, rms: bool) -> nn.Module:
+    """The pre-norm of a residual block: RMSNorm (``rms_norm: true``) or LayerNorm."""
+    return RMSNorm(d, eps) if rms else nn.LayerNorm(d, eps=eps)
+
+
+def gated_rms_norm(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int, norm_before_gate: bool
+) -> torch.Tensor:
+    """mamba-ssm's ``RMSNormGated``: y [..., d], z [..., d] -> [..., d].
+
+    ``norm_before_gate=False`` (the Mamba-2 default): ``rmsnorm(y * silu(z))``; else ``rmsnorm(y) * silu(z)``.
+    The RMS is taken over groups of ``group_size`` channels (``d / ngroups``), as the reference does.
+    """
+    dtype = y.dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    y, z = y.to(wide), z.to(wide)
+    if not norm_before_gate:
+        y = y * F.silu(z)
+    grouped = y.unflatten(-1, (-1, group_size))
+    y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    if norm_before_gate:
+        y = y * F.silu(z)
+    return (weight * y).to(dtype)
+
+
+def causal_conv(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv1d continuing from a state, then SiLU.
+
+    x [batch, channels, length]; conv_state [batch, channels, k - 1] (the k - 1 inputs before x);
+    weight [channels, 1, k] (nn.Conv1d layout); returns (y [batch, channels, length],
+    new conv_state [batch, channels, k - 1]).
+    """
+    k = weight.shape[-1]
+    window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # [b, c, k - 1 + length]
+    y = F.conv1d(window, weight, bias, groups=x.shape[1])
+    return F.silu(y), window[:, :, window.shape[-1] - (k - 1):]

@@ -1,0 +1,57 @@
+"""The residual stack shared by the Mamba backends: embedding, pre-norm blocks, final norm, lm_head.
+
+A backend subclasses :class:`LMHeadModel`, builds its mixers and calls ``_build``; the mixer of layer
+``i`` takes ``(u, ssm_state, conv_state)`` and returns ``(out, ssm_state, conv_state)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from statelens.models.base import RecurrentLM, State
+from statelens.models.layers import block_norm
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. With ``residual_in_fp32`` the residual stream is kept in float32
+    (or wider), as mamba-ssm's fused add-norm does; the mixer runs in the model dtype."""
+
+    def __init__(self, mixer: nn.Module, d_model: int, eps: float, rms: bool, residual_in_fp32: bool):
+        super().__init__()
+        self.norm = block_norm(d_model, eps, rms)
+        self.mixer = mixer
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, residual: torch.Tensor, *states: torch.Tensor):
+        if self.residual_in_fp32:
+            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        out, *states = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), *states)
+        return residual + out, *states
+
+
+class LMHeadModel(RecurrentLM):
+    """Embedding, blocks, final norm, lm_head: the part shared by the Mamba backends."""
+
+    def _build(self, cfg, mixers: list[nn.Module]) -> None:
+        self.config = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(m, cfg.d_model, cfg.norm_eps, cfg.rms_norm, cfg.residual_in_fp32) for m in mixers)
+        self.norm_f = block_norm(cfg.d_model, cfg.norm_eps, cfg.rms_norm)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self.hook_points()  # names every HookPoint from its module path
+
+    def hidden(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        x = self.embedding(tokens)
+        ssm, conv = [], []
+        for block, s, c in zip(self.blocks, state.ssm, state.conv):
+            x, s, c = block(x, s, c)
+            ssm.append(s)
+            conv.append(c)
+        return self.norm_f(x.to(self.norm_f.weight.dtype)), State(tuple(ssm), tuple(conv))
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -1,0 +1,140 @@
+"""Mamba-1 language model, pure PyTorch, exact for any chunk length.
+
+Gu & Dao, 2023, "Mamba" (arXiv:2312.00752); mirrors mamba-ssm's ``Mamba`` (simple) module and
+transformers' ``MambaForCausalLM``. Axis letters as in :mod:`statelens.models.selective_scan`
+(``d`` d_inner, ``n`` d_state) plus ``r`` dt_rank and ``k`` d_conv.
+
+One layer, for input u [b, l, d_model]:
+
+    x, z = in_proj(u)                                 # [b, l, d] each
+    x = silu(causal_conv1d(x))                        # carries the last k - 1 inputs as conv state
+    dt_low, B, C = x_proj(x)                          # [b, l, r], [b, l, n], [b, l, n]
+    dt = softplus(dt_proj(dt_low));  A = -exp(A_log)  # dt [b, l, d], A [d, n]
+    y, state = selective_scan(x, dt, A, B, C, state)  +  D * x
+    out = out_proj(y * silu(z))
+
+Mamba-1 has no heads: its state is [d_inner, d_state], one row per channel.
+
+Hook points per block: hook_x [b, l, d], hook_B and hook_C [b, l, n], hook_dt [b, l, d],
+hook_decay [b, l, d, n] (alpha = exp(dt * A); materialised only when hooked; patching it changes the
+scan), hook_state [b, d, n], hook_conv_state [b, d, k - 1], hook_out [b, l, d_model].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from statelens.models.base import State, backends
+from statelens.models.hooks import HookPoint
+from statelens.models.layers import causal_conv
+from statelens.models.lm import LMHeadModel
+from statelens.models.selective_scan import selective_scan_chunked
+
+
+@dataclass
+class Mamba1Config:
+    d_model: int
+    n_layer: int
+    vocab_size: int                  # embedding rows, already padded as the reference pads them
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None       # None ("auto"): ceil(d_model / 16)
+    bias: bool = False               # in_proj / out_proj bias
+    conv_bias: bool = True
+    rms_norm: bool = True            # block norms: RMSNorm (True) or LayerNorm
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.d_model / 16)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    def num_parameters(self) -> int:
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        mixer = (
+            self.d_model * 2 * d * (1 + self.bias) + d * (self.d_conv + self.conv_bias)
+            + d * (r + 2 * n) + (r + 1) * d + d * n + d + d * self.d_model + self.d_model * self.bias
+        )
+        norms = (self.n_layer + 1) * self.d_model * (1 if self.rms_norm else 2)
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        return self.vocab_size * self.d_model + self.n_layer * mixer + norms + head
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, cfg: Mamba1Config, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_inner
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, bias=cfg.conv_bias, padding=cfg.d_conv - 1)
+        self.x_proj = nn.Linear(d, cfg.dt_rank + 2 * cfg.d_state, bias=False)
+        self.dt_proj = nn.Linear(cfg.dt_rank, d, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(d, cfg.d_state))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+
+        self.hook_x = HookPoint(layer)           # [b, l, d]
+        self.hook_B = HookPoint(layer)           # [b, l, n]
+        self.hook_C = HookPoint(layer)           # [b, l, n]
+        self.hook_dt = HookPoint(layer)          # [b, l, d]
+        self.hook_decay = HookPoint(layer)       # [b, l, d, n]
+        self.hook_state = HookPoint(layer)       # [b, d, n]
+        self.hook_conv_state = HookPoint(layer)  # [b, d, k - 1]
+        self.hook_out = HookPoint(layer)         # [b, l, d_model]
+
+    def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
+        """u [b, l, d_model]; ssm_state [b, d, n]; conv_state [b, d, k - 1] -> (out, ssm, conv)."""
+        cfg = self.cfg
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x, conv_state = causal_conv(x.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
+        conv_state = self.hook_conv_state(conv_state)
+        x = self.hook_x(x.transpose(1, 2))
+        dt_low, B, C = self.x_proj(x).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        B, C = self.hook_B(B), self.hook_C(C)
+        dt = self.hook_dt(F.softplus(self.dt_proj(dt_low)))
+
+        wide = torch.promote_types(x.dtype, torch.float32)  # the scan runs in float32 or wider
+        A = -torch.exp(self.A_log.to(wide))
+        log_decay = None
+        if self.hook_decay.active:  # [b, l, d, n] is large: build it only when somebody looks or patches
+            log_decay = self.hook_decay((dt.to(wide)[..., None] * A).exp()).log()
+        y, ssm_state = selective_scan_chunked(
+            x.to(wide), dt.to(wide), A, B.to(wide), C.to(wide), ssm_state, log_decay=log_decay)
+        ssm_state = self.hook_state(ssm_state)
+        y = (y + x.to(wide) * self.D) * F.silu(z.to(wide))
+        return self.hook_out(self.out_proj(y.to(u.dtype))), ssm_state, conv_state
+
+
+@backends.register("mamba1")
+class Mamba1LM(LMHeadModel):
+    """Mamba-1 language model. State per layer: ssm [b, d_inner, d_state], conv [b, d_inner, d_conv - 1]."""
+
+    arch = "mamba1"
+    config_class = Mamba1Config
+
+    def __init__(self, cfg: Mamba1Config):
+        super().__init__()
+        self._build(cfg, [Mamba1Mixer(cfg, i) for i in range(cfg.n_layer)])
+
+    def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
+        cfg = self.config
+        device = device or self.device
+        wide = torch.promote_types(dtype or self.dtype, torch.float32)
+        ssm = tuple(torch.zeros(batch, cfg.d_inner, cfg.d_state, device=device, dtype=wide)
+                    for _ in range(cfg.n_layer))
+        conv = tuple(torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1, device=device, dtype=dtype or self.dtype)
+                     for _ in range(cfg.n_layer))
+        return State(ssm, conv)

@@ -1,0 +1,198 @@
+"""Mamba-2 language model, pure PyTorch, exact for any chunk length.
+
+Dao & Gu, 2024, "Transformers are SSMs" (arXiv:2405.21060); mirrors mamba-ssm's ``Mamba2`` and
+``MambaLMHeadModel`` and transformers' ``Mamba2ForCausalLM``. Axis letters as in :mod:`statelens.models.ssd`
+(``h`` heads, ``p`` headdim, ``n`` d_state, ``g`` groups), plus ``d`` d_model and ``k`` d_conv.
+
+One layer (``Mamba2Mixer.forward``), for input u [b, l, d]:
+
+    z0, x0, z, xBC, dt = in_proj(u)                   # z0, x0: the optional gated MLP (d_ssm < d_inner)
+    xBC = silu(causal_conv1d(xBC))                    # carries the last k - 1 inputs as conv state
+    x, B, C = xBC;  dt = softplus(dt + dt_bias), clamped to dt_limit;  A = -exp(A_log)
+    y, state = ssd(x * dt, dt * A, B, C, state)  +  D * x
+    y = gated_rms_norm(y, z)                          # per group of d_ssm / ngroups channels
+    out = out_proj(cat(silu(z0) * x0, y))
+
+Departure from mamba-ssm: the conv state holds ``k - 1`` inputs (all the convolution needs) where
+mamba-ssm's inference cache holds ``k``; the oldest of those never reaches an output.
+
+Hook points per block (shapes for a forward over ``l`` tokens):
+    hook_x [b, l, h, p]    hook_B, hook_C [b, l, g, n]    hook_dt [b, l, h]
+    hook_decay [b, l, h] (alpha = exp(dt * A); patching it changes the scan)
+    hook_state [b, h, p, n] (state after the last token)    hook_conv_state [b, conv_dim, k - 1]
+    hook_out [b, l, d] (the mixer's output, before the residual add)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from statelens.models.base import State, backends
+from statelens.models.hooks import HookPoint
+from statelens.models.layers import causal_conv, gated_rms_norm
+from statelens.models.lm import LMHeadModel
+from statelens.models.ssd import ssd_chunked
+
+
+@dataclass
+class Mamba2Config:
+    d_model: int
+    n_layer: int
+    vocab_size: int                  # embedding rows, already padded as the reference pads them
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    d_ssm: int | None = None         # channels through the SSM; None: all of d_inner
+    chunk_size: int = 256            # SSD block length (does not change results)
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    bias: bool = False               # in_proj / out_proj bias
+    conv_bias: bool = True
+    D_has_hdim: bool = False         # D per channel [d_ssm] instead of per head [nheads]
+    rmsnorm: bool = True             # gated RMSNorm before out_proj; False: y * silu(z)
+    norm_before_gate: bool = False
+    rms_norm: bool = True            # block norms: RMSNorm (True) or LayerNorm
+    norm_eps: float = 1e-5           # block norms
+    gated_norm_eps: float = 1e-5     # the mixer's gated norm (mamba-ssm hard-codes 1e-5)
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.d_ssm = self.d_inner if self.d_ssm is None else self.d_ssm
+        if self.d_ssm % self.headdim:
+            raise ValueError(f"d_ssm ({self.d_ssm}) must be a multiple of headdim ({self.headdim})")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"nheads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
+        if self.d_ssm > self.d_inner:
+            raise ValueError(f"d_ssm ({self.d_ssm}) exceeds d_inner ({self.d_inner})")
+        self.dt_limit = (float(self.dt_limit[0]), float(self.dt_limit[1]))
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_ssm // self.headdim
+
+    @property
+    def d_mlp(self) -> int:
+        return self.d_inner - self.d_ssm
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_ssm + 2 * self.ngroups * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+
+    def num_parameters(self) -> int:
+        """Parameter count, computed from the config alone (checked before allocating)."""
+        mixer = (
+            self.d_model * self.d_in_proj * (1 + self.bias)
+            + self.conv_dim * (self.d_conv + self.conv_bias)
+            + 3 * self.nheads
+            + (self.d_ssm if self.D_has_hdim else 0) - (self.nheads if self.D_has_hdim else 0)
+            + self.d_ssm * self.rmsnorm
+            + self.d_inner * self.d_model + self.d_model * self.bias
+        )
+        norms = (self.n_layer + 1) * self.d_model * (1 if self.rms_norm else 2)
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        return self.vocab_size * self.d_model + self.n_layer * mixer + norms + head
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: Mamba2Config, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.d_model, cfg.d_in_proj, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
+                                bias=cfg.conv_bias, padding=cfg.d_conv - 1)
+        self.dt_bias = nn.Parameter(torch.zeros(cfg.nheads))
+        self.A_log = nn.Parameter(torch.zeros(cfg.nheads))
+        self.D = nn.Parameter(torch.ones(cfg.d_ssm if cfg.D_has_hdim else cfg.nheads))
+        if cfg.rmsnorm:
+            self.norm = nn.Module()
+            self.norm.weight = nn.Parameter(torch.ones(cfg.d_ssm))
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+
+        self.hook_x = HookPoint(layer)           # [b, l, h, p]
+        self.hook_B = HookPoint(layer)           # [b, l, g, n]
+        self.hook_C = HookPoint(layer)           # [b, l, g, n]
+        self.hook_dt = HookPoint(layer)          # [b, l, h]
+        self.hook_decay = HookPoint(layer)       # [b, l, h]
+        self.hook_state = HookPoint(layer)       # [b, h, p, n]
+        self.hook_conv_state = HookPoint(layer)  # [b, conv_dim, k - 1]
+        self.hook_out = HookPoint(layer)         # [b, l, d]
+
+    def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
+        """u [b, l, d]; ssm_state [b, h, p, n]; conv_state [b, conv_dim, k - 1] -> (out, ssm, conv)."""
+        cfg = self.cfg
+        b, l, _ = u.shape
+        g, n, h, p = cfg.ngroups, cfg.d_state, cfg.nheads, cfg.headdim
+        z0, x0, z, xBC, dt = self.in_proj(u).split(
+            [cfg.d_mlp, cfg.d_mlp, cfg.d_ssm, cfg.conv_dim, cfg.nheads], dim=-1)
+
+        xBC, conv_state = causal_conv(xBC.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
+        conv_state = self.hook_conv_state(conv_state)
+        x, B, C = xBC.transpose(1, 2).split([cfg.d_ssm, g * n, g * n], dim=-1)
+        x = self.hook_x(x.reshape(b, l, h, p))
+        B = self.hook_B(B.reshape(b, l, g, n))
+        C = self.hook_C(C.reshape(b, l, g, n))
+
+        dt = F.softplus(dt + self.dt_bias)
+        if cfg.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*cfg.dt_limit)
+        dt = self.hook_dt(dt)
+        A = -torch.exp(self.A_log.float())
+        wide = torch.promote_types(x.dtype, torch.float32)  # the scan runs in float32 or wider
+        log_a = dt.to(wide) * A.to(wide)
+        if self.hook_decay.active:  # round-trip through alpha only when somebody looks or patches
+            log_a = self.hook_decay(log_a.exp()).log()
+
+        y, ssm_state = ssd_chunked(
+            x.to(wide) * dt.to(wide)[..., None], log_a, B.to(wide), C.to(wide), ssm_state, cfg.chunk_size)
+        ssm_state = self.hook_state(ssm_state)
+        D = self.D.view(h, p) if cfg.D_has_hdim else self.D[:, None]
+        y = (y + x.to(wide) * D).reshape(b, l, cfg.d_ssm)
+
+        if cfg.rmsnorm:
+            y = gated_rms_norm(y, z, self.norm.weight, cfg.gated_norm_eps, cfg.d_ssm // g, cfg.norm_before_gate)
+        else:
+            y = y * F.silu(z.to(wide))
+        y = y.to(u.dtype)
+        if cfg.d_mlp:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.hook_out(self.out_proj(y)), ssm_state, conv_state
+
+
+@backends.register("mamba2")
+class Mamba2LM(LMHeadModel):
+    """Mamba-2 language model. State per layer: ssm [b, nheads, headdim, d_state],
+    conv [b, d_ssm + 2 * ngroups * d_state, d_conv - 1]."""
+
+    arch = "mamba2"
+    config_class = Mamba2Config
+
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self._build(cfg, [Mamba2Mixer(cfg, i) for i in range(cfg.n_layer)])
+
+    def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
+        cfg = self.config
+        device = device or self.device
+        wide = torch.promote_types(dtype or self.dtype, torch.float32)
+        ssm = tuple(torch.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, device=device, dtype=wide)
+                    for _ in range(cfg.n_layer))
+        conv = tuple(torch.zeros(batch, cfg.conv_dim, cfg.d_conv - 1, device=device, dtype=dtype or self.dtype)
+                     for _ in range(cfg.n_layer))
+        return State(ssm, conv)

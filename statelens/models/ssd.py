@@ -1,0 +1,93 @@
+"""Mamba-2's state space dual (SSD) scan: the sequential recurrence and its chunked form.
+
+Dao & Gu, 2024, "Transformers are SSMs" (arXiv:2405.21060), section 6 / Listing 1. Axis letters:
+
+    b: batch             l: sequence length (t, s: positions inside a chunk; q: chunk length)
+    c: chunk index       h: heads, split as (g, r) = (group, head within group); h = g * r
+    p: headdim (P)       n: d_state (N)
+
+The recurrence, per head, with ``alpha_t = exp(dt_t * A) = exp(log_a_t)``:
+
+    h_t = alpha_t * h_{t-1} + x_t B_t^T        (h_t: [p, n]; x_t already multiplied by dt_t)
+    y_t = h_t C_t                              (y_t: [p])
+
+B and C are shared by the ``r`` heads of a group; heads are grouped group-major, as mamba-ssm's
+``repeat(B, "b l g n -> b l (g h) n")`` does. The D skip connection is not part of the scan.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ssd_sequential(
+    x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: one step per token.
+
+    x [b, l, h, p] (times dt), log_a [b, l, h], B and C [b, l, g, n], h0 [b, h, p, n]
+    -> y [b, l, h, p], final state [b, h, p, n].
+    """
+    r = x.shape[2] // B.shape[2]
+    B, C = B.repeat_interleave(r, dim=2), C.repeat_interleave(r, dim=2)  # [b, l, h, n]
+    h, ys = h0, []
+    for t in range(x.shape[1]):
+        h = log_a[:, t, :, None, None].exp() * h + x[:, t, :, :, None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    return torch.stack(ys, dim=1), h
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., q] -> [..., q, q] with entry (t, s) = a[s+1] + ... + a[t] for t >= s, -inf above.
+
+    Summed by a masked cumsum rather than as ``cumsum[t] - cumsum[s]``, which cancels badly once
+    the cumulative log-decay is large.
+    """
+    q = a.shape[-1]
+    strictly_lower = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
+    out = a[..., :, None].expand(*a.shape, q).masked_fill(~strictly_lower, 0).cumsum(dim=-2)
+    return out.masked_fill(~strictly_lower.logical_or(torch.eye(q, dtype=torch.bool, device=a.device)), -torch.inf)
+
+
+def ssd_chunked(
+    x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked SSD form; same inputs and outputs as :func:`ssd_sequential`.
+
+    ``chunk`` is the SSD block length (the config's ``chunk_size``); the result does not depend on
+    it beyond float rounding. A sequence shorter than ``chunk`` is one block, unpadded.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    q = min(chunk, l)
+    pad = (-l) % q
+    if pad:  # zero input and zero log-decay (alpha = 1) past the end leave the final state exact
+        x, log_a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, log_a, B, C))
+    c = (l + pad) // q
+    x = x.view(b, c, q, g, r, p)
+    B, C = B.view(b, c, q, g, n), C.view(b, c, q, g, n)
+    a = log_a.view(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, c, q]
+    a_cum = a.cumsum(dim=-1)
+
+    # 1. Within each chunk (diagonal blocks): y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) x_s
+    CB = torch.einsum("bctgn,bcsgn->bgcts", C, B)
+    M = CB[:, :, None] * segsum(a).exp()  # [b, g, r, c, t, s]
+    y = torch.einsum("bgrcts,bcsgrp->bctgrp", M, x)
+
+    # 2. Each chunk's own contribution to the state at its end.
+    x_to_end = x * (a_cum[..., -1:] - a_cum).exp().permute(0, 3, 4, 1, 2)[..., None]  # [b, c, q, g, r, p]
+    chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, x_to_end)
+
+    # 3. Carry the state across chunk boundaries (a short loop: c = l / chunk).
+    chunk_decay = a_cum[..., -1].exp()  # [b, g, r, c]
+    state = h0.view(b, g, r, p, n).to(x.dtype)
+    starts = []
+    for k in range(c):
+        starts.append(state)
+        state = chunk_decay[..., k, None, None] * state + chunk_states[:, k]
+    starts = torch.stack(starts, dim=1)  # [b, c, g, r, p, n]
+
+    # 4. The state at each chunk's start, decayed to position t and read out by C_t.
+    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", C, starts) * a_cum.exp().permute(0, 3, 4, 1, 2)[..., None]
+    return y.reshape(b, c * q, h, p)[:, :l], state.reshape(b, h, p, n)
