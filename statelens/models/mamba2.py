@@ -153,8 +153,8 @@ class Mamba2Mixer(nn.Module):
         if cfg.dt_limit != (0.0, math.inf):
             dt = dt.clamp(*cfg.dt_limit)
         dt = self.hook_dt(dt)
-        A = -torch.exp(self.A_log.float())
         wide = torch.promote_types(x.dtype, torch.float32)  # the scan runs in float32 or wider
+        A = -torch.exp(self.A_log.to(wide))
         log_a = dt.to(wide) * A.to(wide)
         if self.hook_decay.active:  # round-trip through alpha only when somebody looks or patches
             log_a = self.hook_decay(log_a.exp()).log()

@@ -24,8 +24,7 @@ class Agreement:
 
     @property
     def ok(self) -> bool:
-        worst = max(self.chunked_logits, self.stepwise_logits)
-        return worst <= self.tolerance and worst == worst  # NaN never agrees
+        return all(gap <= self.tolerance for gap in (self.chunked_logits, self.stepwise_logits))  # NaN fails
 
 
 def tolerance(dtype: torch.dtype, logit_scale: float) -> float:

@@ -1,0 +1,71 @@
+"""Tiny random checkpoints written by transformers (the oracle) and in mamba-ssm's layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Moves the parameters that transformers initialises to constants (norm weights, D, A_log,
+    dt_bias) away from them, so that a wrong norm, skip or decay cannot hide."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D", "A_log", "dt_bias", "conv1d.bias", "dt_proj.bias")):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def hf_mamba2(path: Path, *, ngroups: int = 2, tie: bool = False, vocab: int = 64, seed: int = 0,
+              chunk_size: int = 16, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = transformers.Mamba2Config(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8, num_heads=8,
+        n_groups=ngroups, expand=2, conv_kernel=4, chunk_size=chunk_size, tie_word_embeddings=tie,
+        use_conv_bias=True)
+    model = perturb(transformers.Mamba2ForCausalLM(cfg), seed).to(dtype)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_mamba1(path: Path, *, tie: bool = True, vocab: int = 64, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = transformers.MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                   expand=2, conv_kernel=4, tie_word_embeddings=tie)
+    model = perturb(transformers.MambaForCausalLM(cfg), seed).to(dtype)
+    model.save_pretrained(path)
+    return model
+
+
+def mamba_ssm_dir(path: Path, hf_model, *, layer: str, vocab_size: int, weights: str = "bin") -> Path:
+    """Writes ``hf_model``'s weights in mamba-ssm's layout: its config.json and key names."""
+    cfg = hf_model.config
+    ssm_cfg = {"layer": layer, "d_state": cfg.state_size, "d_conv": cfg.conv_kernel, "expand": cfg.expand}
+    if layer == "Mamba2":
+        ssm_cfg |= {"headdim": cfg.head_dim, "ngroups": cfg.n_groups, "chunk_size": cfg.chunk_size}
+    config = {"d_model": cfg.hidden_size, "d_intermediate": 0, "n_layer": cfg.num_hidden_layers,
+              "vocab_size": vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {},
+              "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+              "pad_vocab_size_multiple": 8, "tie_embeddings": cfg.tie_word_embeddings}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.clone()
+             for k, v in hf_model.state_dict().items()}
+    if weights == "bin":
+        torch.save(state, path / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        state.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+        save_file(state, path / "model.safetensors")
+    return path
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 64, (2, 300), generator=torch.Generator().manual_seed(1))
