@@ -1,10 +1,13 @@
-# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Two commands set everything up on a fresh machine: `make check` (the main job until `make demo`
+# lands) and `make test`. Both create .venv if absent and install the project into it.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TINY   := runs/tiny-mamba2
+CKPT   ?= $(TINY)
 
-.PHONY: install test bench check clean
+.PHONY: install test check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +24,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
-# The main job until the demo lands: verify a checkpoint's backend (one-shot == chunked == token by token).
-check: $(STAMP)
+# The built-in default: a tiny random Mamba-2 checkpoint in mamba-ssm's layout.
+$(TINY): | $(STAMP)
+	$(PY) examples/tiny_checkpoint.py $(TINY)
+
+# Describe a checkpoint and verify its backend: one-shot == chunked == token by token.
+check: $(STAMP) $(if $(filter $(TINY),$(CKPT)),$(TINY))
 	$(VENV)/bin/statelens check --ckpt $(CKPT)
 
 bench: $(STAMP)

@@ -27,9 +27,18 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def main() -> None:
     from statelens.errors import StatelensError
 
-    debug = "--debug" in sys.argv[1:]
+    args = sys.argv[1:] or ["--help"]
+    debug = "--debug" in args
     try:
-        app()
+        sys.exit(app(args, standalone_mode=False) or 0)
+    except typer.TyperException as e:  # a bad or missing option (click's UsageError): one line, exit 2
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx else "statelens"
+        print(f"statelens: error: {' '.join(e.format_message().split())} (see '{command} --help')", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        print("statelens: interrupted", file=sys.stderr)
+        sys.exit(130)
     except StatelensError as e:
         if debug:
             raise

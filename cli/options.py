@@ -34,7 +34,9 @@ def load(ckpt: Path, device: str, dtype: DType):
     from statelens.models import load_checkpoint
 
     try:
-        torch.empty(0, device=device)
+        usable = torch.empty(0, device=device).device.type != "meta"
     except (RuntimeError, AssertionError) as e:
-        raise BadInput(f"--device {device}: {str(e).splitlines()[0]}") from None
+        raise BadInput(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
+    if not usable:
+        raise BadInput(f"--device {device}: the meta device holds no data; use cpu or cuda")
     return load_checkpoint(ckpt, device=device, dtype=torch_dtype(dtype))

@@ -74,6 +74,14 @@ class State:
         return sum(t[0].numel() for t in self.ssm)
 
 
+def check_dims(config, names: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first of ``names`` that is not a positive integer (bools refused)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 class RecurrentLM(nn.Module):
     """Base of every backend. Subclasses set ``arch`` and ``config`` and implement the abstract parts.
 

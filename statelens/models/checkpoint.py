@@ -19,8 +19,10 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ MAX_PARAMETERS = 10**11
 # ssm_cfg keys that only matter for initialisation or kernels, not for the forward pass.
 _INIT_ONLY = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_init_range", "conv_init",
               "use_fast_path", "use_mem_eff_path", "layer", "process_group", "sequence_parallel", "layer_idx"}
+_HF_KEYS = {"d_model": "hidden_size", "n_layer": "num_hidden_layers", "d_state": "state_size", "d_conv": "conv_kernel",
+            "headdim": "head_dim", "ngroups": "n_groups", "dt_rank": "time_step_rank", "d_ssm": "num_heads * head_dim"}
 _MAMBA1_KEYS = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"}
 _MAMBA2_KEYS = {"d_state", "d_conv", "expand", "headdim", "d_ssm", "ngroups", "chunk_size", "dt_limit", "bias",
                 "conv_bias", "D_has_hdim", "rmsnorm", "norm_before_gate"}
@@ -83,7 +87,10 @@ def parse_config(raw: dict, where: Path) -> tuple[str, str, object]:
                 f"{where}: neither a mamba-ssm config (d_model, n_layer) nor a Hugging Face one (model_type)")
         config = backends.get(arch).config_class(**kwargs)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        message = str(e)
+        if fmt == "hf":  # name the key the user's config.json has
+            message = re.sub(r"^(\w+)", lambda m: _HF_KEYS.get(m.group(1), m.group(1)), message)
+        raise CheckpointError(f"{where}: {message}") from None
     n = config.num_parameters()
     if n > MAX_PARAMETERS:
         raise CheckpointError(f"{where}: the config describes {n:.3g} parameters, more than statelens loads "
@@ -134,11 +141,11 @@ def _mamba_ssm_config(raw: dict, where: Path) -> tuple[str, dict]:
     unknown = set(ssm) - known - _INIT_ONLY
     if unknown:
         raise CheckpointError(f"{where}: ssm_cfg key(s) {', '.join(sorted(unknown))} not understood for {layer}")
-    vocab, multiple = raw["vocab_size"], raw.get("pad_vocab_size_multiple", 8)
+    vocab, multiple = raw.get("vocab_size"), raw.get("pad_vocab_size_multiple", 8)
     if isinstance(vocab, int) and isinstance(multiple, int) and multiple > 0 and vocab % multiple:
         vocab += multiple - vocab % multiple  # as MambaLMHeadModel pads it
     kwargs = dict(
-        d_model=raw["d_model"], n_layer=raw["n_layer"], vocab_size=vocab,
+        d_model=raw.get("d_model"), n_layer=raw.get("n_layer"), vocab_size=vocab,
         rms_norm=raw.get("rms_norm", True), residual_in_fp32=raw.get("residual_in_fp32", True),
         tie_embeddings=raw.get("tie_embeddings", True),
         **{k: v for k, v in ssm.items() if k in known},
@@ -167,17 +174,32 @@ def _load_tensor_file(file: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(file)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: not a safetensors file ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{file}: not a safetensors file ({_first_line(e)})") from None
     try:
-        data = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{file}: refused: the pickle holds objects other than tensors "
-                              "(loaded with weights_only=True; nothing in it was run)") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{file}: not a tensor archive ({str(e).splitlines()[0][:120]})") from None
+        with warnings.catch_warnings():  # torch warns about old pickle protocols; the verdict below says enough
+            warnings.simplefilter("ignore")
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower() or _pickle_names_callables(file):
+            raise CheckpointError(f"{file}: refused: the pickle holds objects other than tensors "
+                                  "(loaded with weights_only=True; nothing in it was run)") from None
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), _first_line(e))
+        raise CheckpointError(f"{file}: not a tensor archive ({reason})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, IndexError) as e:
+        raise CheckpointError(f"{file}: not a tensor archive ({_first_line(e)})") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{file}: expected a dict of tensors (a state_dict)")
     return data
+
+
+def _pickle_names_callables(file: Path) -> bool:
+    """Whether a plain pickle imports anything (read with pickletools, which runs nothing): torch's
+    weights_only unpickler stops at unsupported opcodes before it sees the imports."""
+    try:
+        with file.open("rb") as f:
+            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST") for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a readable pickle at all
+        return False
 
 
 def read_weights(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
@@ -191,14 +213,20 @@ def read_weights(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{file}: no weight_map")
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(index.values())):
-        shard_path = (path / str(shard)).resolve()
-        if shard_path.parent != path.resolve() or not shard_path.is_file():
+        # Judge the name as written: a shard may be a symlink (the hub cache links into blobs/).
+        name = Path(str(shard))
+        if name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", "..") or not (path / name).is_file():
             raise CheckpointError(f"{file}: shard {shard!r} is not a file in {path}")
-        tensors |= _load_tensor_file(shard_path)
+        tensors |= _load_tensor_file(path / name)
     missing = set(index) - set(tensors)
     if missing:
         raise CheckpointError(f"{file}: shards lack {len(missing)} listed tensor(s), e.g. {sorted(missing)[0]}")
     return kind, tensors
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:160] if lines else type(error).__name__
 
 
 def _internal_name(key: str) -> str:
@@ -235,6 +263,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     with torch.device("meta"):
         model = backends.get(arch)(config)
     expected = model.state_dict()
+    file_names = {_internal_name(k): k for k in tensors}
     state = {_internal_name(k): v for k, v in tensors.items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the reference ties it to the embedding whatever the file holds
@@ -244,7 +273,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         detail = (f"missing {_external_name(missing[0], fmt)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                  if missing else f"unexpected {sorted(set(tensors))[0] if not unexpected else unexpected[0]}")
+                  if missing else f"unexpected {file_names[unexpected[0]]}")
         raise CheckpointError(f"{path}: weights do not match config.json ({arch}): {detail}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -279,6 +308,25 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
         if (ckpt.path / name).is_file() and ckpt.path.resolve() != out.resolve():
             _atomic(out / name, lambda f, src=ckpt.path / name: shutil.copyfile(src, f))
     return out
+
+
+def mamba_ssm_checkpoint(model: RecurrentLM, path: str | os.PathLike = ".") -> Checkpoint:
+    """Wraps a model built in code as a mamba-ssm-layout checkpoint, ready for :func:`save_checkpoint`."""
+    cfg = model.config
+    ssm_cfg = {"layer": {"mamba2": "Mamba2", "mamba1": "Mamba1"}[model.arch], "d_state": cfg.d_state,
+               "d_conv": cfg.d_conv, "expand": cfg.expand, "bias": cfg.bias, "conv_bias": cfg.conv_bias}
+    if model.arch == "mamba2":
+        ssm_cfg |= {k: getattr(cfg, k) for k in ("headdim", "ngroups", "d_ssm", "chunk_size", "D_has_hdim",
+                                                  "rmsnorm", "norm_before_gate")}
+        if cfg.dt_limit != (0.0, math.inf):
+            ssm_cfg["dt_limit"] = list(cfg.dt_limit)
+    else:
+        ssm_cfg["dt_rank"] = cfg.dt_rank
+    raw = {"d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
+           "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": cfg.rms_norm,
+           "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
+           "tie_embeddings": cfg.tie_embeddings}
+    return Checkpoint(model, Path(path), "mamba_ssm", "bin", raw)
 
 
 def _atomic(target: Path, write) -> None:

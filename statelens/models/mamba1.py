@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from statelens.models.base import State, backends
+from statelens.models.base import State, backends, check_dims
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import causal_conv
 from statelens.models.lm import LMHeadModel
@@ -52,11 +52,10 @@ class Mamba1Config:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_dims(self, ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"))
         if self.dt_rank is None:
             self.dt_rank = math.ceil(self.d_model / 16)
+        check_dims(self, ("dt_rank",))
 
     @property
     def d_inner(self) -> int:
