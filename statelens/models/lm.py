@@ -55,3 +55,15 @@ class LMHeadModel(RecurrentLM):
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def layer_state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One sequence's (SSM, conv) state shapes; the same in every layer."""
+        raise NotImplementedError
+
+    def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
+        """SSM states in float32 or wider whatever the model dtype; conv states in the model dtype."""
+        device, dtype = device or self.device, dtype or self.dtype
+        ssm_shape, conv_shape = self.layer_state_shapes()
+        wide = torch.promote_types(dtype, torch.float32)
+        return State(tuple(torch.zeros(batch, *ssm_shape, device=device, dtype=wide) for _ in self.blocks),
+                     tuple(torch.zeros(batch, *conv_shape, device=device, dtype=dtype) for _ in self.blocks))

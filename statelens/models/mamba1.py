@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from statelens.models.base import State, backends, check_dims
+from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import causal_conv
 from statelens.models.lm import LMHeadModel
@@ -128,12 +128,6 @@ class Mamba1LM(LMHeadModel):
         super().__init__()
         self._build(cfg, [Mamba1Mixer(cfg, i) for i in range(cfg.n_layer)])
 
-    def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
+    def layer_state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         cfg = self.config
-        device = device or self.device
-        wide = torch.promote_types(dtype or self.dtype, torch.float32)
-        ssm = tuple(torch.zeros(batch, cfg.d_inner, cfg.d_state, device=device, dtype=wide)
-                    for _ in range(cfg.n_layer))
-        conv = tuple(torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1, device=device, dtype=dtype or self.dtype)
-                     for _ in range(cfg.n_layer))
-        return State(ssm, conv)
+        return (cfg.d_inner, cfg.d_state), (cfg.d_inner, cfg.d_conv - 1)

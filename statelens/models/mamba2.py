@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from statelens.models.base import State, backends, check_dims
+from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import causal_conv, gated_rms_norm
 from statelens.models.lm import LMHeadModel
@@ -190,12 +190,6 @@ class Mamba2LM(LMHeadModel):
         super().__init__()
         self._build(cfg, [Mamba2Mixer(cfg, i) for i in range(cfg.n_layer)])
 
-    def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
+    def layer_state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         cfg = self.config
-        device = device or self.device
-        wide = torch.promote_types(dtype or self.dtype, torch.float32)
-        ssm = tuple(torch.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, device=device, dtype=wide)
-                    for _ in range(cfg.n_layer))
-        conv = tuple(torch.zeros(batch, cfg.conv_dim, cfg.d_conv - 1, device=device, dtype=dtype or self.dtype)
-                     for _ in range(cfg.n_layer))
-        return State(ssm, conv)
+        return (cfg.nheads, cfg.headdim, cfg.d_state), (cfg.conv_dim, cfg.d_conv - 1)
