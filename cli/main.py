@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check
+from statelens.cli import check, remembrance
 
 app = typer.Typer(
     name="statelens",
@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("check")(check.check)
+app.command("remembrance")(remembrance.remembrance)
 
 
 @app.callback()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -40,3 +40,20 @@ def load(ckpt: Path, device: str, dtype: DType):
     if not usable:
         raise BadInput(f"--device {device}: the meta device holds no data; use cpu or cuda")
     return load_checkpoint(ckpt, device=device, dtype=torch_dtype(dtype))
+
+Data = Annotated[Optional[Path], typer.Option(
+    "--data", help="Tokens: .npy (1-D stream or 2-D [n, len]), a text file, a .jsonl with a text field, or a "
+                   "directory of them. Default: uniformly random tokens (seeded).", show_default=False)]
+TrainLen = Annotated[Optional[int], typer.Option(
+    "--train-len", min=1, help="The length the model was trained on, in tokens. Default: the checkpoint's "
+                               "statelens.json, else 2048 (said so in the output).", show_default=False)]
+Length = Annotated[Optional[int], typer.Option(
+    "--length", min=2, help="Tokens per sequence to roll out. Default: 4 x the training length.",
+    show_default=False)]
+TOption = Annotated[Optional[int], typer.Option(
+    "--T", min=2, help="Context length T of Effective Remembrance. Default: 4 x the training length.",
+    show_default=False)]
+NumSeqs = Annotated[int, typer.Option("--num-seqs", min=1, help="Sequences to average over.")]
+Chunk = Annotated[int, typer.Option("--chunk", min=1, help="Tokens per forward call of the rollout.")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Output directory. Default: runs/COMMAND.",
+                                             show_default=False)]

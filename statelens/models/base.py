@@ -104,6 +104,16 @@ class RecurrentLM(nn.Module):
         """The all-zero initial state for ``batch`` sequences."""
         raise NotImplementedError
 
+    @property
+    def n_heads(self) -> int:
+        """Heads per layer of the SSM state (what per-head statistics are reported over)."""
+        raise NotImplementedError
+
+    def by_head(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A hook point's tensor with heads explicit: [b, heads, k] for state hooks, [b, l, heads, k]
+        for per-token hooks (``name`` is the hook point's name, e.g. ``blocks.3.hook_state``)."""
+        raise NotImplementedError
+
     # -- shared --------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """tokens [batch, length] -> logits [batch, length, vocab], state after the last token."""

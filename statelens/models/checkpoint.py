@@ -31,6 +31,7 @@ import torch
 from statelens.errors import CheckpointError
 from statelens.models import mamba1, mamba2  # noqa: F401  (registers the backends)
 from statelens.models.base import RecurrentLM, backends
+from statelens.outputs import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -300,13 +301,13 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
 
         if tied:
             state.pop("lm_head.weight")  # safetensors refuses shared storage; transformers omits it too
-        _atomic(out / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
+        atomic_write(out / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
     else:
-        _atomic(out / "pytorch_model.bin", lambda f: torch.save(state, f))
-    _atomic(out / "config.json", lambda f: Path(f).write_text(json.dumps(ckpt.raw_config, indent=2) + "\n"))
+        atomic_write(out / "pytorch_model.bin", lambda f: torch.save(state, f))
+    atomic_write(out / "config.json", lambda f: Path(f).write_text(json.dumps(ckpt.raw_config, indent=2) + "\n"))
     for name in TOKENIZER_FILES:
         if (ckpt.path / name).is_file() and ckpt.path.resolve() != out.resolve():
-            _atomic(out / name, lambda f, src=ckpt.path / name: shutil.copyfile(src, f))
+            atomic_write(out / name, lambda f, src=ckpt.path / name: shutil.copyfile(src, f))
     return out
 
 
@@ -327,15 +328,6 @@ def mamba_ssm_checkpoint(model: RecurrentLM, path: str | os.PathLike = ".") -> C
            "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
            "tie_embeddings": cfg.tie_embeddings}
     return Checkpoint(model, Path(path), "mamba_ssm", "bin", raw)
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def content_hash(path: str | os.PathLike) -> str:

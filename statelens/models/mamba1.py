@@ -131,3 +131,29 @@ class Mamba1LM(LMHeadModel):
     def layer_state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         cfg = self.config
         return (cfg.d_inner, cfg.d_state), (cfg.d_inner, cfg.d_conv - 1)
+
+    @property
+    def head_channels(self) -> int:
+        """Mamba-1 has no heads. statelens groups its d_inner channels into "heads" of 64 consecutive
+        channels (like Mamba-2's usual headdim; fewer when 64 does not divide d_inner), so that
+        per-head statistics have the same meaning and size as for Mamba-2."""
+        return math.gcd(self.config.d_inner, 64)
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.d_inner // self.head_channels
+
+    def by_head(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A hook's tensor with its heads (channel groups) made explicit: the state hooks give
+        [b, heads, k], the per-token hooks [b, l, heads, k]. hook_B, hook_C (shared by all channels),
+        the conv state and hook_out have no heads (one "head" 0)."""
+        kind = name.rsplit(".", 1)[-1]
+        if kind == "hook_state":
+            return t.reshape(t.shape[0], self.n_heads, -1)             # [b, H, c * n]
+        if kind == "hook_conv_state":
+            return t.flatten(1)[:, None]                                # [b, 1, d * (k - 1)]
+        if kind in ("hook_x", "hook_dt"):
+            return t.unflatten(2, (self.n_heads, -1))                   # [b, l, H, c]
+        if kind == "hook_decay":
+            return t.flatten(2).unflatten(2, (self.n_heads, -1))        # [b, l, H, c * n]
+        return t[:, :, None]                                            # hook_B, hook_C, hook_out

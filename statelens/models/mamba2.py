@@ -193,3 +193,22 @@ class Mamba2LM(LMHeadModel):
     def layer_state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         cfg = self.config
         return (cfg.nheads, cfg.headdim, cfg.d_state), (cfg.conv_dim, cfg.d_conv - 1)
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.nheads
+
+    def by_head(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A hook's tensor with its heads made explicit: the state hooks give [b, heads, k], the
+        per-token hooks [b, l, heads, k]. hook_B and hook_C are split by group; the conv state and
+        hook_out have no heads (one "head" 0)."""
+        kind = name.rsplit(".", 1)[-1]
+        if kind == "hook_state":
+            return t.flatten(2)                       # [b, h, p * n]
+        if kind == "hook_conv_state":
+            return t.flatten(1)[:, None]              # [b, 1, conv_dim * (k - 1)]
+        if kind in ("hook_dt", "hook_decay"):
+            return t[..., None]                       # [b, l, h, 1]
+        if kind == "hook_out":
+            return t[:, :, None]                      # [b, l, 1, d]
+        return t                                      # hook_x [b, l, h, p]; hook_B, hook_C [b, l, g, n]

@@ -1,0 +1,79 @@
+"""Position-wise loss: the next-token negative log-likelihood at each position, averaged over
+documents, in position buckets.
+
+The loss at position ``p`` (tokens consumed) is ``-log q(x[p] | x[0:p])`` for p = 1 .. L - 1: the
+prediction made after ``p`` tokens, of the token that follows. A model that length-generalizes keeps
+a flat loss past the training length; one that does not sees it rise there.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from statelens.analysis import analyses
+from statelens.analysis.buckets import bucket_edges
+from statelens.models.base import RecurrentLM
+from statelens.record.rollout import Chunk, rollout
+
+COLUMNS = ["pos_start", "pos_end", "loss", "ppl", "n_tokens"]
+
+
+def chunk_nll(chunk: Chunk, tokens: np.ndarray | torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """The losses a rollout chunk predicts: positions [n] (p = chunk.start + 1 ..) and nll [batch, n].
+
+    The chunk's hidden state after token ``i`` predicts token ``i + 1``: position ``i + 1``. The last
+    token of the sequence predicts nothing.
+    """
+    length = tokens.shape[-1]
+    stop = min(chunk.end, length - 1)
+    if stop <= chunk.start:
+        return np.zeros(0, dtype=np.int64), torch.zeros(chunk.hidden.shape[0], 0)
+    target = torch.as_tensor(np.asarray(tokens[:, chunk.start + 1: stop + 1]), device=chunk.hidden.device)
+    with torch.no_grad():
+        logits = chunk.model.unembed(chunk.hidden[:, : stop - chunk.start])          # [b, n, vocab]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), target.long(), reduction="none")
+    return np.arange(chunk.start + 1, stop + 1), nll
+
+
+def position_losses(model: RecurrentLM, sequences: np.ndarray, *, chunk: int = 2048,
+                    progress: Callable[[int], None] | None = None,
+                    on_chunk: Callable[[Chunk], None] | None = None) -> np.ndarray:
+    """sequences [N, L] -> summed NLL per position [L] (index p; entry 0 is unused and 0), in float64.
+
+    Memory is one chunk's logits, whatever L.
+    """
+    total = np.zeros(sequences.shape[1], dtype=np.float64)
+    for piece in rollout(model, sequences, chunk=chunk):
+        positions, nll = chunk_nll(piece, sequences)
+        total[positions] += nll.double().sum(0).cpu().numpy()
+        if on_chunk is not None:
+            on_chunk(piece)
+        if progress is not None:
+            progress(sequences.shape[0] * (piece.end - piece.start))
+    return total
+
+
+def bucket_losses(summed: np.ndarray, n_seqs: int, edges: np.ndarray) -> pd.DataFrame:
+    """Per-position summed NLL [L] -> per-bucket mean loss and perplexity (columns as COLUMNS)."""
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        n_tokens = (hi - lo) * n_seqs
+        loss = summed[lo:hi].sum() / n_tokens
+        rows.append((int(lo), int(hi), loss, float(np.exp(loss)), int(n_tokens)))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@analyses.register("positionwise")
+def positionwise(model: RecurrentLM, sequences: np.ndarray, *, buckets: int = 32, scale: str = "log",
+                 chunk: int = 2048, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """sequences [N, L] -> loss per position bucket.
+
+    Columns: pos_start, pos_end (bucket [pos_start, pos_end) of positions p, the tokens consumed before
+    the prediction), loss (mean NLL in nats over the bucket's predictions and all sequences), ppl
+    (exp(loss)), n_tokens (predictions averaged).
+    """
+    summed = position_losses(model, sequences, chunk=chunk, progress=progress)
+    return bucket_losses(summed, sequences.shape[0], bucket_edges(1, sequences.shape[1], buckets, scale))

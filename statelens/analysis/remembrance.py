@@ -1,0 +1,89 @@
+"""Effective Remembrance (Buitrago Ruiz & Gu, 2025):
+
+    EffRem_T(t) = TV( q(. | x[0:T]), q(. | x[t:T]) ),    TV(p, q) = 0.5 * sum_v |p_v - q_v|
+
+``q(. | c)`` is the next-token distribution after context ``c`` run from the initial state, so
+EffRem_T(0) = 0. A model that length-generalizes stays near 0 until t approaches T; one that does not
+still hinges on the first tokens at large t.
+
+All (sequence, t) pairs run as rows of batches over the same tokens, each row reset to the initial
+state after ``t`` tokens (the rollout engine's reset positions); only the last position is projected
+to the vocabulary. Rows are sorted by ``t`` and each batch starts at its smallest ``t``, so the tokens
+before it are not run at all.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from statelens.analysis import analyses
+from statelens.models.base import RecurrentLM
+from statelens.record.rollout import rollout
+
+COLUMNS = ["t", "T", "effrem", "effrem_sem", "n_seqs"]
+
+
+def effrem_grid(T: int, points: int = 32) -> list[int]:
+    """About ``points`` values of t in [0, T - 1]: half log-spaced, half linear; always 0."""
+    if T < 2:
+        raise ValueError(f"T must be >= 2, got {T}")
+    log = np.geomspace(1, T - 1, max(points // 2, 1))
+    linear = np.linspace(0, T - 1, max(points - points // 2, 2))
+    return sorted({0, *np.rint(log).astype(int).tolist(), *np.rint(linear).astype(int).tolist()})
+
+
+@analyses.register("remembrance")
+def remembrance(
+    model: RecurrentLM,
+    sequences: np.ndarray | torch.Tensor,
+    *,
+    T: int,
+    ts: Sequence[int] | None = None,
+    points: int = 32,
+    chunk: int = 2048,
+    batch: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """EffRem_T(t) averaged over sequences.
+
+    sequences [N, >= T] int: the first T tokens of each are used. ``ts`` (default: :func:`effrem_grid`)
+    are truncation points in [0, T - 1]; 0 is always added. ``batch`` rows run per forward;
+    ``progress(n)`` is told each time n more tokens have been consumed.
+
+    Columns: t, T, effrem (mean over sequences), effrem_sem (standard error of that mean; NaN for one
+    sequence), n_seqs.
+    """
+    sequences = sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy()
+    n_seqs, length = sequences.shape
+    if length < T:
+        raise ValueError(f"sequences hold {length} tokens, fewer than T = {T}")
+    ts = sorted({0, *(effrem_grid(T, points) if ts is None else (int(t) for t in ts))})
+    if ts[-1] >= T or ts[0] < 0:
+        raise ValueError(f"truncation points must lie in [0, T - 1] = [0, {T - 1}]")
+
+    rows = sorted((t, n) for n in range(n_seqs) for t in ts)   # t = 0 rows first: the references
+    reference: dict[int, torch.Tensor] = {}                     # n -> q(. | x[0:T]) [vocab], float64
+    effrem = np.zeros((n_seqs, len(ts)))
+    column = {t: j for j, t in enumerate(ts)}
+    for first in range(0, len(rows), batch):
+        group = rows[first:first + batch]
+        start = group[0][0]
+        tokens = np.stack([sequences[n, start:T] for _, n in group])
+        last = None
+        for piece in rollout(model, tokens, chunk=chunk, resets=[t - start for t, _ in group]):
+            last = piece
+            if progress is not None:
+                progress(piece.hidden.shape[0] * (piece.end - piece.start))
+        with torch.no_grad():
+            probs = torch.softmax(model.unembed(last.hidden[:, -1]).double(), dim=-1)  # [rows, vocab]
+        for (t, n), q in zip(group, probs):
+            if t == 0:
+                reference[n] = q
+            effrem[n, column[t]] = 0.5 * (reference[n] - q).abs().sum().item()
+
+    sem = effrem.std(axis=0, ddof=1) / np.sqrt(n_seqs) if n_seqs > 1 else np.full(len(ts), np.nan)
+    return pd.DataFrame({"t": ts, "T": T, "effrem": effrem.mean(axis=0), "effrem_sem": sem, "n_seqs": n_seqs},
+                        columns=COLUMNS)

@@ -1,0 +1,55 @@
+"""Writing results: every file under a temporary name, then renamed; and the run manifest.
+
+A reader never sees a half-written CSV under its final name, whatever moment the process dies at.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Calls ``write(tmp_path)``, then renames the temporary file onto ``target``."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def write_table(df: pd.DataFrame, target: str | os.PathLike, *, parquet: bool = False) -> list[Path]:
+    """Writes ``df`` as CSV (and parquet when asked), atomically."""
+    target = Path(target)
+    written = [atomic_write(target, lambda f: df.to_csv(f, index=False))]
+    if parquet:
+        written.append(atomic_write(target.with_suffix(".parquet"), lambda f: df.to_parquet(f, index=False)))
+    return written
+
+
+def write_json(data: dict, target: str | os.PathLike) -> Path:
+    return atomic_write(target, lambda f: Path(f).write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages a result depends on."""
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("statelens", "torch", "numpy", "pandas", "scipy", "transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def command_line() -> str:
+    return " ".join(["statelens", *sys.argv[1:]])
