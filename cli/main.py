@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, remembrance
+from statelens.cli import check, perplexity, remembrance
 
 app = typer.Typer(
     name="statelens",
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 app.command("check")(check.check)
 app.command("remembrance")(remembrance.remembrance)
+app.command("perplexity")(perplexity.perplexity)
 
 
 @app.callback()

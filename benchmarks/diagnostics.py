@@ -1,0 +1,96 @@
+"""Costs of the diagnostics relative to a plain rollout, measured in one run (ratios only).
+
+    python benchmarks/diagnostics.py [--tokens 1000000]
+
+- recording: a rollout recording state statistics every 256 tokens vs the same rollout without;
+- EffRem: Effective Remembrance over K truncation points vs one plain forward over the same number
+  of tokens (the rows it actually runs, summed);
+- memory: peak RSS of a rollout recording statistics at 32k tokens vs at ``--tokens`` (1M by default),
+  each in a fresh process.
+Targets (issue 3): recording <= 1.10x, EffRem <= 1.25x, RSS ratio <= 1.2x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from statelens.analysis.remembrance import effrem_grid, remembrance
+from statelens.models import Mamba2Config, Mamba2LM
+from statelens.record import rollout
+from statelens.record.recorder import record
+
+
+def small_model() -> Mamba2LM:
+    torch.manual_seed(0)
+    model = Mamba2LM(Mamba2Config(d_model=256, n_layer=4, vocab_size=256, d_state=64, headdim=32))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
+    return model.eval()
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def rss_child(tokens: int) -> None:
+    """In a fresh process: a rollout of ``tokens`` recording statistics every 256; prints peak RSS (MiB)."""
+    model = small_model()
+    stream = np.random.default_rng(0).integers(0, 256, tokens)
+    rec = record(model, stream, positions=256, chunk=4096)
+    assert len(rec.positions) == tokens // 256
+    print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        return rss_child(args.rss_child)
+
+    model = small_model()
+    stream = np.random.default_rng(0).integers(0, 256, 32768)
+    plain = best_of(lambda: [None for _ in rollout(model, stream, chunk=4096)])
+    recorded = best_of(lambda: record(model, stream, positions=256, chunk=4096))
+
+    T, n_seqs = 2048, 4
+    ts = effrem_grid(T, 32)
+    seqs = np.random.default_rng(1).integers(0, 256, (n_seqs, T))
+    rows = sorted((t, n) for n in range(n_seqs) for t in ts)
+    batch = 32
+    run_tokens = sum((T - rows[i][0]) * len(rows[i:i + batch]) for i in range(0, len(rows), batch))
+    same_tokens = np.random.default_rng(2).integers(0, 256, (batch, run_tokens // batch))
+    effrem = best_of(lambda: remembrance(model, seqs, T=T, ts=ts, batch=batch, chunk=2048), repeats=2)
+    forward = best_of(lambda: [None for _ in rollout(model, same_tokens, chunk=2048)], repeats=2)
+
+    def rss(tokens: int) -> float:
+        out = subprocess.run([sys.executable, __file__, "--rss-child", str(tokens)], check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["rss_mib"]
+
+    rss_small, rss_large = rss(32768), rss(args.tokens)
+    print(f"{'measure':46} {'value':>10} {'target':>8}")
+    print(f"{'recording stats every 256 tokens / plain':46} {recorded / plain:10.3f} {'<= 1.10':>8}")
+    print(f"{'EffRem (' + str(len(ts)) + ' points x ' + str(n_seqs) + ' seqs) / plain forward':46} "
+          f"{effrem / forward:10.3f} {'<= 1.25':>8}")
+    print(f"{f'peak RSS {args.tokens} / 32768 tokens':46} {rss_large / rss_small:10.3f} {'<= 1.20':>8}"
+          f"   ({rss_large:.0f} / {rss_small:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``statelens perplexity``: loss and perplexity by position, far past the training length."""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from statelens.cli.options import Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs, Out, Seed, TrainLen
+
+
+class Scale(str, Enum):
+    log = "log"
+    linear = "linear"
+
+
+Buckets = Annotated[int, typer.Option("--buckets", min=1, help="Position buckets.")]
+BucketScale = Annotated[Scale, typer.Option("--scale", help="Bucket spacing: log or linear.")]
+
+
+def perplexity(
+    ckpt: Ckpt,
+    data: Data = None,
+    train_len: TrainLen = None,
+    length: Length = None,
+    num_seqs: NumSeqs = 8,
+    buckets: Buckets = 32,
+    scale: BucketScale = Scale.log,
+    chunk: Chunk = 2048,
+    device: Device = "cpu",
+    dtype: Dtype = DType.float32,
+    seed: Seed = 0,
+    out: Out = None,
+) -> None:
+    """Position-wise loss: next-token NLL at each position averaged over documents, in position
+    buckets; writes positionwise.csv, perplexity.png and run.json."""
+    from statelens.analysis.positionwise import bucket_losses, position_losses
+    from statelens.analysis.buckets import bucket_edges
+    from statelens.cli.common import progress, report, start
+    from statelens.reports.figures import perplexity_figure
+
+    run = start("perplexity", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=train_len,
+                config={"data": str(data) if data else None, "train_len": train_len, "length": length,
+                        "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk})
+    length = length or 4 * run.train_len
+    run.config["length"] = length
+    sequences = run.sequences(data, num_seqs, length)
+    run.lap("data")
+    with progress(num_seqs * length, f"loss over {length} tokens") as advance:
+        summed = position_losses(run.model, sequences, chunk=chunk, progress=advance)
+    df = bucket_losses(summed, num_seqs, bucket_edges(1, length, buckets, scale.value))
+    run.lap("compute")
+    inside = df[df.pos_end <= run.train_len]
+    in_context = float((inside.loss * inside.n_tokens).sum() / inside.n_tokens.sum()) if len(inside) else float("nan")
+    generalizes = in_context_length(df, in_context)
+    written = run.finish({"positionwise": df}, perplexity_figure(df, train_len=run.train_len),
+                         results={"in_context_loss": in_context, "length_generalizes_to": generalizes})
+    last = df.iloc[-1]
+    report(run, written, [
+        f"loss within the training length: {in_context:.4f} (ppl {2.718281828 ** in_context:.2f})",
+        f"loss at positions [{int(last.pos_start)}, {int(last.pos_end)}): {last.loss:.4f} (ppl {last.ppl:.2f})",
+        f"length-generalizes to position {generalizes} (last bucket within 10% of the in-context loss)"])
+
+
+def in_context_length(df, in_context: float) -> int:
+    """The end of the last bucket of the leading run whose loss stays within 10% of ``in_context``."""
+    within = df.loss <= 1.1 * in_context
+    end = 0
+    for ok, stop in zip(within, df.pos_end):
+        if not ok:
+            break
+        end = int(stop)
+    return end
