@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, perplexity, remembrance
+from statelens.cli import check, decay, perplexity, remembrance
 
 app = typer.Typer(
     name="statelens",
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.command("check")(check.check)
 app.command("remembrance")(remembrance.remembrance)
 app.command("perplexity")(perplexity.perplexity)
+app.command("decay")(decay.decay)
 
 
 @app.callback()

@@ -57,3 +57,12 @@ NumSeqs = Annotated[int, typer.Option("--num-seqs", min=1, help="Sequences to av
 Chunk = Annotated[int, typer.Option("--chunk", min=1, help="Tokens per forward call of the rollout.")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Output directory. Default: runs/COMMAND.",
                                              show_default=False)]
+
+
+class Scale(str, Enum):
+    log = "log"
+    linear = "linear"
+
+
+Buckets = Annotated[int, typer.Option("--buckets", min=1, help="Position buckets.")]
+BucketScale = Annotated[Scale, typer.Option("--scale", help="Bucket spacing: log or linear.")]

@@ -1,21 +1,8 @@
 """``statelens perplexity``: loss and perplexity by position, far past the training length."""
 from __future__ import annotations
 
-from enum import Enum
-from typing import Annotated
-
-import typer
-
-from statelens.cli.options import Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs, Out, Seed, TrainLen
-
-
-class Scale(str, Enum):
-    log = "log"
-    linear = "linear"
-
-
-Buckets = Annotated[int, typer.Option("--buckets", min=1, help="Position buckets.")]
-BucketScale = Annotated[Scale, typer.Option("--scale", help="Bucket spacing: log or linear.")]
+from statelens.cli.options import (BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
+                                   Out, Scale, Seed, TrainLen)
 
 
 def perplexity(
