@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, decay, perplexity, remembrance
+from statelens.cli import check, coverage, decay, perplexity, remembrance
 
 app = typer.Typer(
     name="statelens",
@@ -20,6 +20,7 @@ app.command("check")(check.check)
 app.command("remembrance")(remembrance.remembrance)
 app.command("perplexity")(perplexity.perplexity)
 app.command("decay")(decay.decay)
+app.command("coverage")(coverage.coverage)
 
 
 @app.callback()

@@ -7,7 +7,7 @@ a flat loss past the training length; one that does not sees it rise there.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -38,15 +38,16 @@ def chunk_nll(chunk: Chunk, tokens: np.ndarray | torch.Tensor) -> tuple[np.ndarr
     return np.arange(chunk.start + 1, stop + 1), nll
 
 
-def position_losses(model: RecurrentLM, sequences: np.ndarray, *, chunk: int = 2048,
+def position_losses(model: RecurrentLM, sequences: np.ndarray, *, chunk: int = 2048, stops: Iterable[int] = (),
                     progress: Callable[[int], None] | None = None,
                     on_chunk: Callable[[Chunk], None] | None = None) -> np.ndarray:
     """sequences [N, L] -> summed NLL per position [L] (index p; entry 0 is unused and 0), in float64.
 
-    Memory is one chunk's logits, whatever L.
+    Memory is one chunk's logits, whatever L. ``stops`` end chunks at those positions and ``on_chunk``
+    sees each chunk, so a caller can read states from the same rollout.
     """
     total = np.zeros(sequences.shape[1], dtype=np.float64)
-    for piece in rollout(model, sequences, chunk=chunk):
+    for piece in rollout(model, sequences, chunk=chunk, stops=stops):
         positions, nll = chunk_nll(piece, sequences)
         total[positions] += nll.double().sum(0).cpu().numpy()
         if on_chunk is not None:

@@ -1,0 +1,450 @@
+"""State coverage: do the states reached past the training length lie inside the set of states the
+model met in training? The quantitative test of the unexplored-states hypothesis (Buitrago Ruiz & Gu,
+2025, "Understanding and Improving Length Generalization in Recurrent Models").
+
+A model trained from the zero state on contexts of length T only sees the states of positions
+p <= T. For each layer and head:
+
+- **reference set**: the head's states at the recorded positions p <= T, over all sequences;
+- **query sets**: its states at the recorded positions p > T, one set per position bucket
+  (:func:`~statelens.analysis.buckets.bucket_edges` over (T, L]).
+
+:func:`out_of_support` compares a query set with a reference set: PCA fitted on the reference, then
+
+- ``oos_fraction``: the share of query points whose k-th nearest reference neighbour (in PCA space) is
+  farther than the ``quantile`` (0.99) of the reference's own leave-one-out k-NN distances. A query
+  drawn from the reference's distribution gives about 1 - quantile; states the model never met, near 1;
+- ``maha_median``, ``maha_p95``: Mahalanobis distance of the query points in PCA space, scaled by the
+  reference's per-component variances (for Gaussian data about the chi distribution with
+  ``components`` degrees of freedom);
+- ``norm_ratio``: median state norm of the query over that of the reference, on the unprojected states.
+
+:func:`coverage` puts this next to the loss of the same rollout in the same buckets, and correlates the
+two over buckets (Spearman): if the hypothesis holds, the loss rises where the states leave the
+reference's support.
+
+**Random projection.** A head's state has ``kdim = headdim x d_state`` numbers (up to 8192), too many
+to keep for every (sequence, position, layer, head). Each is projected as it is produced onto
+``projection_dim`` (256) dimensions with one fixed Gaussian matrix ``R [kdim, projection_dim]``, entries
+N(0, 1 / projection_dim), drawn from ``seed``, the same for every layer and head of that ``kdim``. By
+Johnson-Lindenstrauss this keeps pairwise distances within a small relative error, which is all the
+k-NN and PCA statistics need. Heads with ``kdim <= projection_dim`` are kept as they are. Norms for
+``norm_ratio`` are taken on the unprojected states and kept separately. Memory is
+O(N x recorded positions x layers x heads x projection_dim), never the raw states.
+
+Axes: N sequences, L tokens each; P recorded positions; H heads per layer; d = min(kdim,
+projection_dim); m reference points; q query points; D their dimension; c PCA components.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from statelens.analysis import analyses
+from statelens.analysis.buckets import bucket_edges, bucket_index
+from statelens.analysis.positionwise import bucket_losses, position_losses
+from statelens.models.base import RecurrentLM
+from statelens.record.rollout import as_batch
+
+HEAD_COLUMNS = ["pos_start", "pos_end", "layer", "head", "oos_fraction", "maha_median", "maha_p95", "norm_ratio",
+                "n_query", "n_reference"]
+BUCKET_COLUMNS = ["pos_start", "pos_end", "oos_fraction", "loss", "loss_increase"]
+SCATTER_COLUMNS = ["pc1", "pc2", "position", "set"]
+
+_BLOCK_ELEMENTS = 1 << 24   # distance-matrix entries computed at once (128 MiB in float64)
+
+
+class CoverageInputError(ValueError):
+    """A parameter that leaves the analysis nothing to compare; ``parameter`` names it (the CLI maps it
+    to its option)."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(message)
+        self.parameter = parameter
+
+
+# -- support of a reference set --------------------------------------------------------------------
+
+def _as_points(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+    """[n, D] float64 on the CPU."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().to("cpu", torch.float64)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [points, dims], got shape {tuple(t.shape)}")
+    return t
+
+
+def _kth_distance(query: torch.Tensor, points: torch.Tensor, k: int, *, exclude_self: bool = False) -> torch.Tensor:
+    """query [q, c], points [m, c] -> [q]: Euclidean distance to the k-th nearest point.
+
+    ``exclude_self``: query is ``points`` itself and row i may not pick point i (leave-one-out; an exact
+    duplicate of i elsewhere still counts at distance 0). Computed in blocks of rows, so memory is
+    bounded whatever q and m; exact differences, not the |a|^2 - 2ab + |b|^2 shortcut, so that nearby
+    points keep their distance.
+    """
+    out = []
+    rows = max(1, _BLOCK_ELEMENTS // max(points.shape[0], 1))
+    for first in range(0, query.shape[0], rows):
+        block = query[first:first + rows]
+        d = torch.cdist(block, points, compute_mode="donot_use_mm_for_euclid_dist")        # [b, m]
+        if exclude_self:
+            i = torch.arange(block.shape[0])
+            d[i, first + i] = math.inf
+        out.append(d.topk(k, dim=1, largest=False).values[:, -1])
+    return torch.cat(out) if out else torch.zeros(0, dtype=query.dtype)
+
+
+@dataclass(frozen=True)
+class Support:
+    """A reference set's PCA and k-NN threshold: what :func:`out_of_support` scores queries against.
+
+    mean [D], basis [D, c] (principal axes, each with its largest loading positive), variance [c]
+    (per-component variance of the reference, unbiased), points [m, c] (the reference in PCA
+    coordinates), threshold (the ``quantile`` of the reference's leave-one-out k-NN distances), k.
+    """
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    variance: torch.Tensor
+    points: torch.Tensor
+    threshold: float
+    k: int
+
+    @classmethod
+    def fit(cls, reference: np.ndarray | torch.Tensor, *, k: int = 5, components: int = 16,
+            quantile: float = 0.99) -> Support:
+        """reference [m, D] (m >= k + 2, finite) -> its support; c = min(components, m - 1, D)."""
+        ref = _as_points(reference, "reference")
+        m, dim = ref.shape
+        if k < 1:
+            raise CoverageInputError("k", f"k must be >= 1, got {k}")
+        if components < 1:
+            raise CoverageInputError("components", f"components must be >= 1, got {components}")
+        if not 0 < quantile < 1:
+            raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+        if m < k + 2:
+            raise CoverageInputError("reference", f"the reference set holds {m} points; k-NN with k = {k} needs "
+                                                  f"at least k + 2 = {k + 2}")
+        if not torch.isfinite(ref).all():
+            raise ValueError("the reference set holds non-finite values")
+        mean, basis, variance = _pca(ref, min(components, m - 1, dim))
+        points = (ref - mean) @ basis                                                   # [m, c]
+        loo = _kth_distance(points, points, k, exclude_self=True)                       # [m]
+        threshold = float(np.quantile(loo.numpy(), quantile))
+        return cls(mean, basis, variance, points, threshold, k)
+
+    def project(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """x [q, D] -> [q, c] PCA coordinates (float64)."""
+        return (_as_points(x, "query") - self.mean) @ self.basis
+
+    def knn_distance(self, query: np.ndarray | torch.Tensor) -> np.ndarray:
+        """query [q, D] -> [q] distance to the k-th nearest reference point in PCA space (inf where the
+        query point is not finite)."""
+        z = self.project(query)
+        finite = torch.isfinite(z).all(1)
+        d = torch.full((z.shape[0],), math.inf, dtype=torch.float64)
+        d[finite] = _kth_distance(z[finite], self.points, self.k)
+        return d.numpy()
+
+    def outside(self, query: np.ndarray | torch.Tensor) -> np.ndarray:
+        """query [q, D] -> [q] bool: k-NN distance above the threshold."""
+        return self.knn_distance(query) > self.threshold
+
+    def mahalanobis(self, query: np.ndarray | torch.Tensor) -> np.ndarray:
+        """query [q, D] -> [q] Mahalanobis distance in PCA space. A tiny epsilon (1e-12 of the total
+        variance) keeps zero-variance components finite."""
+        eps = max(1e-12 * float(self.variance.sum()), 1e-30)
+        z = self.project(query)
+        d = (z.square() / (self.variance + eps)).sum(1).sqrt()
+        return torch.where(torch.isfinite(z).all(1), d, math.inf).numpy()
+
+    def score(self, query: np.ndarray | torch.Tensor) -> dict[str, float]:
+        """query [q, D] -> oos_fraction, maha_median, maha_p95 (NaN for an empty query)."""
+        if len(query) == 0:
+            return {"oos_fraction": math.nan, "maha_median": math.nan, "maha_p95": math.nan}
+        maha = self.mahalanobis(query)
+        return {"oos_fraction": float(self.outside(query).mean()), "maha_median": _percentile(maha, 50),
+                "maha_p95": _percentile(maha, 95)}
+
+
+def _percentile(x: np.ndarray, q: float) -> float:
+    """np.percentile (linear interpolation) of distances that may be infinite (exploded states), without
+    the NaN that numpy's inf - inf gives when both neighbours of the quantile are infinite."""
+    x = np.sort(x)
+    at = q / 100 * (len(x) - 1)
+    lo, frac = int(np.floor(at)), at - np.floor(at)
+    if frac == 0:
+        return float(x[lo])
+    if np.isinf(x[lo + 1]):
+        return math.inf
+    return float(x[lo] + (x[lo + 1] - x[lo]) * frac)
+
+
+def _pca(ref: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ref [m, D] float64 -> mean [D], basis [D, c], variance [c] (unbiased, descending)."""
+    mean = ref.mean(0)
+    _, s, vh = torch.linalg.svd(ref - mean, full_matrices=False)                      # vh [min(m, D), D]
+    basis = vh[:c].T.clone()                                                           # [D, c]
+    # SVD signs are arbitrary: make each axis's largest loading positive, so coordinates are reproducible.
+    sign = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+    basis *= torch.where(sign == 0, 1.0, sign)
+    variance = s[:c].square() / max(ref.shape[0] - 1, 1)
+    return mean, basis, variance
+
+
+def _median_ratio(query_norms: np.ndarray, reference_norms: np.ndarray) -> float:
+    """median(query_norms) / median(reference_norms); a NaN norm (a state that exploded) counts as inf."""
+    if len(query_norms) == 0:
+        return math.nan
+    medians = [np.median(np.where(np.isnan(x), np.inf, x)) for x in (query_norms, reference_norms)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(medians[0]) / np.float64(medians[1]))
+
+
+def out_of_support(reference: np.ndarray, query: np.ndarray, *, k: int = 5, components: int = 16,
+                   quantile: float = 0.99) -> dict[str, float]:
+    """reference [m, D], query [q, D] -> how far ``query`` lies outside the reference's support.
+
+    Keys: oos_fraction (share of query points whose k-NN distance to the reference, in the reference's
+    PCA space with c = min(components, m - 1, D), exceeds the ``quantile`` of the reference's own
+    leave-one-out k-NN distances), maha_median and maha_p95 (Mahalanobis distance of the query in that
+    PCA space), norm_ratio (median ||query|| / median ||reference||, on the vectors as given).
+    Raises ValueError when m < k + 2.
+    """
+    support = Support.fit(reference, k=k, components=components, quantile=quantile)
+    norms = [np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1) for x in (query, reference)]
+    return support.score(query) | {"norm_ratio": _median_ratio(*norms)}
+
+
+# -- head states along a rollout -------------------------------------------------------------------
+
+def random_projection(kdim: int, dim: int, seed: int) -> torch.Tensor:
+    """[kdim, dim] float64, entries N(0, 1 / dim): E ||x R||^2 = ||x||^2 (Johnson-Lindenstrauss)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(kdim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
+
+
+@dataclass
+class StateSample:
+    """Head states recorded along one rollout, and its losses.
+
+    positions [P] (recorded positions, ascending); states: per layer [N, P, H, d] (on the CPU; projected
+    when kdim > projection_dim, else d = kdim); norms [N, P, layers, H] (Frobenius norms of the
+    unprojected head states, float64); nll [L] (summed NLL over sequences per position p, as
+    :func:`~statelens.analysis.positionwise.position_losses`); n_seqs N; length L; projected (whether a
+    random projection was applied).
+    """
+
+    positions: np.ndarray
+    states: list[torch.Tensor]
+    norms: np.ndarray
+    nll: np.ndarray
+    n_seqs: int
+    length: int
+    projected: bool
+
+
+def collect_states(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, positions: list[int],
+                   projection_dim: int = 256, chunk: int = 2048, seed: int = 0,
+                   progress: Callable[[int], None] | None = None) -> StateSample:
+    """sequences [N, L] -> each head's state at ``positions`` (in 1..L) from the zero state, projected
+    as the module docstring says, plus the summed NLL per position from the same rollout.
+
+    The rollout stops at every recorded position, so the state there is ``chunk.state``;
+    ``progress(n)`` is told each time n more tokens have been consumed.
+    """
+    sequences = as_batch(sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy())
+    n_seqs, length = sequences.shape
+    positions = sorted({int(p) for p in positions})
+    if not positions or positions[0] < 1 or positions[-1] > length:
+        raise ValueError(f"recorded positions must lie in [1, {length}]")
+    if projection_dim < 1:
+        raise CoverageInputError("projection_dim", f"projection_dim must be >= 1, got {projection_dim}")
+    column = {p: j for j, p in enumerate(positions)}
+    n_layers, n_heads = model.n_layers, model.n_heads
+    states: list[torch.Tensor | None] = [None] * n_layers
+    norms = np.zeros((n_seqs, len(positions), n_layers, n_heads))
+    matrices: dict[int, torch.Tensor] = {}                  # kdim -> R [kdim, d], on the model's device
+    projected = False
+
+    def keep(piece) -> None:
+        nonlocal projected
+        if piece.end not in column:
+            return
+        j = column[piece.end]
+        for i in range(n_layers):
+            x = model.by_head(f"blocks.{i}.hook_state", piece.state.ssm[i])          # [N, H, kdim]
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            kdim = x.shape[-1]
+            norms[:, j, i] = torch.linalg.vector_norm(x.double(), dim=-1).cpu().numpy()
+            if kdim > projection_dim:
+                if kdim not in matrices:
+                    matrices[kdim] = random_projection(kdim, projection_dim, seed).to(x.device, x.dtype)
+                x = x @ matrices[kdim]                                            # [N, H, d]
+                projected = True
+            if states[i] is None:
+                states[i] = torch.empty(n_seqs, len(positions), *x.shape[1:], dtype=x.dtype)
+            states[i][:, j] = x.cpu()
+
+    nll = position_losses(model, sequences, chunk=chunk, stops=positions, progress=progress, on_chunk=keep)
+    return StateSample(np.asarray(positions, dtype=np.int64), states, norms, nll, n_seqs, length, projected)
+
+
+# -- the analysis ----------------------------------------------------------------------------------
+
+def _split(positions: np.ndarray, train_len: int) -> np.ndarray:
+    """Indices of the recorded positions p <= train_len (the reference), checked non-empty."""
+    ref = np.flatnonzero(positions <= train_len)
+    if len(ref) == 0:
+        raise CoverageInputError("stride", f"no recorded position lies in [1, train_len = {train_len}]; "
+                                           f"lower the stride")
+    return ref
+
+
+def coverage_from_states(sample: StateSample, *, train_len: int, buckets: int = 8, scale: str = "log",
+                         k: int = 5, components: int = 16,
+                         quantile: float = 0.99) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The tables of :func:`coverage` from an already recorded :class:`StateSample`."""
+    n, length = sample.n_seqs, sample.length
+    if length <= train_len:
+        raise CoverageInputError("sequences", f"sequences hold {length} tokens, not more than train_len = "
+                                              f"{train_len}: there are no positions past the training length")
+    ref = _split(sample.positions, train_len)
+    edges = bucket_edges(train_len + 1, length + 1, buckets, scale)
+    which = bucket_index(sample.positions, edges)                                   # [P], -1: not a query
+    rows = []
+    for i, layer_states in enumerate(sample.states):
+        for h in range(layer_states.shape[2]):
+            reference = layer_states[:, ref, h].reshape(-1, layer_states.shape[-1])  # [N * n_ref, d]
+            support = Support.fit(reference, k=k, components=components, quantile=quantile)
+            ref_norms = sample.norms[:, ref, i, h].ravel()
+            for b, (lo, hi) in enumerate(itertools.pairwise(edges)):
+                cols = np.flatnonzero(which == b)
+                query = layer_states[:, cols, h].reshape(-1, layer_states.shape[-1])  # [N * n_cols, d]
+                scores = support.score(query)
+                ratio = _median_ratio(sample.norms[:, cols, i, h].ravel(), ref_norms)
+                rows.append((int(lo), int(hi), i, h, scores["oos_fraction"], scores["maha_median"],
+                             scores["maha_p95"], ratio, len(query), len(reference)))
+    per_head = pd.DataFrame(rows, columns=HEAD_COLUMNS)
+
+    # Loss at p predicts token p, so it exists for p <= L - 1: a bucket's loss averages the predictions
+    # at its positions below L (the state at L predicts nothing).
+    loss_edges = np.minimum(edges, length)
+    loss = np.full(len(edges) - 1, np.nan)
+    filled = np.flatnonzero(loss_edges[1:] > loss_edges[:-1])
+    for b in filled:
+        loss[b] = bucket_losses(sample.nll, n, loss_edges[b:b + 2]).loss.iloc[0]
+    in_context = float(bucket_losses(sample.nll, n, np.array([train_len // 2 + 1, train_len + 1])).loss.iloc[0])
+    oos = per_head.groupby("pos_start", sort=True).oos_fraction.mean().reindex(edges[:-1]).to_numpy()
+    per_bucket = pd.DataFrame({"pos_start": edges[:-1], "pos_end": edges[1:], "oos_fraction": oos, "loss": loss,
+                               "loss_increase": loss - in_context}, columns=BUCKET_COLUMNS)
+    rho, p_value, used = _spearman(per_bucket.oos_fraction.to_numpy(), per_bucket.loss_increase.to_numpy())
+    return per_head, per_bucket, {"spearman_rho": rho, "spearman_p": p_value, "n_buckets": used,
+                                  "in_context_loss": in_context}
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
+    """Spearman rho and p over the buckets where both are finite; NaN for < 3 of them or a constant."""
+    from scipy.stats import spearmanr
+
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan, len(x)
+    result = spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue), len(x)
+
+
+@analyses.register("coverage")
+def coverage(
+    model: RecurrentLM,
+    sequences: np.ndarray | torch.Tensor,
+    *,
+    train_len: int,
+    buckets: int = 8,
+    scale: str = "log",
+    stride: int | None = None,
+    k: int = 5,
+    components: int = 16,
+    projection_dim: int = 256,
+    quantile: float = 0.99,
+    chunk: int = 2048,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """sequences [N, L] (L > train_len) -> coverage of the states past the training length by those
+    within it, per head and per position bucket, and its correlation with the loss increase.
+
+    One rollout from the zero state records each head's state every ``stride`` tokens (positions
+    stride, 2 stride, ... <= L; default stride = max(1, train_len // 16)). Per (layer, head), the states at
+    positions <= train_len of all sequences are the reference set; those in each bucket of
+    ``bucket_edges(train_len + 1, L + 1, buckets, scale)`` a query set, scored by :func:`out_of_support`
+    (``k``, ``components``, ``quantile``) after the random projection to ``projection_dim`` dimensions
+    (module docstring; ``seed`` draws it).
+
+    Returns three things:
+
+    - per head, columns pos_start, pos_end (bucket [pos_start, pos_end) of positions p), layer, head,
+      oos_fraction, maha_median, maha_p95, norm_ratio, n_query (query states: N x recorded positions in
+      the bucket; 0 gives NaN statistics), n_reference (N x recorded positions <= train_len);
+    - per bucket, columns pos_start, pos_end, oos_fraction (mean over layers and heads), loss (mean NLL
+      of the same rollout's predictions at the bucket's positions p < L, as
+      :func:`~statelens.analysis.positionwise.positionwise`; NaN for a bucket holding only p = L),
+      loss_increase (loss - in_context_loss);
+    - ``{"spearman_rho", "spearman_p", "n_buckets", "in_context_loss"}``: Spearman correlation of the
+      per-bucket oos_fraction and loss_increase over the ``n_buckets`` buckets where both are finite (NaN
+      for fewer than 3 or a constant), and the mean loss over positions (train_len // 2, train_len].
+
+    Raises ValueError when L <= train_len, when no recorded position is <= train_len, or when the
+    reference set is smaller than k + 2.
+    """
+    sequences = as_batch(sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy())
+    n_seqs, length = sequences.shape
+    if train_len < 1:
+        raise CoverageInputError("train_len", f"train_len must be >= 1, got {train_len}")
+    if length <= train_len:
+        raise CoverageInputError("sequences", f"sequences hold {length} tokens, not more than train_len = "
+                                              f"{train_len}: there are no positions past the training length")
+    stride = max(1, train_len // 16) if stride is None else stride
+    if stride < 1:
+        raise CoverageInputError("stride", f"stride must be >= 1, got {stride}")
+    positions = np.arange(stride, length + 1, stride)
+    n_reference = n_seqs * len(_split(positions, train_len))
+    if n_reference < k + 2:
+        raise CoverageInputError("reference", f"the reference set holds {n_reference} states (sequences x "
+                                              f"recorded positions <= {train_len}), fewer than k + 2 = {k + 2}; "
+                                              f"use more sequences, a smaller stride or a smaller k")
+    bucket_edges(train_len + 1, length + 1, buckets, scale)                          # checks scale early
+    sample = collect_states(model, sequences, positions=positions.tolist(), projection_dim=projection_dim,
+                            chunk=chunk, seed=seed, progress=progress)
+    return coverage_from_states(sample, train_len=train_len, buckets=buckets, scale=scale, k=k,
+                                components=components, quantile=quantile)
+
+
+def scatter_points(sample: StateSample, *, train_len: int, layer: int, head: int) -> pd.DataFrame:
+    """One head's recorded states on the first two principal axes of its reference set (the states at
+    positions <= train_len), for the coverage scatter figure.
+
+    Columns: pc1, pc2 (PCA coordinates; pc2 is 0 when the reference spans one axis), position (of the
+    state), set ("reference" for p <= train_len, "query" beyond).
+    """
+    if not 0 <= layer < len(sample.states):
+        raise ValueError(f"layer must lie in [0, {len(sample.states) - 1}], got {layer}")
+    states = sample.states[layer]                                                      # [N, P, H, d]
+    if not 0 <= head < states.shape[2]:
+        raise ValueError(f"head must lie in [0, {states.shape[2] - 1}], got {head}")
+    ref = _split(sample.positions, train_len)
+    reference = _as_points(states[:, ref, head].reshape(-1, states.shape[-1]), "reference")
+    if reference.shape[0] < 2:
+        raise CoverageInputError("reference", "the reference set holds fewer than 2 states")
+    mean, basis, _ = _pca(reference, min(2, reference.shape[0] - 1, reference.shape[1]))
+    every = _as_points(states[:, :, head].reshape(-1, states.shape[-1]), "states")   # [N * P, d], seq-major
+    z = ((every - mean) @ basis).numpy()
+    positions = np.tile(sample.positions, sample.n_seqs)
+    return pd.DataFrame({"pc1": z[:, 0], "pc2": z[:, 1] if z.shape[1] > 1 else 0.0, "position": positions,
+                         "set": np.where(positions <= train_len, "reference", "query")}, columns=SCATTER_COLUMNS)
