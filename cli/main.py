@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, coverage, decay, perplexity, remembrance
+from statelens.cli import check, coverage, decay, perplexity, remembrance, states
 
 app = typer.Typer(
     name="statelens",
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.command("check")(check.check)
 app.command("remembrance")(remembrance.remembrance)
 app.command("perplexity")(perplexity.perplexity)
+app.command("states")(states.states)
 app.command("decay")(decay.decay)
 app.command("coverage")(coverage.coverage)
 

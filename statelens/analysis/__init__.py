@@ -6,4 +6,4 @@ from statelens.registry import Registry
 
 analyses: Registry = Registry("analysis")
 
-from statelens.analysis import coverage, decay, positionwise, remembrance  # noqa: E402,F401  (registers)
+from statelens.analysis import collapse, coverage, decay, positionwise, remembrance, states  # noqa: E402,F401

@@ -46,8 +46,9 @@ def head_stats(x: torch.Tensor) -> torch.Tensor:
     """x [..., k] -> [..., 5]: Frobenius norm, mean, std (population), absmax, all-finite (1/0).
 
     Non-finite values are a finding: the statistics of such a head come out inf/NaN and finite = 0.
+    Computed in float64, so a large but finite float32 state never reads as an infinite norm.
     """
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    x = x.double()
     return torch.stack([
         torch.linalg.vector_norm(x, dim=-1), x.mean(-1), x.std(-1, correction=0), x.abs().amax(-1),
         torch.isfinite(x).all(-1).to(x.dtype),
