@@ -2,7 +2,8 @@
 
     python benchmarks/diagnostics.py [--tokens 1000000]
 
-- recording: a rollout recording state statistics every 256 tokens vs the same rollout without;
+- recording: a rollout recording state statistics every 256 tokens vs the same rollout without, at
+  the small shape (32k tokens) and the 130M shape (4k tokens);
 - EffRem: Effective Remembrance over K truncation points vs one plain forward over the same number
   of tokens (the rows it actually runs, summed);
 - memory: peak RSS of a rollout recording statistics at 32k tokens vs at ``--tokens`` (1M by default),
@@ -27,9 +28,12 @@ from statelens.record import rollout
 from statelens.record.recorder import record
 
 
-def small_model() -> Mamba2LM:
+def small_model(d_model: int = 256, n_layer: int = 4, d_state: int = 64, headdim: int = 32,
+                vocab: int = 256) -> Mamba2LM:
+    """A random Mamba-2 with mamba-ssm's A initialisation; defaults: the small shape."""
     torch.manual_seed(0)
-    model = Mamba2LM(Mamba2Config(d_model=256, n_layer=4, vocab_size=256, d_state=64, headdim=32))
+    model = Mamba2LM(Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=d_state,
+                                  headdim=headdim))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
@@ -37,13 +41,16 @@ def small_model() -> Mamba2LM:
     return model.eval()
 
 
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
+def best_of(*fns, repeats: int = 3) -> list[float]:
+    """The fastest of ``repeats`` runs of each function, the runs interleaved so that a slow spell of
+    the machine falls on all of them alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, kept in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            kept.append(time.perf_counter() - start)
+    return [min(kept) for kept in times]
 
 
 def rss_child(tokens: int) -> None:
@@ -52,7 +59,17 @@ def rss_child(tokens: int) -> None:
     stream = np.random.default_rng(0).integers(0, 256, tokens)
     rec = record(model, stream, positions=256, chunk=4096)
     assert len(rec.positions) == tokens // 256
-    print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rss_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss
+    would carry the parent's peak into the child."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -63,10 +80,16 @@ def main() -> None:
     if args.rss_child:
         return rss_child(args.rss_child)
 
+    overheads = {}
+    for shape, kwargs, tokens, repeats in (("small", {}, 32768, 5),
+                                           ("130m", dict(d_model=768, n_layer=24, d_state=128, headdim=64,
+                                                         vocab=50288), 4096, 2)):
+        big = small_model(**kwargs)
+        stream = np.random.default_rng(0).integers(0, 256, tokens)
+        plain, recorded = best_of(lambda: [None for _ in rollout(big, stream, chunk=4096)],
+                                  lambda: record(big, stream, positions=256, chunk=4096), repeats=repeats)
+        overheads[shape] = recorded / plain
     model = small_model()
-    stream = np.random.default_rng(0).integers(0, 256, 32768)
-    plain = best_of(lambda: [None for _ in rollout(model, stream, chunk=4096)])
-    recorded = best_of(lambda: record(model, stream, positions=256, chunk=4096))
 
     T, n_seqs = 2048, 4
     ts = effrem_grid(T, 32)
@@ -75,8 +98,8 @@ def main() -> None:
     batch = 32
     run_tokens = sum((T - rows[i][0]) * len(rows[i:i + batch]) for i in range(0, len(rows), batch))
     same_tokens = np.random.default_rng(2).integers(0, 256, (batch, run_tokens // batch))
-    effrem = best_of(lambda: remembrance(model, seqs, T=T, ts=ts, batch=batch, chunk=2048), repeats=2)
-    forward = best_of(lambda: [None for _ in rollout(model, same_tokens, chunk=2048)], repeats=2)
+    effrem, forward = best_of(lambda: remembrance(model, seqs, T=T, ts=ts, batch=batch, chunk=2048),
+                              lambda: [None for _ in rollout(model, same_tokens, chunk=2048)], repeats=2)
 
     def rss(tokens: int) -> float:
         out = subprocess.run([sys.executable, __file__, "--rss-child", str(tokens)], check=True,
@@ -85,7 +108,8 @@ def main() -> None:
 
     rss_small, rss_large = rss(32768), rss(args.tokens)
     print(f"{'measure':46} {'value':>10} {'target':>8}")
-    print(f"{'recording stats every 256 tokens / plain':46} {recorded / plain:10.3f} {'<= 1.10':>8}")
+    for shape, ratio in overheads.items():
+        print(f"{f'recording stats every 256 tokens / plain ({shape})':46} {ratio:10.3f} {'<= 1.10':>8}")
     print(f"{'EffRem (' + str(len(ts)) + ' points x ' + str(n_seqs) + ' seqs) / plain forward':46} "
           f"{effrem / forward:10.3f} {'<= 1.25':>8}")
     print(f"{f'peak RSS {args.tokens} / 32768 tokens':46} {rss_large / rss_small:10.3f} {'<= 1.20':>8}"

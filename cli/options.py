@@ -42,7 +42,7 @@ def load(ckpt: Path, device: str, dtype: DType):
     return load_checkpoint(ckpt, device=device, dtype=torch_dtype(dtype))
 
 Data = Annotated[Optional[Path], typer.Option(
-    "--data", help="Tokens: .npy (1-D stream or 2-D [n, len]), a text file, a .jsonl with a text field, or a "
+    "--data", help="Tokens: .npy (1-D stream or 2-D \\[n, len]), a text file, a .jsonl with a text field, or a "
                    "directory of them. Default: uniformly random tokens (seeded).", show_default=False)]
 TrainLen = Annotated[Optional[int], typer.Option(
     "--train-len", min=1, help="The length the model was trained on, in tokens. Default: the checkpoint's "

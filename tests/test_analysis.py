@@ -128,3 +128,26 @@ def test_recorder_reports_non_finite_states_without_raising(tmp_path):
 def test_resolve_positions():
     assert resolve_positions(25, 100) == [25, 50, 75, 100]
     assert resolve_positions([0, 5, 5, 300, 3], 100) == [3, 5]
+
+
+def test_recording_on_ssd_block_boundaries_reads_states_inside_a_call(tmp_path):
+    """Positions on SSD block boundaries are read from the blocks' states without cutting the rollout:
+    the statistics and raw states still equal those of separate runs, and no extra calls are made."""
+    hf_mamba2(tmp_path)  # chunk_size 16: SSD blocks of 16 tokens
+    model = load_checkpoint(tmp_path).model
+    seqs = sequences(n=2, length=150)
+    calls = []
+    rec = record(model, seqs, names=["blocks.*.hook_state", "blocks.*.hook_dt"], positions=32, chunk=64,
+                 raw="blocks.0.hook_state", raw_dir=tmp_path / "raw", on_chunk=lambda c: calls.append(c.end))
+    assert calls == [64, 128, 150]
+    assert rec.positions == [32, 64, 96, 128]
+    for p in rec.positions:
+        with torch.no_grad():
+            _, state = model(torch.tensor(seqs[:, :p]))
+        np.testing.assert_allclose(rec.raw["blocks.0.hook_state"][rec.positions.index(p)], state.ssm[0],
+                                   rtol=1e-5, atol=1e-6)
+        for layer in range(model.n_layers):
+            heads = model.by_head(f"blocks.{layer}.hook_state", state.ssm[layer]).double()
+            got = rec.stats.query("name == 'hook_state' and position == @p and layer == @layer")
+            np.testing.assert_allclose(got.norm, heads.norm(dim=-1).flatten(), rtol=1e-5)
+    assert set(rec.stats.name) == {"hook_state", "hook_dt"}

@@ -20,6 +20,8 @@ Hook points per block (shapes for a forward over ``l`` tokens):
     hook_x [b, l, h, p]    hook_B, hook_C [b, l, g, n]    hook_dt [b, l, h]
     hook_decay [b, l, h] (alpha = exp(dt * A); patching it changes the scan)
     hook_state [b, h, p, n] (state after the last token)    hook_conv_state [b, conv_dim, k - 1]
+    hook_state_blocks [b, c, h, p, n]: the state after each SSD block of the call (entry j after
+        min((j + 1) q, l) tokens, q = min(ssd_block, l)); computed only when hooked, observe only
     hook_out [b, l, d] (the mixer's output, before the residual add)
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import causal_conv, gated_rms_norm
 from statelens.models.lm import LMHeadModel
-from statelens.models.ssd import ssd_chunked
+from statelens.models.ssd import ssd_chunked, ssd_chunked_with_block_states
 
 
 @dataclass
@@ -134,6 +136,7 @@ class Mamba2Mixer(nn.Module):
         self.hook_dt = HookPoint(layer)          # [b, l, h]
         self.hook_decay = HookPoint(layer)       # [b, l, h]
         self.hook_state = HookPoint(layer)       # [b, h, p, n]
+        self.hook_state_blocks = HookPoint(layer)  # [b, c, h, p, n]: after each SSD block (observe only)
         self.hook_conv_state = HookPoint(layer)  # [b, conv_dim, k - 1]
         self.hook_out = HookPoint(layer)         # [b, l, d]
 
@@ -162,8 +165,12 @@ class Mamba2Mixer(nn.Module):
         if self.hook_decay.active:  # round-trip through alpha only when somebody looks or patches
             log_a = self.hook_decay(log_a.exp()).log()
 
-        y, ssm_state = ssd_chunked(
-            x.to(wide) * dt.to(wide)[..., None], log_a, B.to(wide), C.to(wide), ssm_state, self.ssd_block)
+        scan_inputs = (x.to(wide) * dt.to(wide)[..., None], log_a, B.to(wide), C.to(wide), ssm_state, self.ssd_block)
+        if self.hook_state_blocks.active:  # the states after each SSD block come for free; observe only
+            y, ssm_state, blocks = ssd_chunked_with_block_states(*scan_inputs)
+            self.hook_state_blocks(blocks)
+        else:
+            y, ssm_state = ssd_chunked(*scan_inputs)
         ssm_state = self.hook_state(ssm_state)
         D = self.D.view(h, p) if cfg.D_has_hdim else self.D[:, None]
         y = (y + x.to(wide) * D).reshape(b, l, cfg.d_ssm)
@@ -197,6 +204,11 @@ class Mamba2LM(LMHeadModel):
     @property
     def n_heads(self) -> int:
         return self.config.nheads
+
+    @property
+    def state_block(self) -> int:
+        """The SSD block length: ``hook_state_blocks`` sees the state every this many tokens of a call."""
+        return self.blocks[0].mixer.ssd_block
 
     def by_head(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A hook's tensor with its heads made explicit: the state hooks give [b, heads, k], the

@@ -16,6 +16,8 @@ B and C are shared by the ``r`` heads of a group; heads are grouped group-major,
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -43,10 +45,16 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     Summed by a masked cumsum rather than as ``cumsum[t] - cumsum[s]``, which cancels badly once
     the cumulative log-decay is large.
     """
-    q = a.shape[-1]
-    strictly_lower = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
-    out = a[..., :, None].expand(*a.shape, q).masked_fill(~strictly_lower, 0).cumsum(dim=-2)
-    return out.masked_fill(~strictly_lower.logical_or(torch.eye(q, dtype=torch.bool, device=a.device)), -torch.inf)
+    above_diagonal, on_or_above = _masks(a.shape[-1], a.device)
+    out = a[..., :, None].expand(*a.shape, a.shape[-1]).masked_fill(on_or_above, 0).cumsum(dim=-2)
+    return out.masked_fill(above_diagonal, -torch.inf)
+
+
+@functools.lru_cache(maxsize=16)
+def _masks(q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean [q, q] masks of the entries above the diagonal, and on or above it."""
+    lower = torch.ones(q, q, dtype=torch.bool, device=device).tril(-1)
+    return ~lower.logical_or(torch.eye(q, dtype=torch.bool, device=device)), ~lower
 
 
 def ssd_chunked(
@@ -57,6 +65,23 @@ def ssd_chunked(
     ``chunk`` is the SSD block length (the config's ``chunk_size``); the result does not depend on
     it beyond float rounding. A sequence shorter than ``chunk`` is one block, unpadded.
     """
+    y, state, _ = _ssd(x, log_a, B, C, h0, chunk)
+    return y, state
+
+
+def ssd_chunked_with_block_states(
+    x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ssd_chunked`, and the state after each block: [b, c, h, p, n], entry j the state after
+    min((j + 1) * q, l) tokens, q = min(chunk, l). The chunked form computes these states anyway
+    (step 3), so a recorder reads them rather than cutting the sequence at every position it records."""
+    y, state, starts = _ssd(x, log_a, B, C, h0, chunk)
+    return y, state, torch.cat([starts[:, 1:], state[:, None]], dim=1)
+
+
+def _ssd(x, log_a, B, C, h0, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked form; returns y [b, l, h, p], the final state [b, h, p, n] and the state at the
+    start of each block [b, c, h, p, n]."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
@@ -90,4 +115,5 @@ def ssd_chunked(
 
     # 4. The state at each chunk's start, decayed to position t and read out by C_t.
     y = y + torch.einsum("bctgn,bcgrpn->bctgrp", C, starts) * a_cum.exp().permute(0, 3, 4, 1, 2)[..., None]
-    return y.reshape(b, c * q, h, p)[:, :l], state.reshape(b, h, p, n)
+    return y.reshape(b, c * q, h, p)[:, :l], state.reshape(b, h, p, n), starts.reshape(b, c, h, p, n)
+

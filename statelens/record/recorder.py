@@ -31,6 +31,7 @@ from statelens.record.rollout import Chunk, as_batch, rollout
 
 STATS = ("norm", "mean", "std", "absmax", "finite")
 STATE_HOOKS = ("hook_state", "hook_conv_state")
+BLOCK_HOOK = "hook_state_blocks"  # read by the recorder itself, not recorded as such
 
 
 def resolve_positions(positions: int | Iterable[int], length: int) -> list[int]:
@@ -43,16 +44,21 @@ def resolve_positions(positions: int | Iterable[int], length: int) -> list[int]:
 
 
 def head_stats(x: torch.Tensor) -> torch.Tensor:
-    """x [..., k] -> [..., 5]: Frobenius norm, mean, std (population), absmax, all-finite (1/0).
+    """x [..., k] -> [..., 5]: Frobenius norm, mean, std (population), absmax, all-finite (1/0), in float64.
 
     Non-finite values are a finding: the statistics of such a head come out inf/NaN and finite = 0.
-    Computed in float64, so a large but finite float32 state never reads as an infinite norm.
+    In float64 a large but finite float32 state never reads as an infinite norm, and its squares
+    cannot overflow, so the sum of squares is finite exactly when every entry is. One pass for the
+    sums, one for the extremes: this runs at every recorded position of every layer.
     """
-    x = x.double()
-    return torch.stack([
-        torch.linalg.vector_norm(x, dim=-1), x.mean(-1), x.std(-1, correction=0), x.abs().amax(-1),
-        torch.isfinite(x).all(-1).to(x.dtype),
-    ], dim=-1)
+    wide = x.double()
+    sum_sq, total = wide.square().sum(-1), wide.sum(-1)
+    k = x.shape[-1]
+    mean = total / k
+    std = (sum_sq / k - mean.square()).clamp_min(0).sqrt()
+    low, high = torch.aminmax(wide, dim=-1)
+    finite = torch.isfinite(sum_sq) if x.dtype != torch.float64 else torch.isfinite(wide).all(-1)
+    return torch.stack([sum_sq.sqrt(), mean, std, torch.maximum(low.abs(), high.abs()), finite.double()], dim=-1)
 
 
 @dataclass
@@ -71,16 +77,22 @@ class Recorder:
     each rollout chunk turns what the hooks saw into statistics and raw snapshots."""
 
     def __init__(self, model: RecurrentLM, *, names: NamesFilter, positions: list[int], batch: int,
-                 raw: NamesFilter | None = None, raw_dir: str | Path | None = None):
+                 raw: NamesFilter | None = None, raw_dir: str | Path | None = None, block: int | None = None):
+        """``block``: read SSM states inside a call from the backend's ``hook_state_blocks`` every
+        ``block`` tokens of it (the caller guarantees recorded positions fall on those boundaries)."""
         self.model = model
         self.positions = positions
         self._index = {p: i for i, p in enumerate(positions)}
         self.batch = batch
+        self.block = block
         points = name_hook_points(model)
         match = names_matcher(names)
-        self.points: dict[str, HookPoint] = {n: p for n, p in points.items() if match(n)}
+        self.points: dict[str, HookPoint] = {
+            n: p for n, p in points.items() if match(n) and not n.endswith(f".{BLOCK_HOOK}")}
         if not self.points:
             raise ValueError(f"no hook point matches {names!r}")
+        self._block_points = {n.replace(".hook_state", f".{BLOCK_HOOK}"): n for n in self.points
+                              if block and n.endswith(".hook_state")}
         raw_match = names_matcher(raw) if raw is not None else (lambda n: False)
         self.raw_names = [n for n in self.points if raw_match(n)]
         if self.raw_names and raw_dir is None:
@@ -88,14 +100,17 @@ class Recorder:
         self.raw_dir = Path(raw_dir) if raw_dir is not None else None
         self._raw: dict[str, np.ndarray] = {}
         self._seen: dict[str, torch.Tensor] = {}
-        self._rows: list[tuple[str, int, list[int], np.ndarray]] = []  # (name, layer, positions, stats [P, b, H, 5])
+        # Per hook name, statistics [n_positions, batch, heads, 5], allocated once when the hook is first
+        # seen: nothing long-lived is allocated between the rollout's large transient tensors, so the
+        # heap does not fragment and memory stays flat over a 1M-token rollout.
+        self._stats: dict[str, np.ndarray] = {}
         self._context = None
 
     def __enter__(self) -> Recorder:
         def stash(t: torch.Tensor, *, hook: HookPoint) -> None:
             self._seen[hook.name] = t.detach()
 
-        self._context = hooks(self.model, [(list(self.points), stash)])
+        self._context = hooks(self.model, [(list(self.points) + list(self._block_points), stash)])
         self._context.__enter__()
         return self
 
@@ -106,24 +121,57 @@ class Recorder:
 
     def update(self, chunk: Chunk) -> None:
         """Reads what the hooks saw during ``chunk`` at the recording positions inside it."""
+        states: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # state hooks, grouped to reduce at once
         for name, t in self._seen.items():
+            if name in self._block_points:
+                continue
             kind = name.rsplit(".", 1)[-1]
             if kind in STATE_HOOKS:
-                if chunk.end not in self._index:
-                    continue
-                here, snapshot = [chunk.end], t[None]                     # [1, b, ...]
-                by_head = self.model.by_head(name, t)[None]               # [1, b, H, k]
-            else:
-                here = [p for p in self.positions if chunk.start < p <= chunk.end]
-                if not here:
-                    continue
-                local = torch.tensor([p - 1 - chunk.start for p in here], device=t.device)
-                snapshot = t.index_select(1, local).transpose(0, 1)     # [P, b, ...]
-                by_head = self.model.by_head(name, t).index_select(1, local).transpose(0, 1)  # [P, b, H, k]
-            self._rows.append((name, self.points[name].layer, here, head_stats(by_head).cpu().numpy()))
+                here, snapshot = self._states_in(chunk, name, t)             # [P, b, ...]
+                if here:
+                    by_head = self.model.by_head(name, snapshot.flatten(0, 1)).unflatten(0, snapshot.shape[:2])
+                    states.setdefault((kind, tuple(here), tuple(by_head.shape)), []).append((name, by_head))
+                    if name in self.raw_names:
+                        self._write_raw(name, here, snapshot)
+                continue
+            here = [p for p in self.positions if chunk.start < p <= chunk.end]
+            if not here:
+                continue
+            local = torch.tensor([p - 1 - chunk.start for p in here], device=t.device)
+            by_head = self.model.by_head(name, t).index_select(1, local).transpose(0, 1)  # [P, b, H, k]
+            self._store(name, here, head_stats(by_head).cpu().numpy())
             if name in self.raw_names:
-                self._write_raw(name, here, snapshot)
+                self._write_raw(name, here, t.index_select(1, local).transpose(0, 1))
+        for (_, here, _), group in states.items():  # one reduction for all layers: [layers, P, b, H, k]
+            stats = head_stats(torch.stack([t for _, t in group])).cpu().numpy()
+            for (name, _), values in zip(group, stats):
+                self._store(name, list(here), values)
         self._seen.clear()
+
+    def _states_in(self, chunk: Chunk, name: str, final: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The recorded positions of a state hook inside ``chunk`` and its states there [P, b, ...]:
+        the call's final state at ``chunk.end``, and the block states before it."""
+        here = [p for p in self.positions if chunk.start < p <= chunk.end]
+        if not self.block:
+            here = [p for p in here if p == chunk.end]
+            return here, final[None]
+        blocks = self._seen[name.replace(".hook_state", f".{BLOCK_HOOK}")] if name.endswith(".hook_state") else None
+        q = min(self.block, chunk.end - chunk.start)
+        picked = []
+        for p in here:
+            if p == chunk.end:
+                picked.append(final)
+            elif blocks is not None and (p - chunk.start) % q == 0:
+                picked.append(blocks[:, (p - chunk.start) // q - 1])
+            else:
+                raise RuntimeError(f"position {p} is neither a chunk end nor an SSD block boundary")
+        return here, torch.stack(picked) if picked else final[:0]
+
+    def _store(self, name: str, here: list[int], values: np.ndarray) -> None:
+        if name not in self._stats:
+            self._stats[name] = np.full((len(self.positions), *values.shape[1:]), np.nan)
+        rows = [self._index[p] for p in here]
+        self._stats[name][rows[0]:rows[-1] + 1] = values
 
     def _write_raw(self, name: str, here: list[int], snapshot: torch.Tensor) -> None:
         if name not in self._raw:
@@ -135,20 +183,29 @@ class Recorder:
         self._raw[name][rows[0]:rows[-1] + 1] = snapshot.float().cpu().numpy()
 
     def result(self) -> Recording:
+        """Builds ``stats`` ordered by (name, position, seq, layer, head) without a sort: the arrays of
+        all layers of one hook kind are stacked in that order."""
         frames = []
-        for name, layer, here, values in self._rows:
-            P, b, H, _ = values.shape
-            frame = pd.DataFrame(values.reshape(-1, len(STATS)), columns=STATS)
-            frame.insert(0, "position", np.repeat(here, b * H))
-            frame.insert(1, "seq", np.tile(np.repeat(np.arange(b), H), P))
-            frame.insert(2, "name", name.rsplit(".", 1)[-1])
-            frame.insert(3, "layer", layer)
-            frame.insert(4, "head", np.tile(np.arange(H), P * b))
-            frames.append(frame)
+        kinds: dict[str, list[str]] = {}
+        for name in self._stats:
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+        for kind in sorted(kinds):
+            names = sorted(kinds[kind], key=lambda n: self.points[n].layer)
+            values = np.stack([self._stats[n] for n in names], axis=2)       # [P, b, layers, H, 5]
+            P, b, L, H, _ = values.shape
+            layers = np.asarray([self.points[n].layer for n in names], dtype=np.int32)
+            flat = values.reshape(-1, len(STATS))
+            frames.append(pd.DataFrame({
+                "position": np.repeat(np.asarray(self.positions, dtype=np.int64), b * L * H),
+                "seq": np.tile(np.repeat(np.arange(b, dtype=np.int32), L * H), P),
+                "name": pd.Categorical.from_codes(np.zeros(len(flat), dtype=np.int8), [kind]),
+                "layer": np.tile(np.repeat(layers, H), P * b),
+                "head": np.tile(np.arange(H, dtype=np.int32), P * b * L),
+                **{s: flat[:, i] for i, s in enumerate(STATS[:-1])},
+                "finite": flat[:, -1] == 1,
+            }))
         columns = ["position", "seq", "name", "layer", "head", *STATS]
         stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-        stats["finite"] = stats["finite"].astype(bool)
-        stats = stats.sort_values(["name", "position", "seq", "layer", "head"], kind="stable", ignore_index=True)
         raw = {n: np.load(self.raw_dir / f"{n}.npy", mmap_mode="r") for n in self._raw}
         return Recording(self.positions, stats, raw)
 
@@ -171,8 +228,16 @@ def record(
     tokens = as_batch(tokens)
     batch, length = tokens.shape
     where = resolve_positions(positions, length)
-    with Recorder(model, names=names, positions=where, batch=batch, raw=raw, raw_dir=raw_dir) as rec:
-        for piece in rollout(model, tokens, chunk=chunk, state=state, stops=where):
+    # Where the backend exposes its SSD block states and every position falls on a block boundary,
+    # the rollout need not be cut at each position: block states are read inside a call.
+    block = getattr(model, "state_block", None)
+    selected = [n for n in name_hook_points(model) if names_matcher(names)(n)]
+    conv_states = any(n.endswith(".hook_conv_state") for n in selected)  # read only at chunk ends
+    if not (block and not conv_states and chunk % block == 0 and all(p % block == 0 for p in where)):
+        block = None
+    stops = [] if block else where
+    with Recorder(model, names=names, positions=where, batch=batch, raw=raw, raw_dir=raw_dir, block=block) as rec:
+        for piece in rollout(model, tokens, chunk=chunk, state=state, stops=stops):
             rec.update(piece)
             if on_chunk is not None:
                 on_chunk(piece)
