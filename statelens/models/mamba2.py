@@ -20,8 +20,8 @@ Hook points per block (shapes for a forward over ``l`` tokens):
     hook_x [b, l, h, p]    hook_B, hook_C [b, l, g, n]    hook_dt [b, l, h]
     hook_decay [b, l, h] (alpha = exp(dt * A); patching it changes the scan)
     hook_state [b, h, p, n] (state after the last token)    hook_conv_state [b, conv_dim, k - 1]
-    hook_state_blocks [b, c, h, p, n]: the state after each SSD block of the call (entry j after
-        min((j + 1) q, l) tokens, q = min(ssd_block, l)); computed only when hooked, observe only
+    hook_state_blocks [b, c, h, p, n]: the state at the start of each SSD block of the call (entry j
+        after j * q tokens, entry 0 the incoming state; q = min(ssd_block, l)); observe only
     hook_out [b, l, d] (the mixer's output, before the residual add)
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Mamba2Mixer(nn.Module):
         self.hook_dt = HookPoint(layer)          # [b, l, h]
         self.hook_decay = HookPoint(layer)       # [b, l, h]
         self.hook_state = HookPoint(layer)       # [b, h, p, n]
-        self.hook_state_blocks = HookPoint(layer)  # [b, c, h, p, n]: after each SSD block (observe only)
+        self.hook_state_blocks = HookPoint(layer)  # [b, c, h, p, n]: at each SSD block start (observe only)
         self.hook_conv_state = HookPoint(layer)  # [b, conv_dim, k - 1]
         self.hook_out = HookPoint(layer)         # [b, l, d]
 
@@ -207,7 +207,8 @@ class Mamba2LM(LMHeadModel):
 
     @property
     def state_block(self) -> int:
-        """The SSD block length: ``hook_state_blocks`` sees the state every this many tokens of a call."""
+        """The SSD block length: ``hook_state_blocks`` sees the state every this many tokens of a call
+        (of a call longer than one block)."""
         return self.blocks[0].mixer.ssd_block
 
     def by_head(self, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -72,11 +72,11 @@ def ssd_chunked(
 def ssd_chunked_with_block_states(
     x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`ssd_chunked`, and the state after each block: [b, c, h, p, n], entry j the state after
-    min((j + 1) * q, l) tokens, q = min(chunk, l). The chunked form computes these states anyway
-    (step 3), so a recorder reads them rather than cutting the sequence at every position it records."""
-    y, state, starts = _ssd(x, log_a, B, C, h0, chunk)
-    return y, state, torch.cat([starts[:, 1:], state[:, None]], dim=1)
+    """:func:`ssd_chunked`, and the state at the start of each block: [b, c, h, p, n], entry j the
+    state after j * q tokens (entry 0 is ``h0``), q = min(chunk, l). The chunked form computes these
+    states anyway (step 3), so a recorder reads them rather than cutting the sequence at every
+    position it records."""
+    return _ssd(x, log_a, B, C, h0, chunk)
 
 
 def _ssd(x, log_a, B, C, h0, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -44,21 +44,26 @@ def resolve_positions(positions: int | Iterable[int], length: int) -> list[int]:
 
 
 def head_stats(x: torch.Tensor) -> torch.Tensor:
-    """x [..., k] -> [..., 5]: Frobenius norm, mean, std (population), absmax, all-finite (1/0), in float64.
+    """x [..., k] -> [..., 5]: Frobenius norm, mean, std (population), absmax, all-finite (1/0).
 
-    Non-finite values are a finding: the statistics of such a head come out inf/NaN and finite = 0.
-    In float64 a large but finite float32 state never reads as an infinite norm, and its squares
-    cannot overflow, so the sum of squares is finite exactly when every entry is. One pass for the
-    sums, one for the extremes: this runs at every recorded position of every layer.
+    Non-finite values are a finding: the statistics of such a head come out inf/NaN and finite = 0
+    (absmax is finite exactly when every entry is). Computed in the input's precision (this runs at
+    every recorded position of every layer); heads whose entries are finite but whose norm or moments
+    overflow it are recomputed in float64, so a large finite state never reads as an infinite norm.
     """
-    wide = x.double()
-    sum_sq, total = wide.square().sum(-1), wide.sum(-1)
-    k = x.shape[-1]
-    mean = total / k
-    std = (sum_sq / k - mean.square()).clamp_min(0).sqrt()
-    low, high = torch.aminmax(wide, dim=-1)
-    finite = torch.isfinite(sum_sq) if x.dtype != torch.float64 else torch.isfinite(wide).all(-1)
-    return torch.stack([sum_sq.sqrt(), mean, std, torch.maximum(low.abs(), high.abs()), finite.double()], dim=-1)
+    stats = _moments(x)
+    overflow = torch.isfinite(stats[..., 3]) & ~torch.isfinite(stats[..., :3]).all(-1)
+    if overflow.any():
+        stats = stats.double()
+        stats[overflow] = _moments(x[overflow].double())
+    return stats
+
+
+def _moments(x: torch.Tensor) -> torch.Tensor:
+    std, mean = torch.std_mean(x, dim=-1, correction=0)
+    low, high = torch.aminmax(x, dim=-1)
+    absmax = torch.maximum(low.abs(), high.abs())
+    return torch.stack([torch.linalg.vector_norm(x, dim=-1), mean, std, absmax, torch.isfinite(absmax).to(x.dtype)], -1)
 
 
 @dataclass
@@ -100,6 +105,8 @@ class Recorder:
         self.raw_dir = Path(raw_dir) if raw_dir is not None else None
         self._raw: dict[str, np.ndarray] = {}
         self._seen: dict[str, torch.Tensor] = {}
+        self._block_seen: dict[str, tuple[list[int], torch.Tensor]] = {}  # hook_state name -> (positions, [b, P, ...])
+        self._start = 0  # where the call now running began: the previous chunk's end
         # Per hook name, statistics [n_positions, batch, heads, 5], allocated once when the hook is first
         # seen: nothing long-lived is allocated between the rollout's large transient tensors, so the
         # heap does not fragment and memory stays flat over a 1M-token rollout.
@@ -110,7 +117,15 @@ class Recorder:
         def stash(t: torch.Tensor, *, hook: HookPoint) -> None:
             self._seen[hook.name] = t.detach()
 
-        self._context = hooks(self.model, [(list(self.points) + list(self._block_points), stash)])
+        def stash_blocks(t: torch.Tensor, *, hook: HookPoint) -> None:
+            # t [b, c, ...]: entry j is the state after j * block tokens of the call. Keep only the
+            # entries at recorded positions, at once: all of them for every layer would be large.
+            wanted = [j for j in range(1, t.shape[1]) if self._start + j * self.block in self._index]
+            self._block_seen[self._block_points[hook.name]] = (
+                [self._start + j * self.block for j in wanted], t[:, wanted].detach().clone())
+
+        pairs = [(list(self.points), stash)] + ([(list(self._block_points), stash_blocks)] if self._block_points else [])
+        self._context = hooks(self.model, pairs)
         self._context.__enter__()
         return self
 
@@ -123,8 +138,6 @@ class Recorder:
         """Reads what the hooks saw during ``chunk`` at the recording positions inside it."""
         states: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # state hooks, grouped to reduce at once
         for name, t in self._seen.items():
-            if name in self._block_points:
-                continue
             kind = name.rsplit(".", 1)[-1]
             if kind in STATE_HOOKS:
                 here, snapshot = self._states_in(chunk, name, t)             # [P, b, ...]
@@ -147,25 +160,18 @@ class Recorder:
             for (name, _), values in zip(group, stats):
                 self._store(name, list(here), values)
         self._seen.clear()
+        self._block_seen.clear()
+        self._start = chunk.end
 
     def _states_in(self, chunk: Chunk, name: str, final: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """The recorded positions of a state hook inside ``chunk`` and its states there [P, b, ...]:
-        the call's final state at ``chunk.end``, and the block states before it."""
-        here = [p for p in self.positions if chunk.start < p <= chunk.end]
-        if not self.block:
-            here = [p for p in here if p == chunk.end]
-            return here, final[None]
-        blocks = self._seen[name.replace(".hook_state", f".{BLOCK_HOOK}")] if name.endswith(".hook_state") else None
-        q = min(self.block, chunk.end - chunk.start)
-        picked = []
-        for p in here:
-            if p == chunk.end:
-                picked.append(final)
-            elif blocks is not None and (p - chunk.start) % q == 0:
-                picked.append(blocks[:, (p - chunk.start) // q - 1])
-            else:
-                raise RuntimeError(f"position {p} is neither a chunk end nor an SSD block boundary")
-        return here, torch.stack(picked) if picked else final[:0]
+        the block states kept by ``stash_blocks``, then the call's final state at ``chunk.end``."""
+        here, states = self._block_seen.get(name, ([], final[:, :0]))
+        here, picked = list(here), list(states.unbind(1))
+        if chunk.end in self._index:
+            here.append(chunk.end)
+            picked.append(final)
+        return here, torch.stack(picked) if picked else final[None, :0]
 
     def _store(self, name: str, here: list[int], values: np.ndarray) -> None:
         if name not in self._stats:
