@@ -102,13 +102,25 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
     if train_len is None:
         meta = loaded.path / METADATA
         if meta.is_file():
-            train_len, source = int(json.loads(meta.read_text())["train_len"]), METADATA
+            train_len, source = _train_len_from(meta), METADATA
         else:
             train_len, source = DEFAULT_TRAIN_LEN, "assumed (pass --train-len)"
     run = Run(command, loaded, train_len, source, seed, out or Path("runs") / command,
               config | {"device": device, "dtype": dtype.value, "seed": seed}, started=started)
     run.lap("load")
     return run
+
+
+def _train_len_from(meta: Path) -> int:
+    from statelens.errors import CheckpointError
+
+    try:
+        value = json.loads(meta.read_text())["train_len"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{meta}: expected a JSON object with an integer train_len") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{meta}: train_len must be a positive integer, got {value!r}")
+    return value
 
 
 @contextlib.contextmanager

@@ -112,3 +112,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, case, ckpt, to
     assert len(lines) == 1 and lines[0].startswith("statelens: error:") and needle in lines[0], err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content, needle", [('{"train_len": 96}', None), ("not json", "statelens.json"),
+                                             ('{"train_len": 0}', "positive integer")])
+def test_training_length_from_the_checkpoint_metadata(content, needle, ckpt, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    local = tmp_path / "ckpt"
+    shutil.copytree(ckpt, local)
+    (local / "statelens.json").write_text(content)
+    code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", local, "--num-seqs", 1, "--buckets", 3,
+                           "--out", tmp_path / "out")
+    if needle is None:
+        assert code == 0
+        manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+        assert manifest["train_len"] == 96 and manifest["train_len_source"] == "statelens.json"
+        assert manifest["config"]["length"] == 4 * 96
+    else:
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
