@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -15,7 +15,9 @@ def states(
     train_len: TrainLen = None,
     length: Length = None,
     num_seqs: NumSeqs = 8,
-    stride: Annotated[int, typer.Option(help="Record the state every N tokens.", min=1)] = 256,
+    stride: Annotated[Optional[int], typer.Option(
+        help="Record the state every N tokens. Default: the training length / 16 (at least 1).", min=1,
+        show_default=False)] = None,
     k: Annotated[float, typer.Option(help="A head collapses when a statistic past the training length exceeds "
                                           "k x its maximum within it (k > 0).")] = 2.0,
     chunk: Chunk = 2048,
@@ -39,6 +41,8 @@ def states(
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "stride": stride, "k": k, "chunk": chunk})
     length = length or 4 * run.train_len
+    stride = stride or max(1, run.train_len // 16)
+    run.config["stride"] = stride
     if stride > length:
         raise BadInput(f"--stride {stride} exceeds --length {length}: no state would be recorded")
     if stride > run.train_len:
