@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, coverage, decay, perplexity, remembrance, states
+from statelens.cli import check, coverage, decay, perplexity, remembrance, report, states
 
 app = typer.Typer(
     name="statelens",
@@ -22,6 +22,8 @@ app.command("perplexity")(perplexity.perplexity)
 app.command("states")(states.states)
 app.command("decay")(decay.decay)
 app.command("coverage")(coverage.coverage)
+app.command("report")(report.report)
+app.command("compare")(report.compare)
 
 
 @app.callback()

@@ -21,7 +21,7 @@ def perplexity(
 ) -> None:
     """Position-wise loss: next-token NLL at each position averaged over documents, in position
     buckets; writes positionwise.csv, perplexity.png and run.json."""
-    from statelens.analysis.positionwise import bucket_losses, position_losses
+    from statelens.analysis.positionwise import bucket_losses, in_context_length, in_context_loss, position_losses
     from statelens.analysis.buckets import bucket_edges
     from statelens.cli.common import progress, report, start
     from statelens.reports.figures import perplexity_figure
@@ -37,8 +37,7 @@ def perplexity(
         summed = position_losses(run.model, sequences, chunk=chunk, progress=advance)
     df = bucket_losses(summed, num_seqs, bucket_edges(1, length, buckets, scale.value))
     run.lap("compute")
-    inside = df[df.pos_end <= run.train_len]
-    in_context = float((inside.loss * inside.n_tokens).sum() / inside.n_tokens.sum()) if len(inside) else float("nan")
+    in_context = in_context_loss(df, run.train_len)
     generalizes = in_context_length(df, in_context)
     written = run.finish({"positionwise": df}, perplexity_figure(df, train_len=run.train_len),
                          results={"in_context_loss": in_context, "length_generalizes_to": generalizes})
@@ -48,13 +47,3 @@ def perplexity(
         f"loss at positions [{int(last.pos_start)}, {int(last.pos_end)}): {last.loss:.4f} (ppl {last.ppl:.2f})",
         f"length-generalizes to position {generalizes} (last bucket within 10% of the in-context loss)"])
 
-
-def in_context_length(df, in_context: float) -> int:
-    """The end of the last bucket of the leading run whose loss stays within 10% of ``in_context``."""
-    within = df.loss <= 1.1 * in_context
-    end = 0
-    for ok, stop in zip(within, df.pos_end):
-        if not ok:
-            break
-        end = int(stop)
-    return end

@@ -78,3 +78,26 @@ def positionwise(model: RecurrentLM, sequences: np.ndarray, *, buckets: int = 32
     """
     summed = position_losses(model, sequences, chunk=chunk, progress=progress)
     return bucket_losses(summed, sequences.shape[0], bucket_edges(1, sequences.shape[1], buckets, scale))
+
+
+TOLERANCE = 1.1  # a bucket "keeps" the in-context loss while its loss is at most 10% above it
+
+
+def in_context_loss(positionwise: pd.DataFrame, train_len: int) -> float:
+    """Mean loss over the buckets that end within the training length, weighted by their tokens
+    (NaN when none does)."""
+    inside = positionwise[positionwise.pos_end <= train_len]
+    if not len(inside) or inside.n_tokens.sum() <= 0:
+        return float("nan")
+    return float((inside.loss * inside.n_tokens).sum() / inside.n_tokens.sum())
+
+
+def in_context_length(positionwise: pd.DataFrame, in_context: float) -> int:
+    """The end of the last bucket of the leading run whose loss stays within 10% of ``in_context``
+    (0 when the first bucket is already above it)."""
+    end = 0
+    for loss, stop in zip(positionwise.loss, positionwise.pos_end):
+        if not loss <= TOLERANCE * in_context:
+            break
+        end = int(stop)
+    return end

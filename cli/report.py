@@ -1,0 +1,208 @@
+"""``statelens report`` and ``statelens compare``: every analysis of one or two checkpoints in one
+self-contained HTML page (``--out``/index.html).
+
+Per checkpoint, the outputs of earlier commands are reused with ``--from DIR`` (nothing recomputed);
+what is missing is computed when a ``--ckpt`` is given, and written under ``--out``/<label>/<command>/
+exactly as the commands write it, so that folder can be passed to ``--from`` later."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from statelens.cli.options import Chunk, Data, Device, DType, Dtype, Length, NumSeqs, Out, Seed, TrainLen
+
+Ckpts = Annotated[Optional[list[Path]], typer.Option(
+    "--ckpt", help="Checkpoint directory; repeat for a second checkpoint.", show_default=False)]
+Labels = Annotated[Optional[list[str]], typer.Option(
+    "--label", help="Name of each checkpoint in the report, in --ckpt order. Default: the folder names.",
+    show_default=False)]
+From = Annotated[Optional[list[Path]], typer.Option(
+    "--from", help="Folder of earlier command outputs (runs/ with runs/perplexity/positionwise.csv, ..., or the "
+                   "CSVs themselves), one per checkpoint in order; reused, not recomputed.", show_default=False)]
+ReportBuckets = Annotated[int, typer.Option("--buckets", min=1, help="Position buckets of perplexity and decay.")]
+Stride = Annotated[Optional[int], typer.Option(
+    "--stride", min=1, help="Record states every N tokens (states, coverage). Default: training length // 16.",
+    show_default=False)]
+
+
+def report(
+    ckpt: Ckpts = None,
+    label: Labels = None,
+    from_: From = None,
+    data: Data = None,
+    train_len: TrainLen = None,
+    length: Length = None,
+    num_seqs: NumSeqs = 8,
+    buckets: ReportBuckets = 32,
+    stride: Stride = None,
+    chunk: Chunk = 2048,
+    device: Device = "cpu",
+    dtype: Dtype = DType.float32,
+    seed: Seed = 0,
+    out: Out = None,
+) -> None:
+    """The HTML report of one or two checkpoints: summary cards with verdicts, every figure (two
+    checkpoints overlaid) with its table, the differences in words, and the run manifests; writes
+    index.html (and each computed checkpoint's outputs under OUT/<label>/)."""
+    build(list(ckpt or []), list(label or []), list(from_ or []), out or Path("runs") / "report",
+          dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
+               chunk=chunk, device=device, dtype=dtype, seed=seed))
+
+
+def compare(
+    a: Annotated[Path, typer.Argument(help="First checkpoint (the baseline).", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="Second checkpoint.", show_default=False)],
+    label: Labels = None,
+    from_: From = None,
+    data: Data = None,
+    train_len: TrainLen = None,
+    length: Length = None,
+    num_seqs: NumSeqs = 8,
+    buckets: ReportBuckets = 32,
+    stride: Stride = None,
+    chunk: Chunk = 2048,
+    device: Device = "cpu",
+    dtype: Dtype = DType.float32,
+    seed: Seed = 0,
+    out: Out = None,
+) -> None:
+    """The report of two checkpoints, A and B, side by side (as `report --ckpt A --ckpt B`)."""
+    build([a, b], list(label or []), list(from_ or []), out or Path("runs") / "compare",
+          dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
+               chunk=chunk, device=device, dtype=dtype, seed=seed))
+
+
+def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, options: dict) -> None:
+    """Loads or computes each checkpoint's results, renders the page and writes it."""
+    from rich.console import Console
+
+    from statelens.errors import BadInput
+    from statelens.reports.html import load_results, render, write_report
+
+    count = max(len(ckpts), len(froms))
+    if count == 0:
+        raise BadInput("give at least one --ckpt (or --from)")
+    if ckpts and froms and len(ckpts) != len(froms):
+        raise BadInput(f"--from given {len(froms)} times for {len(ckpts)} --ckpt: give one per checkpoint")
+    if labels and len(labels) != count:
+        raise BadInput(f"--label given {len(labels)} times for {count} checkpoint(s): give one per checkpoint")
+    if count > 2:
+        raise BadInput(f"{count} checkpoints: the report shows one or two")
+    if not labels:
+        labels = [(ckpts[i] if ckpts else froms[i]).resolve().name or f"checkpoint {i + 1}" for i in range(count)]
+        if len(set(labels)) != len(labels):
+            labels = [f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
+    if len(set(labels)) != len(labels):
+        raise BadInput(f"--label: the labels must differ, got {labels}")
+    if any(not lab.strip() for lab in labels):
+        raise BadInput("--label: a label must not be empty")
+
+    results, train_lens = [], []
+    for i in range(count):
+        loaded = load_results(froms[i]) if froms else None
+        if ckpts:
+            loaded, tl = compute_missing(ckpts[i], loaded, out / folder_name(labels[i], i), options)
+        else:
+            tl = options["train_len"] or loaded.train_len or 2048
+        results.append(loaded)
+        train_lens.append(tl)
+    path = write_report(render(results, labels, train_lens), out)
+    Console(highlight=False).print(f"[bold]report[/] {' vs '.join(labels)}: wrote {path}")
+
+
+def folder_name(label: str, index: int) -> str:
+    """A safe folder name for a label (which may hold any character): ``{index + 1}-{slug}``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "checkpoint"
+    return f"{index + 1}-{slug[:60]}"
+
+
+def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
+    """Computes the analyses whose tables ``loaded`` lacks (all when None), writing each as its command
+    does under ``folder/<command>/``; returns the results and the training length."""
+    from statelens.analysis.collapse import collapse
+    from statelens.analysis.coverage import CoverageInputError
+    from statelens.analysis.coverage import coverage as coverage_analysis
+    from statelens.analysis.decay import decay as decay_analysis
+    from statelens.analysis.positionwise import positionwise
+    from statelens.analysis.remembrance import remembrance
+    from statelens.analysis.states import state_stats
+    from statelens.cli.common import progress, start
+    from statelens.errors import BadInput
+    from statelens.reports.html import Results, in_context_length, in_context_loss
+
+    o = options
+    base = start("report", ckpt=ckpt, device=o["device"], dtype=o["dtype"], seed=o["seed"], out=folder,
+                 train_len=o["train_len"], config={"data": str(o["data"]) if o["data"] else None})
+    tl = base.train_len
+    length = o["length"] or 4 * tl
+    stride = o["stride"] or max(1, tl // 16)
+    if length <= tl:
+        raise BadInput(f"--length {length} does not exceed the training length {tl}: nothing to compare past it")
+    if stride > tl:
+        raise BadInput(f"--stride {stride} exceeds the training length {tl}: no state would be recorded within it")
+    sequences = base.sequences(o["data"], o["num_seqs"], length)
+    results = loaded or Results(folder=folder)
+    common = base.config | {"train_len": o["train_len"], "length": length, "num_seqs": o["num_seqs"],
+                            "chunk": o["chunk"]}
+    runs = []
+
+    def run(command: str, extra: dict):
+        r = dataclasses.replace(base, command=command, out=folder / command, config=common | extra,
+                                started=time.perf_counter(), timings={})
+        runs.append(r)
+        return r
+
+    n_tokens = o["num_seqs"] * length
+    have = results.tables
+    if "remembrance" not in have:
+        r = run("remembrance", {"T": length, "points": 32})
+        with progress(o["num_seqs"] * 32 * length, f"EffRem T={length}") as advance:
+            df = remembrance(r.model, sequences, T=length, chunk=o["chunk"], progress=advance)
+        half = df.iloc[(df.t - length // 2).abs().argmin()]
+        finish(r, results, {"remembrance": df},
+               {"effrem_at_half_T": {"t": int(half.t), "effrem": float(half.effrem)}})
+    if "positionwise" not in have:
+        r = run("perplexity", {"buckets": o["buckets"], "scale": "log"})
+        with progress(n_tokens, f"loss over {length} tokens") as advance:
+            df = positionwise(r.model, sequences, buckets=o["buckets"], chunk=o["chunk"], progress=advance)
+        loss = in_context_loss(df, tl)
+        finish(r, results, {"positionwise": df},
+               {"in_context_loss": loss, "length_generalizes_to": in_context_length(df, loss)})
+    if "state_stats" not in have:
+        r = run("states", {"stride": stride, "k": 2.0})
+        with progress(n_tokens, f"states L={length}") as advance:
+            stats = state_stats(r.model, sequences, positions=stride, chunk=o["chunk"], progress=advance)
+        heads = collapse(stats, tl)
+        finish(r, results, {"state_stats": stats, "collapse": heads},
+               {"collapsed_heads": int(heads.collapsed.sum()), "heads": len(heads)})
+    if "decay" not in have:
+        r = run("decay", {"buckets": o["buckets"], "scale": "log"})
+        with progress(n_tokens, f"decay L={length}") as advance:
+            df = decay_analysis(r.model, sequences, buckets=o["buckets"], chunk=o["chunk"], progress=advance)
+        finish(r, results, {"decay": df}, {})
+    if "coverage" not in have:
+        r = run("coverage", {"stride": stride, "buckets": 8, "regime": "zero"})
+        try:
+            with progress(n_tokens, f"coverage L={length}") as advance:
+                per_head, per_bucket, found = coverage_analysis(r.model, sequences, train_len=tl, stride=stride,
+                                                                chunk=o["chunk"], seed=o["seed"], progress=advance)
+        except (CoverageInputError, ValueError) as e:
+            raise BadInput(f"--num-seqs/--stride/--length (coverage): {e}") from None
+        finish(r, results, {"coverage": per_head, "coverage_buckets": per_bucket},
+               {k: None if isinstance(v, float) and v != v else v for k, v in found.items()})  # JSON has no NaN
+    return results, tl
+
+
+def finish(run, results, tables: dict, found: dict) -> None:
+    """Writes one command's outputs as the command does, and adds them to ``results``."""
+    import json
+
+    written = run.finish(tables, results=found)
+    results.tables.update(tables)
+    manifest = next(p for p in written if p.name == "run.json")
+    results.manifests[run.command] = json.loads(manifest.read_text())

@@ -1,0 +1,302 @@
+"""The HTML report: one self-contained file per run, for one checkpoint or two side by side.
+
+Start with :func:`render`. The pieces, all pure except :func:`write_report`::
+
+    results = load_results("runs/")          # the CSVs and run.json files the commands wrote
+    v = verdicts(results, train_len=2048)     # the headline numbers of one checkpoint
+    lines = comparison(v_base, v_post)        # the differences of two checkpoints, in words
+    html = render([base, post], ["base", "post"])
+    write_report(html, "report/")             # report/index.html, written atomically
+
+The page holds no external reference: figures are PNG ``data:`` URIs, the CSS is inline, and a
+Content-Security-Policy meta tag forbids everything else. Every string shown goes through jinja2's
+autoescaping (the template is ``templates/report.html.j2``). The report only assembles DataFrames
+and the figures of :mod:`statelens.reports.figures`; it computes nothing but the verdict numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from statelens.analysis.positionwise import in_context_length, in_context_loss
+from statelens.errors import BadInput
+from statelens.outputs import atomic_write
+
+#: Table name -> the command that writes it (its output folder under a ``--from`` directory).
+TABLES = {
+    "remembrance": "remembrance",
+    "positionwise": "perplexity",
+    "state_stats": "states",
+    "collapse": "states",
+    "decay": "decay",
+    "coverage": "coverage",
+    "coverage_buckets": "coverage",
+}
+#: Rows of a table shown in the page; the rest is in the CSV.
+MAX_ROWS = 50
+#: A bucket length-generalizes when its loss stays within this factor of the in-context loss.
+#: Collapsed heads named in a summary card.
+TOP_HEADS = 5
+
+
+@dataclass
+class Results:
+    """One checkpoint's outputs: tables by name (keys of :data:`TABLES`; missing ones absent) and the
+    run manifests (run.json) by command."""
+
+    folder: Path | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    manifests: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> dict:
+        """The ``checkpoint`` entry of the first manifest that has one ({} if none)."""
+        return next((m["checkpoint"] for m in self.manifests.values() if isinstance(m.get("checkpoint"), dict)), {})
+
+    @property
+    def train_len(self) -> int | None:
+        return next((int(m["train_len"]) for m in self.manifests.values() if m.get("train_len")), None)
+
+
+def load_results(folder: str | Path) -> Results:
+    """Reads the outputs of one checkpoint from ``folder``: either the command folders (``folder/perplexity/
+    positionwise.csv``, ...) or the files themselves (``folder/positionwise.csv``). Missing pieces are
+    allowed; a folder holding none of the known CSVs raises :class:`BadInput`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInput(f"--from {folder}: not a directory")
+    results = Results(folder=folder)
+    for name, command in TABLES.items():
+        for path in (folder / command / f"{name}.csv", folder / f"{name}.csv"):
+            if path.is_file():
+                try:
+                    results.tables[name] = pd.read_csv(path)
+                except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+                    raise BadInput(f"--from {folder}: {path.name} is not a readable CSV ({e})") from None
+                break
+    if not results.tables:
+        raise BadInput(f"--from {folder}: holds none of {', '.join(f'{n}.csv' for n in TABLES)} "
+                       "(directly or in a command's folder)")
+    for path in [folder / "run.json", *sorted(folder.glob("*/run.json"))]:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a manifest is context, not data: an unreadable one is left out
+        if isinstance(manifest, dict):
+            results.manifests.setdefault(str(manifest.get("command", path.parent.name)), manifest)
+    return results
+
+
+# --- verdicts ---------------------------------------------------------------------------------------
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def verdicts(results: Results, train_len: int) -> dict:
+    """The headline numbers of one checkpoint; a key is None when its table is missing.
+
+    Keys: arch, parameters, state_size, train_len; in_context_loss, generalizes_to (see
+    :func:`in_context_length`), final_bucket ``(pos_start, pos_end)`` and final_loss (the last
+    position bucket); collapsed_heads, heads, top_heads (up to 5 dicts layer, head, statistic, ratio);
+    effrem_half ``{"t", "T", "effrem"}`` (the t nearest T // 2); oos_beyond (mean of
+    coverage_buckets.oos_fraction: the buckets all lie past the training length).
+    """
+    ckpt = results.checkpoint
+    out = {"arch": ckpt.get("arch"), "parameters": ckpt.get("parameters"), "state_size": ckpt.get("state_size"),
+           "train_len": train_len, "in_context_loss": None, "generalizes_to": None, "final_bucket": None,
+           "final_loss": None, "collapsed_heads": None, "heads": None, "top_heads": [], "effrem_half": None,
+           "oos_beyond": None}
+    pw = results.tables.get("positionwise")
+    if pw is not None and len(pw):
+        pw = pw.sort_values("pos_start")
+        loss = in_context_loss(pw, train_len)
+        out["in_context_loss"] = _finite(loss)
+        out["generalizes_to"] = in_context_length(pw, loss) if math.isfinite(loss) else None
+        last = pw.iloc[-1]
+        out["final_bucket"] = (int(last.pos_start), int(last.pos_end))
+        out["final_loss"] = _finite(last.loss)
+    heads = results.tables.get("collapse")
+    if heads is not None:
+        flagged = heads[heads.collapsed.astype(str).str.lower() == "true"]
+        out["collapsed_heads"], out["heads"] = len(flagged), len(heads)
+        out["top_heads"] = [{"layer": int(r.layer), "head": int(r.head), "statistic": str(r.statistic),
+                             "ratio": float(r.ratio)} for r in flagged.head(TOP_HEADS).itertuples()]
+    rem = results.tables.get("remembrance")
+    if rem is not None and len(rem):
+        T = int(rem["T"].max())
+        rows = rem[rem["T"] == T]
+        half = rows.iloc[int((rows.t - T // 2).abs().to_numpy().argmin())]
+        out["effrem_half"] = {"t": int(half.t), "T": T, "effrem": float(half.effrem)}
+    buckets = results.tables.get("coverage_buckets")
+    if buckets is not None and len(buckets):
+        out["oos_beyond"] = _finite(buckets.oos_fraction.mean())
+    return out
+
+
+def _num(x: float | None) -> str:
+    """A number as the report prints it: 4 significant digits."""
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def verdict_lines(v: dict) -> list[str]:
+    """The verdicts of one checkpoint as sentences."""
+    lines = []
+    if v["generalizes_to"] is not None:
+        lines.append(f"length-generalizes to position {v['generalizes_to']} (training length {v['train_len']}; "
+                     f"buckets within 10% of the in-context loss {_num(v['in_context_loss'])})")
+    if v["final_loss"] is not None:
+        start, end = v["final_bucket"]
+        lines.append(f"loss at positions [{start}, {end}): {_num(v['final_loss'])}")
+    if v["collapsed_heads"] is not None:
+        top = ", ".join(f"L{h['layer']}H{h['head']} ({h['statistic']} x {_num(h['ratio'])})" for h in v["top_heads"])
+        lines.append(f"collapsed heads: {v['collapsed_heads']} of {v['heads']}" + (f"; top: {top}" if top else ""))
+    if v["effrem_half"] is not None:
+        e = v["effrem_half"]
+        lines.append(f"EffRem at t = {e['t']} (T/2, T = {e['T']}): {_num(e['effrem'])}")
+    if v["oos_beyond"] is not None:
+        lines.append(f"out-of-support fraction beyond the training length: {_num(v['oos_beyond'])}")
+    return lines
+
+
+def _change(a: float | None, b: float | None) -> str:
+    text = f"{_num(a)} -> {_num(b)}"
+    if a is not None and b is not None and a != 0:
+        text += f" ({(b - a) / abs(a) * 100:+.0f}%)"
+    return text
+
+
+def comparison(a: dict, b: dict) -> list[str]:
+    """The differences between two checkpoints' :func:`verdicts`, in words with numbers, e.g.
+    ``"loss at positions [8192, 16384): 3.91 -> 2.12 (-46%)"``. Only what both have is compared."""
+    lines = []
+    if a["final_loss"] is not None and b["final_loss"] is not None:
+        where = (f"positions [{a['final_bucket'][0]}, {a['final_bucket'][1]})" if a["final_bucket"] == b["final_bucket"]
+                 else f"the last bucket ([{a['final_bucket'][0]}, {a['final_bucket'][1]}) vs "
+                      f"[{b['final_bucket'][0]}, {b['final_bucket'][1]}))")
+        lines.append(f"loss at {where}: {_change(a['final_loss'], b['final_loss'])}")
+    if a["in_context_loss"] is not None and b["in_context_loss"] is not None:
+        lines.append(f"in-context loss: {_change(a['in_context_loss'], b['in_context_loss'])}")
+    if a["generalizes_to"] is not None and b["generalizes_to"] is not None:
+        lines.append(f"length-generalizes to position: {a['generalizes_to']} -> {b['generalizes_to']}")
+    if a["collapsed_heads"] is not None and b["collapsed_heads"] is not None:
+        lines.append(f"collapsed heads: {a['collapsed_heads']} -> {b['collapsed_heads']}")
+    if a["effrem_half"] is not None and b["effrem_half"] is not None:
+        lines.append(f"EffRem at T/2: {_num(a['effrem_half']['effrem'])} -> {_num(b['effrem_half']['effrem'])}")
+    if a["oos_beyond"] is not None and b["oos_beyond"] is not None:
+        lines.append(f"out-of-support beyond training length: {_num(a['oos_beyond'])} -> {_num(b['oos_beyond'])}")
+    return lines
+
+
+# --- figures ----------------------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    """A figure as a ``data:image/png;base64,...`` URI."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figures(results_list: list[Results], labels: list[str], train_lens: list[int]) -> list[dict]:
+    """Every figure whose table some checkpoint has, each checkpoint overlaid (heatmaps side by side),
+    with the tables it was drawn from: ``{"id", "title", "image", "tables": [(label, table), ...]}``."""
+    from matplotlib.figure import Figure
+
+    from statelens.reports import figures as F
+
+    colors = F.checkpoint_colors(labels)
+    train_len = train_lens[0] if len(set(train_lens)) == 1 else None  # one dashed line only when shared
+    specs = [("perplexity", "Loss by position", ["positionwise"]),
+             ("remembrance", "Effective Remembrance", ["remembrance"]),
+             ("state-norm", "State norm and collapse", ["state_stats", "collapse"]),
+             ("state-std", "State standard deviation", ["state_stats"]),
+             ("decay", "Decay: retention and memory horizon", ["decay"]),
+             ("coverage", "Coverage: states outside the training support", ["coverage", "coverage_buckets"])]
+    shown = []
+    for fig_id, title, names in specs:
+        have = [(r, lab) for r, lab in zip(results_list, labels) if names[0] in r.tables]
+        if not have:
+            continue
+        n = len(have)
+        if fig_id == "state-norm":  # heatmaps cannot overlay: one per checkpoint, then the shared lines panel
+            fig = Figure(figsize=(6.4 * (n + 1), 4.4), layout="constrained")
+            axes = fig.subplots(1, n + 1)
+            for i, (r, lab) in enumerate(have):
+                F.state_norm_figure(r.tables["state_stats"], r.tables.get("collapse"), train_len, label=lab,
+                                    color=colors[lab], ax=(axes[i], axes[n]))
+        else:
+            double = fig_id == "decay"
+            fig = Figure(figsize=(12.8, 4.4) if double else (6.4, 4.2), layout="constrained")
+            ax = fig.subplots(1, 2) if double else fig.add_subplot()
+            draw = {"perplexity": lambda df, **kw: F.perplexity_figure(df, train_len, **kw),
+                    "remembrance": F.remembrance_figure,
+                    "state-std": lambda df, **kw: F.state_std_figure(df, train_len, **kw),
+                    "decay": lambda df, **kw: F.decay_figure(df, train_len, **kw),
+                    "coverage": lambda df, **kw: F.coverage_figure(df, train_len, **kw)}[fig_id]
+            for r, lab in have:
+                draw(r.tables[names[0]], label=lab, color=colors[lab], ax=ax)
+        tables = [(f"{lab}: {name}.csv", _table(r.tables[name])) for r, lab in have for name in names
+                  if name in r.tables]
+        shown.append({"id": fig_id, "title": title, "image": _png(fig), "tables": tables})
+    return shown
+
+
+def _table(df: pd.DataFrame) -> dict:
+    """``{"columns", "rows", "total"}``: the first :data:`MAX_ROWS` rows, numbers formatted."""
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.6g}"
+        return str(v)
+
+    head = df.head(MAX_ROWS)
+    return {"columns": [str(c) for c in df.columns], "rows": [[cell(v) for v in row] for row in head.itertuples(index=False)],
+            "total": len(df)}
+
+
+# --- the page ---------------------------------------------------------------------------------------
+
+
+def render(results_list: list[Results], labels: list[str], train_lens: list[int] | None = None) -> str:
+    """The report page for one or two (or more) checkpoints. ``train_lens`` default: each checkpoint's
+    manifests, else 2048. With two, the comparison section states the second against the first."""
+    from jinja2 import Environment
+
+    if len(results_list) != len(labels):
+        raise ValueError(f"{len(results_list)} results but {len(labels)} labels")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must differ: {labels}")
+    from statelens.reports.figures import checkpoint_colors
+
+    train_lens = train_lens or [r.train_len or 2048 for r in results_list]
+    colors = checkpoint_colors(labels)
+    cards = []
+    for r, lab, tl in zip(results_list, labels, train_lens):
+        v = verdicts(r, tl)
+        rgb = ", ".join(str(round(255 * c)) for c in colors[lab])
+        cards.append({"label": lab, "v": v, "lines": verdict_lines(v), "color": f"rgb({rgb})",
+                      "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
+    compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
+    template = (resources.files("statelens.reports") / "templates" / "report.html.j2").read_text(encoding="utf-8")
+    env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(
+        labels=labels, cards=cards, comparison=compared, figures=_figures(results_list, labels, train_lens),
+        max_rows=MAX_ROWS)
+
+
+def write_report(html: str, out_dir: str | Path) -> Path:
+    """Writes ``out_dir/index.html`` atomically (creating the folder); returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out_dir / "index.html", lambda f: Path(f).write_text(html, encoding="utf-8"))

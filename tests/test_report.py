@@ -1,0 +1,253 @@
+"""The HTML report: one self-contained, escaped page whose numbers equal those computed from the CSVs."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+
+from conftest import hf_mamba2
+from statelens.cli import report as report_cli
+from statelens.errors import BadInput
+from statelens.reports.html import comparison, load_results, verdicts
+
+EVIL = "<script>alert(1)</script>\"'&"
+EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&#39;&amp;"
+SMALL = ["--train-len", "32", "--length", "128", "--num-seqs", "2", "--buckets", "8"]
+FIGURES = ["perplexity", "remembrance", "state-norm", "state-std", "decay", "coverage"]
+
+
+def cli(*args) -> None:
+    """Runs the two commands as `statelens` would (registered on a bare app: cli/main.py wires them)."""
+    app = typer.Typer()
+    app.command("report")(report_cli.report)
+    app.command("compare")(report_cli.compare)
+    app([str(a) for a in args], standalone_mode=False)
+
+
+class Page(HTMLParser):
+    """Every tag with its attributes, and the text of the page."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def ids(self) -> set[str]:
+        return {a["id"] for _, a in self.tags if "id" in a}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    hf_mamba2(root / "base", vocab=256, seed=0)  # vocab >= 256: text is tokenized as bytes
+    hf_mamba2(root / "post", vocab=256, seed=1)
+    text = root / "docs.txt"
+    text.write_text(" ".join(f"word{i % 97} and some more text number {i}." for i in range(200)))
+    return root / "base", root / "post", text
+
+
+@pytest.fixture(scope="module")
+def compared(ckpts, tmp_path_factory):
+    """`statelens compare base post --label base --label EVIL` over text data: the page and its folder."""
+    base, post, text = ckpts
+    out = tmp_path_factory.mktemp("compare")
+    cli("compare", base, post, "--label", "base", "--label", EVIL, "--data", text, *SMALL, "--out", out)
+    return out, (out / "index.html").read_text(encoding="utf-8")
+
+
+def folders(out: Path) -> tuple[Path, Path]:
+    base, post = sorted(p for p in out.iterdir() if p.is_dir())
+    return base, post
+
+
+def expected_verdicts(folder: Path, train_len: int) -> dict:
+    """The verdict numbers recomputed from the CSVs with pandas, independently of reports.html."""
+    pw = pd.read_csv(folder / "perplexity" / "positionwise.csv")
+    inside = pw[pw.pos_end <= train_len]
+    in_context = np.average(inside.loss, weights=inside.n_tokens)
+    ok = (pw.loss <= 1.1 * in_context).to_numpy()
+    run = int(np.cumprod(ok).sum())  # length of the leading run of buckets within 10%
+    generalizes = int(pw.pos_end.iloc[run - 1]) if run else 0
+    heads = pd.read_csv(folder / "states" / "collapse.csv")
+    rem = pd.read_csv(folder / "remembrance" / "remembrance.csv")
+    T = int(rem["T"].iloc[0])
+    half = rem.loc[(rem.t - T / 2).abs().idxmin()]
+    oos = pd.read_csv(folder / "coverage" / "coverage_buckets.csv").oos_fraction.mean()
+    return {"in_context": in_context, "generalizes": generalizes, "final": pw.loss.iloc[-1],
+            "bucket": (int(pw.pos_start.iloc[-1]), int(pw.pos_end.iloc[-1])),
+            "collapsed": int(heads.collapsed.sum()), "heads": len(heads), "half": half, "T": T, "oos": oos}
+
+
+def test_page_parses_and_holds_every_section(compared):
+    out, html = compared
+    page = Page(html)
+    ids = page.ids()
+    assert {"summary", "comparison", "manifests"} | {f"fig-{f}" for f in FIGURES} <= ids
+    images = [a for t, a in page.tags if t == "img"]
+    assert len(images) == len(FIGURES)
+    # every figure comes with its tables, per checkpoint (state_stats under both state figures)
+    shown = ["positionwise", "remembrance", "state_stats", "collapse", "state_stats", "decay", "coverage",
+             "coverage_buckets"]
+    assert sum(t == "table" for t, _ in page.tags) == 2 * len(shown)
+    csp = [a for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp and csp[0]["content"] == "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    text = "".join(page.text)
+    for command in ("remembrance", "perplexity", "states", "decay", "coverage"):
+        assert f"{command}/run.json" in text
+        assert (folders(out)[0] / command / "run.json").is_file()
+    # the truncation note appears exactly for the tables longer than 50 rows
+    long_tables = sum(len(pd.read_csv(next(folder.glob(f"*/{name}.csv")))) > 50
+                      for folder in folders(out) for name in shown)
+    assert long_tables > 0 and html.count("showing the first 50 of") == long_tables
+
+
+def test_nothing_points_outside_the_file(compared):
+    _, html = compared
+    page = Page(html)
+    refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href", "srcset", "action", "poster")]
+    assert refs and all(v.startswith(("data:", "#")) for v in refs), [v[:40] for v in refs]
+    anchors = {v[1:] for v in refs if v.startswith("#")}
+    assert anchors <= page.ids()
+    assert not any(t in ("script", "link", "iframe", "object", "embed") for t, _ in page.tags)
+    assert "url(" not in html and "@import" not in html
+
+
+def test_labels_are_escaped(compared):
+    _, html = compared
+    assert "<script>alert(1)" not in html
+    assert EVIL_ESCAPED in html
+    assert html.count(EVIL_ESCAPED) >= 3  # title, card, comparison heading
+    assert not any(t == "script" for t, _ in Page(html).tags)
+
+
+def test_verdicts_equal_the_csvs(compared):
+    out, html = compared
+    for folder in folders(out):
+        e = expected_verdicts(folder, 32)
+        assert (f"length-generalizes to position {e['generalizes']} (training length 32; buckets within 10% of "
+                f"the in-context loss {e['in_context']:.4g})") in html
+        assert f"loss at positions [{e['bucket'][0]}, {e['bucket'][1]}): {e['final']:.4g}" in html
+        assert f"collapsed heads: {e['collapsed']} of {e['heads']}" in html
+        assert f"EffRem at t = {int(e['half'].t)} (T/2, T = {e['T']}): {e['half'].effrem:.4g}" in html
+        assert f"out-of-support fraction beyond the training length: {e['oos']:.4g}" in html
+        # the numbers the perplexity run wrote into its own manifest agree too
+        manifest = load_results(folder).manifests["perplexity"]
+        assert manifest["results"]["length_generalizes_to"] == e["generalizes"]
+        assert manifest["results"]["in_context_loss"] == pytest.approx(e["in_context"], rel=1e-9)
+        assert manifest["checkpoint"]["arch"] == "mamba2" and f"{manifest['checkpoint']['parameters']:,}" in html
+
+
+def test_comparison_states_the_changes(compared):
+    out, html = compared
+    a, b = (expected_verdicts(f, 32) for f in folders(out))
+    pct = (b["final"] - a["final"]) / a["final"] * 100
+    expected = [f"loss at positions [{a['bucket'][0]}, {a['bucket'][1]}): {a['final']:.4g} -> {b['final']:.4g} "
+                f"({pct:+.0f}%)",
+                f"collapsed heads: {a['collapsed']} -> {b['collapsed']}",
+                f"EffRem at T/2: {a['half'].effrem:.4g} -> {b['half'].effrem:.4g}",
+                f"out-of-support beyond training length: {a['oos']:.4g} -> {b['oos']:.4g}"]
+    lines = comparison(*(verdicts(load_results(f), 32) for f in folders(out)))
+    for line in expected:
+        assert line in lines
+        assert line.replace("->", "-&gt;") in html
+
+
+def test_report_from_reuses_outputs_and_recomputes_nothing(compared, tmp_path):
+    out, html = compared
+    base, post = folders(out)
+    flat = tmp_path / "flat"  # the flat layout: the CSVs themselves in one folder
+    flat.mkdir()
+    for csv in post.glob("*/*.csv"):
+        shutil.copy(csv, flat / csv.name)
+    again = tmp_path / "again"
+    cli("report", "--from", base, "--from", flat, "--label", "base", "--label", EVIL, "--train-len", "32",
+        "--out", again)
+    assert [p.name for p in again.iterdir()] == ["index.html"]  # nothing computed, nothing written
+    second = (again / "index.html").read_text(encoding="utf-8")
+    first_lines = [li for li in html.split("\n") if li.startswith("<li>")]
+    assert first_lines == [li for li in second.split("\n") if li.startswith("<li>")]
+    assert {f"fig-{f}" for f in FIGURES} <= Page(second).ids()
+
+
+def test_report_computes_only_what_is_missing(ckpts, compared, tmp_path):
+    base_ckpt, _, text = ckpts
+    partial = tmp_path / "partial"
+    shutil.copytree(folders(compared[0])[0] / "perplexity", partial / "perplexity")
+    out = tmp_path / "one"
+    cli("report", "--ckpt", base_ckpt, "--from", partial, "--label", "solo", "--data", text, *SMALL, "--out", out)
+    made = out / "1-solo"
+    assert not (made / "perplexity").exists()
+    assert {p.name for p in made.iterdir()} == {"remembrance", "states", "decay", "coverage"}
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "comparison" not in Page(html).ids()  # one checkpoint: no comparison
+    # same checkpoint, data and settings: the recomputed collapse table equals the compare run's
+    pd.testing.assert_frame_equal(pd.read_csv(made / "states" / "collapse.csv"),
+                                  pd.read_csv(folders(compared[0])[0] / "states" / "collapse.csv"))
+
+
+def test_bad_input_is_one_line(ckpts, tmp_path):
+    base, post, _ = ckpts
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no tables here")
+    cases = [(["report", "--ckpt", base, "--ckpt", post, "--label", "only-one"], "--label given 1 times"),
+             (["report", "--from", empty], "holds none of"),
+             (["report", "--from", tmp_path / "missing"], "not a directory"),
+             (["compare", base, post, "--label", "x", "--label", "x"], "must differ")]
+    for args, message in cases:
+        with pytest.raises(BadInput) as info:
+            cli(*args, "--out", tmp_path / "out")
+        assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+# --- the browser test -------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium")
+
+
+def screenshot(page: Path, png: Path, profile: Path) -> list[str]:
+    """Renders ``page`` in headless Chromium into ``png``; returns the console errors it logged about it."""
+    log = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", f"--screenshot={png}", "--window-size=1200,2000",
+         "--enable-logging=stderr", "--v=0", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=60).stderr
+    # The page holds no script, so any console message about it is a problem (a CSP violation is logged
+    # as "Refused to ..." or "... violates the following Content Security Policy ...").
+    return [line for line in log.splitlines()
+            if ("CONSOLE" in line and page.name in line) or "Uncaught" in line or "Refused to" in line]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_page_renders_in_a_browser_without_errors(compared, tmp_path):
+    import matplotlib.image
+
+    out, _ = compared
+    png = tmp_path / "page.png"
+    errors = screenshot(out / "index.html", png, tmp_path / "profile")
+    assert errors == []
+    pixels = matplotlib.image.imread(png)[..., :3]
+    colours = np.unique((pixels.reshape(-1, 3) * 255).round().astype(np.uint8), axis=0)
+    assert pixels.shape[:2] == (2000, 1200) and len(colours) > 50
+
+    # the check can fail: a page breaking the same policy logs errors
+    bad = tmp_path / "bad.html"
+    bad.write_text((out / "index.html").read_text(encoding="utf-8").replace(
+        "</body>", "<script>document.title = 1</script><img src='https://example.invalid/x.png'></body>"))
+    assert len(screenshot(bad, tmp_path / "bad.png", tmp_path / "profile2")) >= 2
