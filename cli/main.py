@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, coverage, decay, perplexity, remembrance, report, states
+from statelens.cli import check, coverage, decay, perplexity, remembrance, report, states, tasks
 
 app = typer.Typer(
     name="statelens",
@@ -24,6 +24,9 @@ app.command("decay")(decay.decay)
 app.command("coverage")(coverage.coverage)
 app.command("report")(report.report)
 app.command("compare")(report.compare)
+app.command("passkey")(tasks.passkey)
+app.command("copying")(tasks.copying)
+app.command("babilong")(tasks.babilong)
 
 
 @app.callback()

@@ -1,0 +1,52 @@
+"""Synthetic copying: a random token string, a separator, then the model must repeat the string.
+
+The string's ids are drawn uniformly from ``0 .. vocab_size - 2``; the separator is the last id,
+``vocab_size - 1``, which never occurs in the string. The model greedy-decodes ``n`` tokens after the
+separator; token accuracy is the fraction of positions equal to the string.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from statelens.models.base import RecurrentLM
+from statelens.tasks import tasks
+from statelens.tasks.decode import greedy_continue
+
+COLUMNS = ["n", "accuracy", "n_samples"]
+
+
+def separator(vocab_size: int) -> int:
+    """The separator id: the last id of the vocabulary."""
+    return vocab_size - 1
+
+
+def make_copy(vocab_size: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt [n + 1] = string then separator, target [n] = the string), int64; deterministic for ``seed``."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    target = np.random.default_rng(seed).integers(0, vocab_size - 1, size=n, dtype=np.int64)
+    return np.append(target, separator(vocab_size)), target
+
+
+@tasks.register("copying")
+def copying(model: RecurrentLM, lengths: Sequence[int], *, samples: int = 4, seed: int = 0, chunk: int = 2048,
+            progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """Copying accuracy per string length.
+
+    Columns: ``n`` (string length in tokens), ``accuracy`` (fraction of the ``n * n_samples`` copied
+    tokens that are right), ``n_samples`` (strings). ``vocab_size`` is the model's.
+    """
+    vocab = model.config.vocab_size
+    seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=samples)
+    rows = []
+    for n in lengths:
+        built = [make_copy(vocab, n, int(s)) for s in seeds]
+        targets = np.stack([t for _, t in built])                    # [samples, n]
+        copied = greedy_continue(model, np.stack([p for p, _ in built]), n, chunk=chunk)
+        rows.append((n, float((copied == targets).mean()), samples))
+        if progress is not None:
+            progress(samples * 2 * n)
+    return pd.DataFrame(rows, columns=COLUMNS)
