@@ -41,6 +41,8 @@ TABLES = {
     "coverage": "coverage",
     "coverage_buckets": "coverage",
 }
+#: The long-context task tables (``statelens passkey|copying|babilong``): name -> the command's folder.
+TASK_TABLES = {"passkey": "passkey", "copying": "copying", "babilong": "babilong"}
 #: Rows of a table shown in the page; the rest is in the CSV.
 MAX_ROWS = 50
 #: A bucket length-generalizes when its loss stays within this factor of the in-context loss.
@@ -75,7 +77,7 @@ def load_results(folder: str | Path) -> Results:
     if not folder.is_dir():
         raise BadInput(f"--from {folder}: not a directory")
     results = Results(folder=folder)
-    for name, command in TABLES.items():
+    for name, command in {**TABLES, **TASK_TABLES}.items():
         for path in (folder / command / f"{name}.csv", folder / f"{name}.csv"):
             if path.is_file():
                 try:
@@ -84,7 +86,7 @@ def load_results(folder: str | Path) -> Results:
                     raise BadInput(f"--from {folder}: {path.name} is not a readable CSV ({e})") from None
                 break
     if not results.tables:
-        raise BadInput(f"--from {folder}: holds none of {', '.join(f'{n}.csv' for n in TABLES)} "
+        raise BadInput(f"--from {folder}: holds none of {', '.join(f'{n}.csv' for n in {**TABLES, **TASK_TABLES})} "
                        "(directly or in a command's folder)")
     for path in [folder / "run.json", *sorted(folder.glob("*/run.json"))]:
         try:
@@ -111,13 +113,31 @@ def verdicts(results: Results, train_len: int) -> dict:
     :func:`in_context_length`), final_bucket ``(pos_start, pos_end)`` and final_loss (the last
     position bucket); collapsed_heads, heads, top_heads (up to 5 dicts layer, head, statistic, ratio);
     effrem_half ``{"t", "T", "effrem"}`` (the t nearest T // 2); oos_beyond (mean of
-    coverage_buckets.oos_fraction: the buckets all lie past the training length).
+    coverage_buckets.oos_fraction: the buckets all lie past the training length); passkey_capacity
+    (:func:`statelens.tasks.passkey.capacity`) and passkey_state_size (the passkey manifest's, else the
+    checkpoint's); copying ``{n: accuracy}`` and babilong ``{task: {length: accuracy}}`` (means over rows).
     """
     ckpt = results.checkpoint
     out = {"arch": ckpt.get("arch"), "parameters": ckpt.get("parameters"), "state_size": ckpt.get("state_size"),
            "train_len": train_len, "in_context_loss": None, "generalizes_to": None, "final_bucket": None,
            "final_loss": None, "collapsed_heads": None, "heads": None, "top_heads": [], "effrem_half": None,
-           "oos_beyond": None}
+           "oos_beyond": None, "passkey_capacity": None, "passkey_state_size": None, "copying": None,
+           "babilong": None}
+    pk = results.tables.get("passkey")
+    if pk is not None and len(pk):
+        from statelens.tasks.passkey import capacity
+
+        out["passkey_capacity"] = capacity(pk)
+        found = results.manifests.get("passkey", {}).get("results") or {}
+        size = found.get("state_size") if isinstance(found, dict) else None
+        out["passkey_state_size"] = size if size is not None else ckpt.get("state_size")
+    cp = results.tables.get("copying")
+    if cp is not None and len(cp):
+        out["copying"] = {int(n): float(a) for n, a in cp.groupby("n")["accuracy"].mean().items()}
+    bl = results.tables.get("babilong")
+    if bl is not None and len(bl):
+        out["babilong"] = {str(task): {int(length): float(a) for length, a in rows.groupby("length")["accuracy"].mean().items()}
+                           for task, rows in bl.groupby("task")}
     pw = results.tables.get("positionwise")
     if pw is not None and len(pw):
         pw = pw.sort_values("pos_start")
@@ -167,6 +187,10 @@ def verdict_lines(v: dict) -> list[str]:
         lines.append(f"EffRem at t = {e['t']} (T/2, T = {e['T']}): {_num(e['effrem'])}")
     if v["oos_beyond"] is not None:
         lines.append(f"out-of-support fraction beyond the training length: {_num(v['oos_beyond'])}")
+    if v.get("passkey_capacity") is not None:
+        size = v["passkey_state_size"]
+        lines.append(f"passkey capacity: {v['passkey_capacity']} tokens (state size "
+                     f"{'n/a' if size is None else size} numbers)")
     return lines
 
 
@@ -196,6 +220,20 @@ def comparison(a: dict, b: dict) -> list[str]:
         lines.append(f"EffRem at T/2: {_num(a['effrem_half']['effrem'])} -> {_num(b['effrem_half']['effrem'])}")
     if a["oos_beyond"] is not None and b["oos_beyond"] is not None:
         lines.append(f"out-of-support beyond training length: {_num(a['oos_beyond'])} -> {_num(b['oos_beyond'])}")
+    if a.get("passkey_capacity") is not None and b.get("passkey_capacity") is not None:
+        lines.append(f"passkey capacity: {a['passkey_capacity']} -> {b['passkey_capacity']}")
+    if a.get("copying") and b.get("copying"):
+        common = set(a["copying"]) & set(b["copying"])
+        if common:
+            n = max(common)
+            lines.append(f"copying accuracy at n={n}: {_num(a['copying'][n])} -> {_num(b['copying'][n])}")
+    if a.get("babilong") and b.get("babilong"):
+        for task in sorted(set(a["babilong"]) & set(b["babilong"])):
+            common = set(a["babilong"][task]) & set(b["babilong"][task])
+            if common:
+                length = max(common)
+                lines.append(f"BABILong {task} at {length}: {_num(a['babilong'][task][length])} -> "
+                             f"{_num(b['babilong'][task][length])}")
     return lines
 
 
@@ -253,6 +291,48 @@ def _figures(results_list: list[Results], labels: list[str], train_lens: list[in
     return shown
 
 
+def _task_figures(results_list: list[Results], labels: list[str], train_lens: list[int]) -> list[dict]:
+    """The long-context task figures, like :func:`_figures`: the passkey heatmap of each checkpoint side by
+    side, copying accuracy by string length and BABILong accuracy by context length overlaid."""
+    from matplotlib.figure import Figure
+
+    from statelens.reports import figures as F
+
+    colors = F.checkpoint_colors(labels)
+    train_len = train_lens[0] if len(set(train_lens)) == 1 else None
+    specs = [("passkey", "Passkey retrieval", "length"), ("copying", "Copying", "n"),
+             ("babilong", "BABILong", "length")]
+    shown = []
+    for name, title, x in specs:
+        have = [(r.tables[name], lab) for r, lab in zip(results_list, labels) if name in r.tables]
+        if not have:
+            continue
+        if name == "passkey":  # heatmaps cannot overlay: one per checkpoint
+            fig = Figure(figsize=(6.4 * len(have), 4.6), layout="constrained")
+            axes = np.atleast_1d(fig.subplots(1, len(have)))
+            for ax, (df, lab) in zip(axes, have):
+                F.passkey_figure(df, train_len, label=lab, color=colors[lab], ax=ax)
+        else:
+            fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+            ax = fig.add_subplot()
+            styles = ["-", "--", ":", "-."]
+            for df, lab in have:
+                groups = df.groupby("task") if name == "babilong" else [(None, df)]
+                for i, (task, rows) in enumerate(groups):
+                    acc = rows.groupby(x)["accuracy"].mean()
+                    ax.plot(acc.index, acc.to_numpy(), marker="o", color=colors[lab], linestyle=styles[i % 4],
+                            label=lab if task is None else f"{lab}: {task}")
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("string length (tokens)" if name == "copying" else "context length (tokens)")
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{title} accuracy", fontsize="medium")
+            ax.legend(fontsize="small")
+        shown.append({"id": name, "title": title, "image": _png(fig),
+                      "tables": [(f"{lab}: {name}.csv", _table(df)) for df, lab in have]})
+    return shown
+
+
 def _table(df: pd.DataFrame) -> dict:
     """``{"columns", "rows", "total"}``: the first :data:`MAX_ROWS` rows, numbers formatted."""
     def cell(v):
@@ -292,7 +372,7 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(
         labels=labels, cards=cards, comparison=compared, figures=_figures(results_list, labels, train_lens),
-        max_rows=MAX_ROWS)
+        tasks=_task_figures(results_list, labels, train_lens), max_rows=MAX_ROWS)
 
 
 def write_report(html: str, out_dir: str | Path) -> Path:

@@ -251,3 +251,66 @@ def test_page_renders_in_a_browser_without_errors(compared, tmp_path):
     bad.write_text((out / "index.html").read_text(encoding="utf-8").replace(
         "</body>", "<script>document.title = 1</script><img src='https://example.invalid/x.png'></body>"))
     assert len(screenshot(bad, tmp_path / "bad.png", tmp_path / "profile2")) >= 2
+
+
+# --- the long-context tasks (synthetic CSVs: no model run) -----------------------------------------
+
+
+def task_folder(folder: Path, seed: int, *, flat: bool) -> Path:
+    """Writes passkey/copying/babilong CSVs (and a passkey run.json) as the task commands lay them out,
+    in their command folders or (``flat``) directly in ``folder``."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    lengths, depths = [256, 512, 1024, 2048], [0.0, 0.5, 1.0]
+    passkey = pd.DataFrame([{"length": L, "depth": d, "accuracy": float(np.clip(1.2 - L / 2048 + rng.normal(0, .1), 0, 1)),
+                             "n": 10} for L in lengths for d in depths])
+    copying = pd.DataFrame({"n": [16, 32, 64, 128], "accuracy": rng.uniform(0, 1, 4), "n_samples": 8})
+    babilong = pd.DataFrame([{"task": t, "length": L, "accuracy": rng.uniform(0, 1), "n": 20}
+                             for t in ("qa1", "qa2") for L in (1024, 2048, 4096)])
+    for name, df in (("passkey", passkey), ("copying", copying), ("babilong", babilong)):
+        where = folder if flat else folder / name
+        where.mkdir(parents=True, exist_ok=True)
+        df.to_csv(where / f"{name}.csv", index=False)
+    (folder if flat else folder / "passkey").joinpath("run.json").write_text(json.dumps(
+        {"command": "passkey", "checkpoint": {"arch": "mamba2", "state_size": 999},
+         "results": {"capacity": 0, "state_size": 4096 + seed}}))
+    return folder
+
+
+def test_task_results_make_a_section_card_lines_and_comparison(tmp_path):
+    from statelens.reports.html import render
+    from statelens.tasks.passkey import capacity
+
+    base, post = task_folder(tmp_path / "base", 0, flat=False), task_folder(tmp_path / "post", 1, flat=True)
+    results = [load_results(base), load_results(post)]
+    html = render(results, ["base", "post"], [1024, 1024])
+    page = Page(html)
+    assert {"tasks", "task-passkey", "task-copying", "task-babilong"} <= page.ids()
+    assert "Long-context tasks" in "".join(page.text)
+    assert len([a for t, a in page.tags if t == "img"]) == 3 and sum(t == "table" for t, _ in page.tags) == 6
+    frames = {}
+    for folder, seed, flat in ((base, 0, False), (post, 1, True)):
+        read = {name: pd.read_csv(folder / (f"{name}.csv" if flat else f"{name}/{name}.csv"))
+                for name in ("passkey", "copying", "babilong")}
+        frames[seed] = read
+        assert f"passkey capacity: {capacity(read['passkey'])} tokens (state size {4096 + seed} numbers)" in html
+    a, b = frames[0], frames[1]
+    n = max(set(a["copying"].n) & set(b["copying"].n))
+    acc = [f["copying"].set_index("n").accuracy[n] for f in (a, b)]
+    qa1 = [f["babilong"].query("task == 'qa1' and length == 4096").accuracy.iloc[0] for f in (a, b)]
+    expected = [f"passkey capacity: {capacity(a['passkey'])} -> {capacity(b['passkey'])}",
+                f"copying accuracy at n={n}: {acc[0]:.4g} -> {acc[1]:.4g}",
+                f"BABILong qa1 at 4096: {qa1[0]:.4g} -> {qa1[1]:.4g}"]
+    lines = comparison(*(verdicts(r, 1024) for r in results))
+    for line in expected:
+        assert line in lines and line.replace("->", "-&gt;") in html
+    # one checkpoint: the section still shows, with no comparison
+    solo = Page(render(results[:1], ["base"], [1024]))
+    assert "task-passkey" in solo.ids() and "comparison" not in solo.ids()
+
+
+def test_no_task_results_no_tasks_section(compared):
+    _, html = compared
+    assert not {"tasks", "task-passkey"} & Page(html).ids()
+    assert "Long-context tasks" not in html and "passkey capacity" not in html

@@ -1,0 +1,47 @@
+"""The examples run on tiny checkpoints, so they never rot; what they print or write is checked."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(script: str, *args, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_tiny_checkpoint_and_state_norms(tmp_path):
+    from statelens.models import load_checkpoint
+
+    run("tiny_checkpoint.py", tmp_path / "ckpt", cwd=tmp_path)
+    model = load_checkpoint(tmp_path / "ckpt").model
+    out = run("state_norms.py", tmp_path / "ckpt", "--length", 4096, "--chunk", 1024, cwd=tmp_path)
+    last = out.strip().splitlines()[-1].split()
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, size=4096)
+    with torch.no_grad():
+        _, state = model(torch.tensor(tokens)[None])
+    assert int(last[0]) == 4096
+    np.testing.assert_allclose([float(v) for v in last[1:]], [s[0].norm().item() for s in state.ssm], atol=1e-3)
+
+
+def test_quickstart_writes_its_figures(tmp_path):
+    out = run("quickstart.py", "--out", tmp_path / "qs", cwd=tmp_path)
+    assert "layer 0 state norm per head" in out
+    for name in ("remembrance", "states"):
+        assert (tmp_path / "qs" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_report_builds_a_report_for_two_checkpoints(tmp_path):
+    run("compare_report.py", "--out", tmp_path / "cr", cwd=tmp_path)
+    page = (tmp_path / "cr" / "index.html").read_text()
+    HTMLParser().feed(page)
+    assert "tiny-0" in page and "tiny-1" in page and "Comparison" in page
