@@ -75,7 +75,7 @@ class Run:
             "config": self.config,
             "checkpoint": {"path": str(self.ckpt.path.resolve()), "sha256": content_hash(self.ckpt.path),
                            "format": self.ckpt.format, "arch": model.arch, "parameters": model.num_parameters(),
-                           "n_layers": model.n_layers, "n_heads": model.n_heads,
+                           "n_layers": model.n_layers, "n_heads": model.n_heads, "vocab_size": model.config.vocab_size,
                            "state_size": model.zero_state(1, device="meta").numel_per_sequence()},
             "train_len": self.train_len,
             "train_len_source": self.train_len_source,
@@ -97,6 +97,7 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
 
     torch.manual_seed(seed)
     started = time.perf_counter()
+    check_writable(out or Path("runs") / command)
     loaded = load(ckpt, device, dtype)
     source = "--train-len"
     if train_len is None:
@@ -109,6 +110,20 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
               config | {"device": device, "dtype": dtype.value, "seed": seed}, started=started)
     run.lap("load")
     return run
+
+
+def check_writable(out: Path) -> None:
+    """Refuses an --out that cannot be written, before hours of computation would be lost to it."""
+    import os
+
+    from statelens.errors import BadInput
+
+    target = out.resolve()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise BadInput(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {existing} is not writable")
 
 
 def _train_len_from(meta: Path) -> int:

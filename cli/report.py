@@ -81,9 +81,11 @@ def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, op
     """Loads or computes each checkpoint's results, renders the page and writes it."""
     from rich.console import Console
 
+    from statelens.cli.common import check_writable
     from statelens.errors import BadInput
     from statelens.reports.html import load_results, render, write_report
 
+    check_writable(out)
     count = max(len(ckpts), len(froms))
     if count == 0:
         raise BadInput("give at least one --ckpt (or --from)")

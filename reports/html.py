@@ -119,6 +119,7 @@ def verdicts(results: Results, train_len: int) -> dict:
     """
     ckpt = results.checkpoint
     out = {"arch": ckpt.get("arch"), "parameters": ckpt.get("parameters"), "state_size": ckpt.get("state_size"),
+           "vocab_size": ckpt.get("vocab_size"),
            "train_len": train_len, "in_context_loss": None, "generalizes_to": None, "final_bucket": None,
            "final_loss": None, "collapsed_heads": None, "heads": None, "top_heads": [], "effrem_half": None,
            "oos_beyond": None, "passkey_capacity": None, "passkey_state_size": None, "copying": None,
@@ -205,6 +206,8 @@ def comparison(a: dict, b: dict) -> list[str]:
     """The differences between two checkpoints' :func:`verdicts`, in words with numbers, e.g.
     ``"loss at positions [8192, 16384): 3.91 -> 2.12 (-46%)"``. Only what both have is compared."""
     lines = []
+    if not losses_comparable(a, b):  # per token of different tokenizations: not comparable
+        a, b = ({**v, "final_loss": None, "in_context_loss": None} for v in (a, b))
     if a["final_loss"] is not None and b["final_loss"] is not None:
         where = (f"positions [{a['final_bucket'][0]}, {a['final_bucket'][1]})" if a["final_bucket"] == b["final_bucket"]
                  else f"the last bucket ([{a['final_bucket'][0]}, {a['final_bucket'][1]}) vs "
@@ -235,6 +238,27 @@ def comparison(a: dict, b: dict) -> list[str]:
                 lines.append(f"BABILong {task} at {length}: {_num(a['babilong'][task][length])} -> "
                              f"{_num(b['babilong'][task][length])}")
     return lines
+
+
+def losses_comparable(a: dict, b: dict) -> bool:
+    """Losses are per token: two checkpoints' losses compare only over the same vocabulary."""
+    return a.get("vocab_size") is None or b.get("vocab_size") is None or a["vocab_size"] == b["vocab_size"]
+
+
+def notes(results_list: list[Results], verdict_list: list[dict], labels: list[str]) -> list[str]:
+    """What the page does not show or compare, and why: missing analyses, different vocabularies."""
+    out = []
+    for r, lab in zip(results_list, labels):
+        absent = [f"{name}.csv" for name in TABLES if name not in r.tables]
+        if absent:
+            where = f" in {r.folder}" if r.folder else ""
+            out.append(f"{lab}: no {', '.join(absent)}{where}; those sections show what the other results hold")
+    if len(verdict_list) == 2 and not losses_comparable(*verdict_list):
+        a, b = verdict_list
+        out.append(f"the vocabularies differ ({a['vocab_size']} vs {b['vocab_size']} ids): losses and perplexities are "
+                   "per token of different tokenizations, so they are shown but not compared; EffRem, state "
+                   "statistics, collapse, decay and coverage are compared")
+    return out
 
 
 # --- figures ----------------------------------------------------------------------------------------
@@ -368,10 +392,11 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
         cards.append({"label": lab, "v": v, "lines": verdict_lines(v), "color": f"rgb({rgb})",
                       "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
     compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
+    caveats = notes(results_list, [c["v"] for c in cards], labels)
     template = (resources.files("statelens.reports") / "templates" / "report.html.j2").read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(
-        labels=labels, cards=cards, comparison=compared, figures=_figures(results_list, labels, train_lens),
+        labels=labels, cards=cards, comparison=compared, notes=caveats, figures=_figures(results_list, labels, train_lens),
         tasks=_task_figures(results_list, labels, train_lens), max_rows=MAX_ROWS)
 
 

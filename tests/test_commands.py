@@ -131,3 +131,13 @@ def test_training_length_from_the_checkpoint_metadata(content, needle, ckpt, tmp
         assert manifest["config"]["length"] == 4 * 96
     else:
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["perplexity", "report"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(command, ckpt, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(monkeypatch, capsys, command, "--ckpt", ckpt, "--train-len", 20, "--num-seqs", 1,
+                           "--out", blocker / "out")
+    assert code == 2 and "--out" in err and "not a directory" in err and len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a directory"

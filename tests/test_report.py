@@ -314,3 +314,29 @@ def test_no_task_results_no_tasks_section(compared):
     _, html = compared
     assert not {"tasks", "task-passkey"} & Page(html).ids()
     assert "Long-context tasks" not in html and "passkey capacity" not in html
+
+
+def test_different_vocabularies_are_compared_where_comparable():
+    """Losses over different vocabularies are per token of different tokenizations: shown, not compared."""
+    from statelens.reports.html import Results, comparison, notes, render, verdicts
+
+    def results(vocab: int, loss: float, oos: float) -> Results:
+        return Results(
+            tables={"positionwise": pd.DataFrame({"pos_start": [1, 64], "pos_end": [64, 256], "loss": [loss, loss + 1],
+                                                  "ppl": np.exp([loss, loss + 1]), "n_tokens": [63, 192]}),
+                    "coverage_buckets": pd.DataFrame({"pos_start": [65], "pos_end": [257], "oos_fraction": [oos],
+                                                      "loss": [loss], "loss_increase": [0.0]})},
+            manifests={"perplexity": {"checkpoint": {"vocab_size": vocab, "arch": "mamba2"}, "train_len": 64}})
+
+    a, b = results(64, 3.0, 0.5), results(256, 2.0, 0.1)
+    va, vb = verdicts(a, 64), verdicts(b, 64)
+    lines = comparison(va, vb)
+    assert not any(line.startswith(("loss at", "in-context loss")) for line in lines)
+    assert "out-of-support beyond training length: 0.5 -> 0.1" in lines
+    same = comparison(va, verdicts(results(64, 2.0, 0.1), 64))
+    assert any(line.startswith("loss at positions [64, 256): 4 -> 3 (-25%)") for line in same), same
+    said = notes([a, b], [va, vb], ["a", "b"])
+    assert any("vocabularies differ (64 vs 256 ids)" in n for n in said)
+    assert any(n.startswith("a: no remembrance.csv") for n in said)  # what is absent is named
+    page = render([a, b], ["a", "b"], [64, 64])
+    assert "vocabularies differ (64 vs 256 ids)" in page
