@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from statelens.cli.options import Ckpt, Device, DType, Dtype, Seed, load
+from statelens.cli.options import Backend, BackendName, Ckpt, Device, DType, Dtype, Seed, load
 
 
 def check(
@@ -14,6 +14,7 @@ def check(
     chunk: Annotated[int, typer.Option(help="Chunk length for the chunked run (best not dividing --length).",
                                        min=1)] = 37,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
 ) -> None:
@@ -24,12 +25,16 @@ def check(
 
     from statelens.models.verify import check_agreement
 
-    loaded = load(ckpt, device, dtype)
+    loaded = load(ckpt, device, dtype, backend)
     model = loaded.model
     out = Console(highlight=False)
     out.print(f"[bold]{loaded.path}[/] ({loaded.format} layout, {loaded.weights_kind} weights)")
-    out.print(f"architecture  {model.arch}, {model.n_layers} layers, d_model {model.config.d_model}, "
+    width = getattr(model.config, "d_model", None) or getattr(model.config, "hidden_size", "?")
+    kind = f" ({model.config.model_type} through transformers)" if model.arch == "hf" else ""
+    out.print(f"architecture  {model.arch}{kind}, {model.n_layers} recurrent layers, d_model {width}, "
               f"vocab {model.config.vocab_size}")
+    for note in getattr(model, "notes", []):
+        out.print(f"note          {note}")
     out.print(f"parameters    {model.num_parameters():,}")
     shapes = Table("layer", "ssm state", "conv state", "numbers", box=None, pad_edge=False)
     for i, s in enumerate(model.state_shapes()):

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from statelens.cli.options import DType, load
+from statelens.cli.options import BackendName, DType, load
 
 DEFAULT_TRAIN_LEN = 2048
 METADATA = "statelens.json"  # written next to a checkpoint by `statelens posttrain`
@@ -91,14 +91,14 @@ class Run:
 
 
 def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out: Path | None,
-          train_len: int | None, config: dict) -> Run:
+          train_len: int | None, config: dict, backend: BackendName = BackendName.native) -> Run:
     """Loads the checkpoint and settles the training length; nothing is written yet."""
     import torch
 
     torch.manual_seed(seed)
     started = time.perf_counter()
     check_writable(out or Path("runs") / command)
-    loaded = load(ckpt, device, dtype)
+    loaded = load(ckpt, device, dtype, backend)
     source = "--train-len"
     if train_len is None:
         meta = loaded.path / METADATA
@@ -107,7 +107,8 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
         else:
             train_len, source = DEFAULT_TRAIN_LEN, "assumed (pass --train-len)"
     run = Run(command, loaded, train_len, source, seed, out or Path("runs") / command,
-              config | {"device": device, "dtype": dtype.value, "seed": seed}, started=started)
+              config | {"device": device, "dtype": dtype.value, "seed": seed, "backend": backend.value},
+              started=started)
     run.lap("load")
     return run
 

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs, Out, Seed, TrainLen
+from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
+                                   Out, Seed, TrainLen)
 
 
 class Regime(str, Enum):
@@ -43,6 +44,7 @@ def coverage(
         case_sensitive=False)] = Regime.zero,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -58,7 +60,8 @@ def coverage(
     from statelens.errors import BadInput
     from statelens.reports.figures import coverage_figure
 
-    run = start("coverage", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=train_len,
+    run = start("coverage", ckpt=ckpt, device=device, dtype=dtype,
+                backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "stride": stride, "k_nn": k_nn,
                         "components": components, "projection_dim": projection_dim, "regime": regime.value,

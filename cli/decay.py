@@ -1,8 +1,8 @@
 """``statelens decay``: per-head decay alpha = exp(dt * A), its horizon and the retention of the initial state."""
 from __future__ import annotations
 
-from statelens.cli.options import (BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
-                                   Out, Scale, Seed, TrainLen)
+from statelens.cli.options import (Backend, BackendName, BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType,
+                                   Dtype, Length, NumSeqs, Out, Scale, Seed, TrainLen)
 
 
 def decay(
@@ -15,6 +15,7 @@ def decay(
     scale: BucketScale = Scale.log,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -27,7 +28,8 @@ def decay(
     from statelens.cli.common import progress, report, start
     from statelens.reports.figures import decay_figure
 
-    run = start("decay", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=train_len,
+    run = start("decay", ckpt=ckpt, device=device, dtype=dtype,
+                backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk})
     length = length or 4 * run.train_len

@@ -13,6 +13,14 @@ class DType(str, Enum):
     float64 = "float64"
 
 
+class BackendName(str, Enum):
+    native = "native"
+    hf = "hf"
+
+
+Backend = Annotated[BackendName, typer.Option(
+    "--backend", help="native: statelens' own exact implementation (mamba, mamba2); hf: run the checkpoint's own "
+                      "transformers modules (any local model whose cache holds only recurrent states).")]
 Ckpt = Annotated[Path, typer.Option("--ckpt", help="Checkpoint directory (mamba-ssm or Hugging Face layout).",
                                     show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda:0.")]
@@ -26,7 +34,7 @@ def torch_dtype(dtype: DType):
     return {DType.float32: torch.float32, DType.float64: torch.float64}[dtype]
 
 
-def load(ckpt: Path, device: str, dtype: DType):
+def load(ckpt: Path, device: str, dtype: DType, backend: BackendName = BackendName.native):
     """Loads a checkpoint for a command; a bad device is bad input."""
     import torch
 
@@ -39,6 +47,11 @@ def load(ckpt: Path, device: str, dtype: DType):
         raise BadInput(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
     if not usable:
         raise BadInput(f"--device {device}: the meta device holds no data; use cpu or cuda")
+    if backend == BackendName.hf:
+        from statelens.models import Checkpoint, load_hf_adapter
+
+        model = load_hf_adapter(ckpt, device=device, dtype=torch_dtype(dtype))
+        return Checkpoint(model, Path(ckpt), "hf", "transformers", model.config.to_dict())
     return load_checkpoint(ckpt, device=device, dtype=torch_dtype(dtype))
 
 Data = Annotated[Optional[Path], typer.Option(

@@ -1,8 +1,8 @@
 """``statelens perplexity``: loss and perplexity by position, far past the training length."""
 from __future__ import annotations
 
-from statelens.cli.options import (BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
-                                   Out, Scale, Seed, TrainLen)
+from statelens.cli.options import (Backend, BackendName, BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType,
+                                   Dtype, Length, NumSeqs, Out, Scale, Seed, TrainLen)
 
 
 def perplexity(
@@ -15,6 +15,7 @@ def perplexity(
     scale: BucketScale = Scale.log,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -26,7 +27,8 @@ def perplexity(
     from statelens.cli.common import progress, report, start
     from statelens.reports.figures import perplexity_figure
 
-    run = start("perplexity", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=train_len,
+    run = start("perplexity", ckpt=ckpt, device=device, dtype=dtype,
+                backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk})
     length = length or 4 * run.train_len

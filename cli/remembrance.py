@@ -5,8 +5,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import (Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs, Out, Seed, TOption,
-                                   TrainLen)
+from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
+                                   Out, Seed, TOption, TrainLen)
 
 
 def remembrance(
@@ -23,6 +23,7 @@ def remembrance(
     batch: Annotated[int, typer.Option(help="Rows (sequence, t) per forward.", min=1)] = 32,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -40,7 +41,8 @@ def remembrance(
             ts = [int(v) for v in t.split(",") if v.strip()]
         except ValueError:
             raise BadInput(f"--t {t!r}: expected comma-separated integers") from None
-    run = start("remembrance", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=train_len,
+    run = start("remembrance", ckpt=ckpt, device=device, dtype=dtype,
+                backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"data": str(data) if data else None, "train_len": train_len, "T": T, "num_seqs": num_seqs,
                         "points": points, "t": ts, "batch": batch, "chunk": chunk})
     T = T or length or 4 * run.train_len

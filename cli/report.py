@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import Chunk, Data, Device, DType, Dtype, Length, NumSeqs, Out, Seed, TrainLen
+from statelens.cli.options import (Backend, BackendName, Chunk, Data, Device, DType, Dtype, Length, NumSeqs, Out,
+                                   Seed, TrainLen)
 
 Ckpts = Annotated[Optional[list[Path]], typer.Option(
     "--ckpt", help="Checkpoint directory; repeat for a second checkpoint.", show_default=False)]
@@ -42,6 +43,7 @@ def report(
     stride: Stride = None,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -51,7 +53,7 @@ def report(
     index.html (and each computed checkpoint's outputs under OUT/<label>/)."""
     build(list(ckpt or []), list(label or []), list(from_ or []), out or Path("runs") / "report",
           dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
-               chunk=chunk, device=device, dtype=dtype, seed=seed))
+               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend))
 
 
 def compare(
@@ -67,6 +69,7 @@ def compare(
     stride: Stride = None,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -74,7 +77,7 @@ def compare(
     """The report of two checkpoints, A and B, side by side (as `report --ckpt A --ckpt B`)."""
     build([a, b], list(label or []), list(from_ or []), out or Path("runs") / "compare",
           dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
-               chunk=chunk, device=device, dtype=dtype, seed=seed))
+               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend))
 
 
 def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, options: dict) -> None:
@@ -138,7 +141,8 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
     from statelens.reports.html import Results, in_context_length, in_context_loss
 
     o = options
-    base = start("report", ckpt=ckpt, device=o["device"], dtype=o["dtype"], seed=o["seed"], out=folder,
+    base = start("report", ckpt=ckpt, device=o["device"], dtype=o["dtype"], backend=o["backend"], seed=o["seed"],
+                 out=folder,
                  train_len=o["train_len"], config={"data": str(o["data"]) if o["data"] else None})
     tl = base.train_len
     length = o["length"] or 4 * tl

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs, Out, Seed, TrainLen
+from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
+                                   Out, Seed, TrainLen)
 
 
 def states(
@@ -22,6 +23,7 @@ def states(
                                           "k x its maximum within it (k > 0).")] = 2.0,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -37,7 +39,8 @@ def states(
 
     if not k > 0:
         raise BadInput(f"--k {k}: must be positive")
-    run = start("states", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=train_len,
+    run = start("states", ckpt=ckpt, device=device, dtype=dtype,
+                backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "stride": stride, "k": k, "chunk": chunk})
     length = length or 4 * run.train_len

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from statelens.cli.options import Chunk, Ckpt, Device, DType, Dtype, Out, Seed, TrainLen
+from statelens.cli.options import Backend, BackendName, Chunk, Ckpt, Device, DType, Dtype, Out, Seed, TrainLen
 
 Lengths = Annotated[str, typer.Option("--lengths", help="Context lengths in tokens, comma-separated (4096 or 4k).")]
 Depths = Annotated[str, typer.Option("--depths", help="Key depths, fractions of the context in [0, 1], "
@@ -51,6 +51,7 @@ def passkey(
     train_len: TrainLen = None,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -66,7 +67,8 @@ def passkey(
 
     sizes, fractions = parse_lengths(lengths), parse_depths(depths)
     check_depths(fractions)
-    run = start("passkey", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=train_len,
+    run = start("passkey", ckpt=ckpt, device=device, dtype=dtype,
+                backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"lengths": sizes, "depths": fractions, "samples": samples, "train_len": train_len,
                         "chunk": chunk})
     tokenizer = load_tokenizer(run.ckpt.path, run.model.config.vocab_size)
@@ -90,6 +92,7 @@ def copying(
     samples: Samples = 4,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -102,7 +105,7 @@ def copying(
     from statelens.tasks.copying import separator
 
     sizes = parse_lengths(lengths)
-    run = start("copying", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=None,
+    run = start("copying", ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
                 config={"lengths": sizes, "samples": samples, "chunk": chunk})
     vocab = run.model.config.vocab_size
     run.data_description = (f"uniformly random strings over ids 0..{vocab - 2}, separator id {separator(vocab)} "
@@ -122,6 +125,7 @@ def babilong(
     data: BabiData = None,
     chunk: Chunk = 2048,
     device: Device = "cpu",
+    backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -135,7 +139,7 @@ def babilong(
 
     sizes = parse_lengths(lengths, minimum=0)
     names = [name.strip() for name in tasks.split(",") if name.strip()]
-    run = start("babilong", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=None,
+    run = start("babilong", ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
                 config={"tasks": names, "lengths": sizes, "samples": samples,
                         "data": str(data) if data else None, "chunk": chunk})
     tokenizer = load_tokenizer(run.ckpt.path, run.model.config.vocab_size)

@@ -141,3 +141,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(command, ckpt,
                            "--out", blocker / "out")
     assert code == 2 and "--out" in err and "not a directory" in err and len(err.strip().splitlines()) == 1
     assert blocker.read_text() == "not a directory"
+
+
+def test_the_hf_backend_gives_the_native_answer(ckpt, token_file, tmp_path, monkeypatch, capsys):
+    """--backend hf runs the checkpoint's own transformers modules; on Mamba-2 it must agree with statelens'."""
+    tables = {}
+    for backend in ("native", "hf"):
+        code, _, _ = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", ckpt, "--data", token_file, "--backend",
+                             backend, "--train-len", 50, "--length", 200, "--num-seqs", 2, "--buckets", 5,
+                             "--chunk", 64, "--out", tmp_path / backend)
+        assert code == 0
+        tables[backend] = pd.read_csv(tmp_path / backend / "positionwise.csv")
+    np.testing.assert_allclose(tables["hf"].loss, tables["native"].loss, atol=1e-5)
+    assert json.loads((tmp_path / "hf" / "run.json").read_text())["config"]["backend"] == "hf"

@@ -3,10 +3,10 @@
 Start with :func:`load_checkpoint`; a backend file (``mamba2.py``, ``mamba1.py``) reads top to bottom.
 """
 from statelens.models.base import RecurrentLM, State, backends
-from statelens.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from statelens.models.checkpoint import Checkpoint, load_checkpoint, load_hf_adapter, save_checkpoint
 from statelens.models.hooks import HookPoint, hooks
 from statelens.models.mamba1 import Mamba1Config, Mamba1LM
 from statelens.models.mamba2 import Mamba2Config, Mamba2LM
 
 __all__ = ["Checkpoint", "HookPoint", "Mamba1Config", "Mamba1LM", "Mamba2Config", "Mamba2LM", "RecurrentLM",
-           "State", "backends", "hooks", "load_checkpoint", "save_checkpoint"]
+           "State", "backends", "hooks", "load_checkpoint", "load_hf_adapter", "save_checkpoint"]

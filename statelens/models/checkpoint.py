@@ -13,7 +13,6 @@ allocated; weights are then assigned into a model built on the meta device (no s
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -286,6 +285,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     return Checkpoint(model.eval(), path, fmt, kind, raw)
 
 
+def load_hf_adapter(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> RecurrentLM:
+    """Any local transformers causal LM with only recurrent layers, run through its own modules (see
+    :mod:`statelens.models.hf_adapter`); checked chunked against one-shot on load."""
+    from statelens.models.hf_adapter import HFRecurrentAdapter
+
+    return HFRecurrentAdapter.from_pretrained(path, device=device, dtype=dtype)
+
+
 def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
     """Writes ``ckpt.model`` in the format it came from (config verbatim, weights, tokenizer files).
 
@@ -341,7 +349,3 @@ def content_hash(path: str | os.PathLike) -> str:
                 digest.update(block)
     return digest.hexdigest()
 
-
-def config_dict(model: RecurrentLM) -> dict:
-    """The backend config as plain JSON-able values (for manifests and ``statelens check``)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model.config).items()}
