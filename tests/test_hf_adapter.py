@@ -96,5 +96,14 @@ def test_hybrid_is_refused(tmp_path):
 
 
 def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError, match="transformers cannot load it"):
+    with pytest.raises(CheckpointError, match="nowhere: not a transformers causal LM checkpoint"):
         HFRecurrentAdapter.from_pretrained(tmp_path / "nowhere")
+
+
+def test_transformers_own_classes_are_used_whatever_is_registered(tmp_path):
+    """flash-linear-attention registers its own classes for "mamba2" with AutoModelForCausalLM; the
+    adapter must still run transformers' Mamba2ForCausalLM."""
+    import transformers
+
+    hf_mamba2(tmp_path)
+    assert type(HFRecurrentAdapter.from_pretrained(tmp_path).hf) is transformers.Mamba2ForCausalLM

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from statelens.errors import CheckpointError
-from statelens.models import mamba1, mamba2  # noqa: F401  (registers the backends)
+from statelens.models import gla, mamba1, mamba2  # noqa: F401  (registers the backends)
 from statelens.models.base import RecurrentLM, backends
 from statelens.outputs import atomic_write
 
@@ -106,6 +106,10 @@ def _hf_config(raw: dict, where: Path) -> tuple[str, dict]:
         bias=raw.get("use_bias", False), conv_bias=raw.get("use_conv_bias", True),
         norm_eps=raw.get("layer_norm_epsilon", 1e-5), residual_in_fp32=raw.get("residual_in_fp32", True),
     )
+    if model_type == "gla":  # flash-linear-attention's layout
+        from statelens.models.gla import gla_config_kwargs
+
+        return "gla", gla_config_kwargs(raw)
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
     if model_type == "mamba2":
@@ -122,7 +126,8 @@ def _hf_config(raw: dict, where: Path) -> tuple[str, dict]:
             d_state=raw.get("state_size", 16), dt_rank=None if rank == "auto" else rank,
             tie_embeddings=raw.get("tie_word_embeddings", True),
         )
-    raise CheckpointError(f"{where}: unknown model_type {model_type!r} (statelens reads mamba, mamba2)")
+    raise CheckpointError(f"{where}: unknown model_type {model_type!r} (statelens reads mamba, mamba2, gla; "
+                          "--backend hf runs other transformers models)")
 
 
 def _number(value):
@@ -230,17 +235,23 @@ def _first_line(error: Exception) -> str:
 
 
 def _internal_name(key: str) -> str:
+    """A weight's name in a file -> in the backend (mamba's ``backbone.``, fla's ``model.`` prefix)."""
+    if key.startswith("model."):  # flash-linear-attention: model.norm is the final norm
+        key = re.sub(r"^norm\.", "norm_f.", key.removeprefix("model."))
     key = key.removeprefix("backbone.")
     key = re.sub(r"^embeddings?\.", "embedding.", key)
     return re.sub(r"^layers\.", "blocks.", key)
 
 
-def _external_name(key: str, fmt: str) -> str:
+def _external_name(key: str, fmt: str, arch: str = "mamba2") -> str:
+    """A backend weight's name -> in a file of format ``fmt`` for architecture ``arch``."""
     if key.startswith("lm_head."):
         return key
     key = re.sub(r"^blocks\.", "layers.", key)
     if fmt == "hf":
         key = re.sub(r"^embedding\.", "embeddings.", key)
+    if arch == "gla":
+        return "model." + re.sub(r"^norm_f\.", "norm.", key)
     return "backbone." + key
 
 
@@ -272,12 +283,12 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        detail = (f"missing {_external_name(missing[0], fmt)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        detail = (f"missing {_external_name(missing[0], fmt, arch)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                   if missing else f"unexpected {file_names[unexpected[0]]}")
         raise CheckpointError(f"{path}: weights do not match config.json ({arch}): {detail}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: {_external_name(name, fmt)} has shape {tuple(tensor.shape)} in the weights "
+            raise CheckpointError(f"{path}: {_external_name(name, fmt, arch)} has shape {tuple(tensor.shape)} in the weights "
                                   f"but config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     if config.tie_embeddings:
@@ -302,7 +313,7 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, fmt = ckpt.model, ckpt.format
-    state = {_external_name(k, fmt): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {_external_name(k, fmt, model.arch): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tied = model.config.tie_embeddings
     if ckpt.weights_kind == "safetensors":
         from safetensors.torch import save_file

@@ -38,6 +38,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,15 +58,19 @@ class _StateHooks(nn.Module):
 
 def layer_kinds(config) -> list[str]:
     """Per HF layer: "recurrent" (a linear-attention cache layer), "attention" (a KV cache, alone or
-    beside a recurrent state) or "none" (no cache: MLP / MoE layers)."""
+    beside a recurrent state) or "none" (no cache: MLP / MoE layers).
+
+    Read from the layers of the cache transformers builds for the config, by class name: an
+    ``isinstance`` test breaks when another package has imported transformers' cache module anew.
+    """
     from transformers import DynamicCache
-    from transformers.cache_utils import DummyLayer, LinearAttentionCacheLayerMixin
 
     kinds = []
     for layer in DynamicCache(config=config).layers:
-        if isinstance(layer, LinearAttentionCacheLayerMixin) and not hasattr(layer, "keys"):
+        names = {cls.__name__ for cls in type(layer).__mro__}
+        if "LinearAttentionCacheLayerMixin" in names and not hasattr(layer, "keys"):
             kinds.append("recurrent")
-        elif isinstance(layer, DummyLayer):
+        elif "DummyLayer" in names:
             kinds.append("none")
         else:
             kinds.append("attention")
@@ -108,12 +113,24 @@ class HFRecurrentAdapter(RecurrentLM):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, check: bool = True) -> HFRecurrentAdapter:
-        """Loads a local checkpoint directory with ``AutoModelForCausalLM`` (no download, no remote code)."""
-        from transformers import AutoModelForCausalLM
+        """Loads a local checkpoint directory with transformers' own class for its ``model_type`` (no
+        download, no remote code). The class is looked up in transformers' own table, not through
+        ``AutoModelForCausalLM``: other packages (flash-linear-attention does) register their own
+        classes for "mamba2" and "mamba" there, and the adapter must run transformers' modules."""
+        import json
+
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                os.fspath(path), local_files_only=True, trust_remote_code=False, dtype=dtype)
+            model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+            hf_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{path}: not a transformers causal LM checkpoint "
+                                  f"({type(error).__name__}: {error})") from None
+        try:
+            hf_model = hf_class.from_pretrained(os.fspath(path), local_files_only=True, trust_remote_code=False,
+                                                dtype=dtype)
         except (OSError, ValueError, KeyError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{path}: transformers cannot load it: {first}") from error
