@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,23 @@ def mamba_ssm_dir(path: Path, hf_model, *, layer: str, vocab_size: int, weights:
 @pytest.fixture
 def tokens():
     return torch.randint(0, 64, (2, 300), generator=torch.Generator().manual_seed(1))
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``statelens ARGS`` in-process through ``main()``, which owns the exit codes: (code, stdout, stderr)."""
+    from statelens.cli.main import main
+
+    capsys.readouterr()  # drop what fixtures wrote (transformers' progress bars)
+    monkeypatch.setattr(sys, "argv", ["statelens", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def byte_vocab_ckpt(tmp_path_factory):
+    """A tiny Mamba-2 checkpoint with a 256-id vocabulary, so text is tokenized as bytes."""
+    path = tmp_path_factory.mktemp("ckpt")
+    hf_mamba2(path, vocab=256)
+    return path

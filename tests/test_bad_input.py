@@ -30,8 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import hf_mamba2, mamba_ssm_dir
-from statelens.cli.main import main
+from conftest import hf_mamba2, mamba_ssm_dir, run_cli
 from statelens.errors import BadInput, CheckpointError
 from statelens.models import load_checkpoint
 
@@ -74,16 +73,6 @@ def write_config(path: Path, config: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     return path
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``statelens ARGS`` in-process through ``main()``: (exit code, stdout, stderr)."""
-    capsys.readouterr()  # drop what fixtures wrote (transformers' progress bar)
-    monkeypatch.setattr(sys, "argv", ["statelens", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def run_cli_subprocess(*args: str, cwd: Path) -> tuple[int, str, str]:

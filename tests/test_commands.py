@@ -2,33 +2,21 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import hf_mamba2
+from conftest import run_cli
 from statelens.analysis.positionwise import positionwise
 from statelens.analysis.remembrance import remembrance
-from statelens.cli import main as cli_main
 from statelens.models import load_checkpoint
 from statelens.models.checkpoint import content_hash
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["statelens", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main.main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    hf_mamba2(path, vocab=256)  # >= 256: text is tokenized as bytes
-    return path
+def ckpt(byte_vocab_ckpt):
+    return byte_vocab_ckpt
 
 
 @pytest.fixture(scope="module")

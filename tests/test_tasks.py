@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 import typer
-from conftest import hf_mamba2
 from statelens.cli import tasks as cli_tasks
 from typer.testing import CliRunner
 
@@ -44,10 +43,8 @@ def find(haystack: np.ndarray, needle: np.ndarray) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    hf_mamba2(path, vocab=256)  # >= 256: text is tokenized as bytes
-    return path
+def ckpt(byte_vocab_ckpt):
+    return byte_vocab_ckpt
 
 
 @pytest.fixture(scope="module")
