@@ -140,15 +140,15 @@ def _train_len_from(meta: Path) -> int:
 
 
 @contextlib.contextmanager
-def progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over ``total`` tokens on stderr; yields ``advance(n)``. Shown only on a
-    terminal, so piped or logged output stays clean."""
+def progress(total: int, description: str, unit: str = "tokens") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over ``total`` units (tokens by default) on stderr; yields ``advance(n)``.
+    Shown only on a terminal, so piped or logged output stays clean."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=console,
                   disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)

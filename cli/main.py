@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, coverage, decay, perplexity, remembrance, report, states, tasks
+from statelens.cli import check, coverage, decay, perplexity, posttrain, remembrance, report, states, tasks
 
 app = typer.Typer(
     name="statelens",
@@ -27,6 +27,7 @@ app.command("compare")(report.compare)
 app.command("passkey")(tasks.passkey)
 app.command("copying")(tasks.copying)
 app.command("babilong")(tasks.babilong)
+app.command("posttrain")(posttrain.posttrain)
 
 
 @app.callback()
