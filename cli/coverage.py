@@ -11,16 +11,32 @@ from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Devi
 
 
 class Regime(str, Enum):
-    """How the rollouts start. Only from the zero state (the training regime of a baseline) for now;
-    state-passing and TBTT regimes arrive with post-training."""
+    """Which states the model was trained on (the reference set): zero (from the zero state, positions
+    <= the training length), state-passing (chains of unrelated training-length segments, each from the
+    previous one's final state), tbtt (consecutive training-length chunks of one document)."""
 
     zero = "zero"
+    state_passing = "state-passing"
+    tbtt = "tbtt"
+
+
+def default_regime(ckpt_path) -> Regime:
+    """The regime of the checkpoint's ``statelens.json`` "intervention" (state-passing, tbtt), else zero."""
+    import json
+    from pathlib import Path
+
+    try:
+        intervention = json.loads((Path(ckpt_path) / "statelens.json").read_text()).get("intervention")
+    except (OSError, ValueError, AttributeError):
+        return Regime.zero
+    return {"state-passing": Regime.state_passing, "tbtt": Regime.tbtt}.get(intervention, Regime.zero)
 
 
 # The analysis names the parameter behind a ValueError; these are the options that set it.
 OPTIONS = {"sequences": "--length", "train_len": "--train-len", "stride": "--stride", "k": "--k-nn",
            "components": "--components", "projection_dim": "--projection-dim",
-           "reference": "--num-seqs/--stride/--k-nn"}
+           "reference": "--num-seqs/--stride/--k-nn", "chain": "--chain",
+           "reference_sequences": "--num-seqs/--chain"}
 
 
 def coverage(
@@ -39,9 +55,14 @@ def coverage(
     projection_dim: Annotated[int, typer.Option(
         help="Random-projection size of each head's state (heads this small or smaller are kept whole).",
         min=1)] = 256,
-    regime: Annotated[Regime, typer.Option(
-        help="Initial state of the rollouts: zero (state-passing and TBTT arrive with post-training).",
-        case_sensitive=False)] = Regime.zero,
+    regime: Annotated[Optional[Regime], typer.Option(
+        help="The states the model was trained on, i.e. the reference set: zero (positions <= the training "
+             "length from the zero state), state-passing (chains of --chain unrelated segments, each from the "
+             "previous one's final state) or tbtt (--chain consecutive segments of one document). Default: "
+             "the checkpoint's statelens.json intervention (state-passing, tbtt), else zero.",
+        case_sensitive=False, show_default=False)] = None,
+    chain: Annotated[int, typer.Option(
+        help="Training-length segments per chain for the state-passing and tbtt reference sets.", min=1)] = 4,
     chunk: Chunk = 2048,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
@@ -64,21 +85,32 @@ def coverage(
                 backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "stride": stride, "k_nn": k_nn,
-                        "components": components, "projection_dim": projection_dim, "regime": regime.value,
-                        "chunk": chunk})
+                        "components": components, "projection_dim": projection_dim,
+                        "regime": regime.value if regime else None, "chain": chain, "chunk": chunk})
     length = length or 4 * run.train_len
     stride = stride or max(1, run.train_len // 16)
-    run.config |= {"length": length, "stride": stride}
+    regime = regime or default_regime(run.ckpt.path)
+    run.config |= {"length": length, "stride": stride, "regime": regime.value}
     if length <= run.train_len:
         raise BadInput(f"--length {length}: must exceed the training length {run.train_len} "
                        f"(coverage compares states past it with those within it)")
-    sequences = run.sequences(data, num_seqs, length)
+    reference_sequences = None
+    if regime == Regime.zero:
+        sequences = run.sequences(data, num_seqs, length)
+    else:
+        # One draw: the first num_seqs rows are the queries, the next max(num_seqs, chain) rows (other
+        # tokens) feed the reference chains.
+        n_reference = max(num_seqs, chain)
+        drawn = run.sequences(data, num_seqs + n_reference, max(length, chain * run.train_len))
+        sequences, reference_sequences = drawn[:num_seqs, :length], drawn[num_seqs:, :chain * run.train_len]
     run.lap("data")
     try:
-        with progress(num_seqs * length, f"coverage L={length}") as advance:
+        total = num_seqs * length + (0 if reference_sequences is None else reference_sequences.size)
+        with progress(total, f"coverage L={length}") as advance:
             per_head, per_bucket, results = compute(
                 run.model, sequences, train_len=run.train_len, buckets=buckets, stride=stride, k=k_nn,
-                components=components, projection_dim=projection_dim, chunk=chunk, seed=seed, progress=advance)
+                components=components, projection_dim=projection_dim, chunk=chunk, seed=seed, progress=advance,
+                regime=regime.value, chain=chain, reference_sequences=reference_sequences)
     except CoverageInputError as e:
         raise BadInput(f"{OPTIONS.get(e.parameter, '--' + e.parameter)}: {e}") from None
     except ValueError as e:
@@ -88,8 +120,11 @@ def coverage(
                          coverage_figure(per_head, train_len=run.train_len),
                          results={name: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
                                   for name, v in results.items()})
-    lines = [(f"states every {stride} tokens over {num_seqs} sequences of {length}; reference: positions <= "
-              f"{run.train_len}; out of support: k-NN distance ({k_nn}-th neighbour, {components} PCA "
+    reference = (f"positions <= {run.train_len}" if regime == Regime.zero else
+                 f"{regime.value} chains of {chain} x {run.train_len} tokens over {len(reference_sequences)} "
+                 f"other sequences")
+    lines = [(f"states every {stride} tokens over {num_seqs} sequences of {length}; reference: {reference}; "
+              f"out of support: k-NN distance ({k_nn}-th neighbour, {components} PCA "
               f"components) above the reference's 99th percentile")]
     lines += [f"positions [{row.pos_start}, {row.pos_end}): out of support {row.oos_fraction:.3f}, "
               f"loss {row.loss:.4f} ({row.loss_increase:+.4f} vs in-context)" for row in per_bucket.itertuples()]

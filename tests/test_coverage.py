@@ -243,3 +243,103 @@ def test_cli_writes_the_analysis(ckpt, tmp_path):
 
     bad = CliRunner().invoke(app, [*args[:-2], "--stride", str(TRAIN_LEN + 1), "--out", str(tmp_path / "x")])
     assert isinstance(bad.exception, BadInput) and str(bad.exception).startswith("--stride")
+
+
+# -- reference regimes: the states a state-passing or TBTT-trained model met -------------------------
+
+
+CHAIN = 3
+
+
+@pytest.fixture(scope="module")
+def reference_tokens():
+    return np.random.default_rng(11).integers(0, 64, size=(N, CHAIN * TRAIN_LEN + 5), dtype=np.int64)
+
+
+def _chain_by_hand(model, tokens, rows_of_segment):
+    """Runs the chain segment by segment with model(tokens, state); returns norms [M, P, layers, H] at
+    positions STRIDE, 2 STRIDE, ... within each segment."""
+    norms, state = [], None
+    for j in range(CHAIN):
+        segment = torch.as_tensor(tokens[rows_of_segment(j), j * TRAIN_LEN:(j + 1) * TRAIN_LEN])
+        for q in range(STRIDE, TRAIN_LEN + 1, STRIDE):
+            with torch.no_grad():
+                _, s = model(segment[:, :q], state)
+            norms.append(np.stack([model.by_head(f"blocks.{i}.hook_state", s.ssm[i]).norm(dim=-1).numpy()
+                                   for i in range(model.n_layers)], axis=1))      # [M, layers, H]
+        with torch.no_grad():
+            _, state = model(segment, state)
+    return np.stack(norms, axis=1)
+
+
+@pytest.mark.parametrize("regime", ["tbtt", "state-passing"])
+def test_reference_states_equal_chains_run_by_hand(model, reference_tokens, regime):
+    from statelens.analysis.coverage import collect_reference
+
+    sample = collect_reference(model, reference_tokens, regime=regime, train_len=TRAIN_LEN, chain=CHAIN,
+                               stride=STRIDE, chunk=5)
+    per_segment = TRAIN_LEN // STRIDE
+    np.testing.assert_array_equal(sample.positions, [j * TRAIN_LEN + q for j in range(CHAIN)
+                                                     for q in range(STRIDE, TRAIN_LEN + 1, STRIDE)])
+    rows = np.arange(N)
+    order = (lambda j: rows) if regime == "tbtt" else (lambda j: (rows + j) % N)
+    np.testing.assert_allclose(sample.norms, _chain_by_hand(model, reference_tokens, order), rtol=1e-9)
+    assert sample.states[0].shape[:2] == (N, CHAIN * per_segment)
+    if regime == "tbtt":
+        # TBTT = the rollout of the whole document from zero.
+        direct = collect_states(model, reference_tokens[:, :CHAIN * TRAIN_LEN], positions=sample.positions.tolist())
+        for i in range(model.n_layers):
+            torch.testing.assert_close(sample.states[i], direct.states[i], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("regime", ["tbtt", "state-passing"])
+def test_regime_reference_counts(model, sequences, reference_tokens, result, regime):
+    per_head, per_bucket, summary = coverage(model, sequences, train_len=TRAIN_LEN, stride=STRIDE, chunk=64,
+                                             regime=regime, chain=CHAIN, reference_sequences=reference_tokens)
+    assert summary["regime"] == regime and result[2]["regime"] == "zero"
+    assert (per_head.n_reference == N * CHAIN * (TRAIN_LEN // STRIDE)).all()
+    # The query sets and the loss are those of the zero-state rollout, whatever the reference.
+    pd.testing.assert_series_equal(per_head.n_query, result[0].n_query)
+    pd.testing.assert_series_equal(per_bucket.loss, result[1].loss)
+    assert per_head.oos_fraction.between(0, 1).all()
+    with pytest.raises(ValueError, match="needs reference_sequences"):
+        coverage(model, sequences, train_len=TRAIN_LEN, stride=STRIDE, regime=regime)
+    with pytest.raises(ValueError, match="regime must be"):
+        coverage(model, sequences, train_len=TRAIN_LEN, regime="noise")
+
+
+def test_cli_regime_defaults_to_the_checkpoints_intervention(ckpt, tmp_path):
+    pytest.importorskip("statelens.reports.figures")
+    import shutil
+
+    import typer
+    from typer.testing import CliRunner
+
+    from statelens.cli.coverage import Regime, default_regime
+    from statelens.cli.coverage import coverage as command
+
+    assert default_regime(ckpt) == Regime.zero                                # no statelens.json
+    post = tmp_path / "post"
+    shutil.copytree(ckpt, post)
+    (post / "statelens.json").write_text("not json")
+    assert default_regime(post) == Regime.zero
+    (post / "statelens.json").write_text(json.dumps({"train_len": TRAIN_LEN, "intervention": "state-passing"}))
+    assert default_regime(post) == Regime.state_passing
+    (post / "statelens.json").write_text(json.dumps({"train_len": TRAIN_LEN, "intervention": "tbtt"}))
+    assert default_regime(post) == Regime.tbtt
+
+    app = typer.Typer()
+    app.command()(command)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["--ckpt", str(post), "--length", str(L), "--num-seqs", str(N), "--stride",
+                                   str(STRIDE), "--chunk", "16", "--buckets", "4", "--chain", "2", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["results"]["regime"] == "tbtt"
+
+    model = load_checkpoint(post).model
+    drawn = np.random.default_rng(0).integers(0, 64, size=(2 * N, L), dtype=np.int64)
+    per_head, _, _ = coverage(model, drawn[:N], train_len=TRAIN_LEN, stride=STRIDE, chunk=16, buckets=4,
+                              regime="tbtt", chain=2, reference_sequences=drawn[N:, :2 * TRAIN_LEN])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "coverage.csv"), per_head, check_dtype=False, atol=1e-9)
+    assert (per_head.n_reference == N * 2 * (TRAIN_LEN // STRIDE)).all()

@@ -5,7 +5,9 @@ model met in training? The quantitative test of the unexplored-states hypothesis
 A model trained from the zero state on contexts of length T only sees the states of positions
 p <= T. For each layer and head:
 
-- **reference set**: the head's states at the recorded positions p <= T, over all sequences;
+- **reference set**: the head's states at the recorded positions p <= T, over all sequences (regime
+  "zero"); for a model post-trained with state passing or TBTT, the states along chains of T-token
+  segments each started from the previous one's final state (:func:`collect_reference`);
 - **query sets**: its states at the recorded positions p > T, one set per position bucket
   (:func:`~statelens.analysis.buckets.bucket_edges` over (T, L]).
 
@@ -50,12 +52,13 @@ from statelens.analysis import analyses
 from statelens.analysis.buckets import bucket_edges, bucket_index
 from statelens.analysis.positionwise import bucket_losses, position_losses
 from statelens.models.base import RecurrentLM
-from statelens.record.rollout import as_batch
+from statelens.record.rollout import as_batch, rollout
 
 HEAD_COLUMNS = ["pos_start", "pos_end", "layer", "head", "oos_fraction", "maha_median", "maha_p95", "norm_ratio",
                 "n_query", "n_reference"]
 BUCKET_COLUMNS = ["pos_start", "pos_end", "oos_fraction", "loss", "loss_increase"]
 SCATTER_COLUMNS = ["pc1", "pc2", "position", "set"]
+REGIMES = ("zero", "state-passing", "tbtt")
 
 _BLOCK_ELEMENTS = 1 << 24   # distance-matrix entries computed at once (128 MiB in float64)
 
@@ -265,34 +268,102 @@ def collect_states(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, 
         raise ValueError(f"recorded positions must lie in [1, {length}]")
     if projection_dim < 1:
         raise CoverageInputError("projection_dim", f"projection_dim must be >= 1, got {projection_dim}")
-    column = {p: j for j, p in enumerate(positions)}
-    n_layers, n_heads = model.n_layers, model.n_heads
-    states: list[torch.Tensor | None] = [None] * n_layers
-    norms = np.zeros((n_seqs, len(positions), n_layers, n_heads))
-    matrices: dict[int, torch.Tensor] = {}                  # kdim -> R [kdim, d], on the model's device
-    projected = False
+    recorder = _Recorder(model, n_seqs, positions, projection_dim, seed)
+    nll = position_losses(model, sequences, chunk=chunk, stops=positions, progress=progress, on_chunk=recorder)
+    return recorder.sample(nll, length)
 
-    def keep(piece) -> None:
-        nonlocal projected
-        if piece.end not in column:
+
+class _Recorder:
+    """Keeps each head's (projected) state and norm at the recorded ``positions`` of a rollout: called
+    with each :class:`~statelens.record.rollout.Chunk`, whose ``end`` (plus ``offset``) names the position."""
+
+    def __init__(self, model: RecurrentLM, n_seqs: int, positions: list[int], projection_dim: int, seed: int,
+                 offset: int = 0):
+        self.model, self.projection_dim, self.seed, self.offset = model, projection_dim, seed, offset
+        self.positions = positions
+        self.column = {p: j for j, p in enumerate(positions)}
+        self.states: list[torch.Tensor | None] = [None] * model.n_layers
+        self.norms = np.zeros((n_seqs, len(positions), model.n_layers, model.n_heads))
+        self.matrices: dict[int, torch.Tensor] = {}         # kdim -> R [kdim, d], on the model's device
+        self.projected = False
+
+    def __call__(self, piece) -> None:
+        end = piece.end + self.offset
+        if end not in self.column:
             return
-        j = column[piece.end]
-        for i in range(n_layers):
+        j, model = self.column[end], self.model
+        for i in range(model.n_layers):
             x = model.by_head(f"blocks.{i}.hook_state", piece.state.ssm[i])          # [N, H, kdim]
             x = x.to(torch.promote_types(x.dtype, torch.float32))
             kdim = x.shape[-1]
-            norms[:, j, i] = torch.linalg.vector_norm(x.double(), dim=-1).cpu().numpy()
-            if kdim > projection_dim:
-                if kdim not in matrices:
-                    matrices[kdim] = random_projection(kdim, projection_dim, seed).to(x.device, x.dtype)
-                x = x @ matrices[kdim]                                            # [N, H, d]
-                projected = True
-            if states[i] is None:
-                states[i] = torch.empty(n_seqs, len(positions), *x.shape[1:], dtype=x.dtype)
-            states[i][:, j] = x.cpu()
+            self.norms[:, j, i] = torch.linalg.vector_norm(x.double(), dim=-1).cpu().numpy()
+            if kdim > self.projection_dim:
+                if kdim not in self.matrices:
+                    self.matrices[kdim] = random_projection(kdim, self.projection_dim, self.seed).to(x.device, x.dtype)
+                x = x @ self.matrices[kdim]                                       # [N, H, d]
+                self.projected = True
+            if self.states[i] is None:
+                self.states[i] = torch.empty(self.norms.shape[0], len(self.positions), *x.shape[1:], dtype=x.dtype)
+            self.states[i][:, j] = x.cpu()
 
-    nll = position_losses(model, sequences, chunk=chunk, stops=positions, progress=progress, on_chunk=keep)
-    return StateSample(np.asarray(positions, dtype=np.int64), states, norms, nll, n_seqs, length, projected)
+    def sample(self, nll: np.ndarray, length: int) -> StateSample:
+        return StateSample(np.asarray(self.positions, dtype=np.int64), self.states, self.norms, nll,
+                           self.norms.shape[0], length, self.projected)
+
+
+
+def collect_reference(model: RecurrentLM, reference_sequences: np.ndarray | torch.Tensor, *, regime: str,
+                      train_len: int, chain: int = 4, stride: int = 1, projection_dim: int = 256,
+                      chunk: int = 2048, seed: int = 0,
+                      progress: Callable[[int], None] | None = None) -> StateSample:
+    """The states a model trained under ``regime`` ("state-passing" or "tbtt") met in training.
+
+    reference_sequences [M, >= chain x train_len]: only the first chain x train_len tokens of each row
+    are used, cut into ``chain`` segments of train_len tokens. Chain m runs segment 0, 1, ... chain - 1,
+    segment j starting from the final state (SSM and convolution) of segment j - 1, the first from zero:
+
+    - "tbtt": segment j of chain m is segment j of row m (consecutive chunks of one document: the same as
+      rolling out the row's first chain x train_len tokens from zero);
+    - "state-passing": segment j of chain m is segment j of row (m + j) mod M, so the segments of a
+      chain come from different rows (unrelated sequences; needs M >= chain).
+
+    Each head's state is recorded every ``stride`` tokens inside every segment (positions stride,
+    2 stride, ... <= train_len within it, projected as :func:`collect_states`). The result has
+    positions j x train_len + q (q those in-segment positions; P = chain x train_len // stride), states
+    per layer [M, P, H, d] (row m: chain m), norms [M, P, layers, H], an all-zero nll.
+    """
+    if regime not in ("state-passing", "tbtt"):
+        raise CoverageInputError("regime", f"regime must be 'state-passing' or 'tbtt' here, got {regime!r}")
+    if chain < 1:
+        raise CoverageInputError("chain", f"chain must be >= 1, got {chain}")
+    tokens = as_batch(reference_sequences if isinstance(reference_sequences, np.ndarray)
+                      else reference_sequences.cpu().numpy())
+    rows, have = tokens.shape
+    if have < chain * train_len:
+        raise CoverageInputError("reference_sequences", f"reference sequences hold {have} tokens, fewer than "
+                                                        f"chain x train_len = {chain * train_len}")
+    if regime == "state-passing" and rows < chain:
+        raise CoverageInputError("reference_sequences", f"state passing chains {chain} unrelated sequences: "
+                                                        f"it needs at least {chain} reference rows, got {rows}")
+    if projection_dim < 1:
+        raise CoverageInputError("projection_dim", f"projection_dim must be >= 1, got {projection_dim}")
+    within = list(range(stride, train_len + 1, stride))
+    if not within:
+        raise CoverageInputError("stride", f"no recorded position lies in [1, train_len = {train_len}]; "
+                                           f"lower the stride")
+    positions = [j * train_len + q for j in range(chain) for q in within]
+    recorder = _Recorder(model, rows, positions, projection_dim, seed)
+    state = None
+    for j in range(chain):
+        order = np.arange(rows) if regime == "tbtt" else (np.arange(rows) + j) % rows
+        segment = np.ascontiguousarray(tokens[order, j * train_len:(j + 1) * train_len])      # [M, train_len]
+        recorder.offset = j * train_len
+        for piece in rollout(model, segment, chunk=chunk, state=state, stops=within):
+            recorder(piece)
+            state = piece.state
+            if progress is not None:
+                progress(rows * (piece.end - piece.start))
+    return recorder.sample(np.zeros(chain * train_len), chain * train_len)
 
 
 # -- the analysis ----------------------------------------------------------------------------------
@@ -307,29 +378,34 @@ def _split(positions: np.ndarray, train_len: int) -> np.ndarray:
 
 
 def coverage_from_states(sample: StateSample, *, train_len: int, buckets: int = 8, scale: str = "log",
-                         k: int = 5, components: int = 16,
-                         quantile: float = 0.99) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """The tables of :func:`coverage` from an already recorded :class:`StateSample`."""
+                         k: int = 5, components: int = 16, quantile: float = 0.99,
+                         reference: StateSample | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The tables of :func:`coverage` from an already recorded :class:`StateSample`; ``reference`` (from
+    :func:`collect_reference`), when given, replaces the reference set: all its recorded states."""
     n, length = sample.n_seqs, sample.length
     if length <= train_len:
         raise CoverageInputError("sequences", f"sequences hold {length} tokens, not more than train_len = "
                                               f"{train_len}: there are no positions past the training length")
-    ref = _split(sample.positions, train_len)
+    if reference is None:
+        reference, ref = sample, _split(sample.positions, train_len)
+    else:
+        ref = np.arange(len(reference.positions))
     edges = bucket_edges(train_len + 1, length + 1, buckets, scale)
     which = bucket_index(sample.positions, edges)                                   # [P], -1: not a query
     rows = []
     for i, layer_states in enumerate(sample.states):
+        ref_states = reference.states[i]
         for h in range(layer_states.shape[2]):
-            reference = layer_states[:, ref, h].reshape(-1, layer_states.shape[-1])  # [N * n_ref, d]
-            support = Support.fit(reference, k=k, components=components, quantile=quantile)
-            ref_norms = sample.norms[:, ref, i, h].ravel()
+            points = ref_states[:, ref, h].reshape(-1, ref_states.shape[-1])        # [N * n_ref, d]
+            support = Support.fit(points, k=k, components=components, quantile=quantile)
+            ref_norms = reference.norms[:, ref, i, h].ravel()
             for b, (lo, hi) in enumerate(itertools.pairwise(edges)):
                 cols = np.flatnonzero(which == b)
                 query = layer_states[:, cols, h].reshape(-1, layer_states.shape[-1])  # [N * n_cols, d]
                 scores = support.score(query)
                 ratio = _median_ratio(sample.norms[:, cols, i, h].ravel(), ref_norms)
                 rows.append((int(lo), int(hi), i, h, scores["oos_fraction"], scores["maha_median"],
-                             scores["maha_p95"], ratio, len(query), len(reference)))
+                             scores["maha_p95"], ratio, len(query), len(points)))
     per_head = pd.DataFrame(rows, columns=HEAD_COLUMNS)
 
     # Loss at p predicts token p, so it exists for p <= L - 1: a bucket's loss averages the predictions
@@ -376,6 +452,9 @@ def coverage(
     chunk: int = 2048,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    regime: str = "zero",
+    chain: int = 4,
+    reference_sequences: np.ndarray | torch.Tensor | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """sequences [N, L] (L > train_len) -> coverage of the states past the training length by those
     within it, per head and per position bucket, and its correlation with the loss increase.
@@ -387,17 +466,31 @@ def coverage(
     (``k``, ``components``, ``quantile``) after the random projection to ``projection_dim`` dimensions
     (module docstring; ``seed`` draws it).
 
+    ``regime`` says which states the model was trained on, i.e. what the reference set is:
+
+    - "zero" (trained from the zero state on train_len tokens): the states above at positions <= train_len;
+    - "state-passing" / "tbtt" (trained on ``chain``-segment chains of train_len tokens, each segment
+      starting from the previous one's final state): the states along such chains, run on
+      ``reference_sequences`` [M, >= chain x train_len] (required for these regimes; rows must be other
+      tokens than ``sequences``, e.g. further rows of the same draw) by :func:`collect_reference` -- for
+      state passing segments of different rows, for TBTT consecutive segments of the same row. All
+      their states recorded every ``stride`` tokens within each segment form the reference
+      (M x chain x train_len // stride of them).
+
+    The query sets are always the states of the rollouts of ``sequences`` from zero past train_len.
+
     Returns three things:
 
     - per head, columns pos_start, pos_end (bucket [pos_start, pos_end) of positions p), layer, head,
       oos_fraction, maha_median, maha_p95, norm_ratio, n_query (query states: N x recorded positions in
-      the bucket; 0 gives NaN statistics), n_reference (N x recorded positions <= train_len);
+      the bucket; 0 gives NaN statistics), n_reference (N x recorded positions <= train_len for
+      "zero"; M x chain x recorded positions per segment otherwise);
     - per bucket, columns pos_start, pos_end, oos_fraction (mean over layers and heads), loss (mean NLL
       of the same rollout's predictions at the bucket's positions p < L, as
       :func:`~statelens.analysis.positionwise.positionwise`; NaN for a bucket holding only p = L),
       loss_increase (loss - in_context_loss);
-    - ``{"spearman_rho", "spearman_p", "n_buckets", "in_context_loss"}``: Spearman correlation of the
-      per-bucket oos_fraction and loss_increase over the ``n_buckets`` buckets where both are finite (NaN
+    - ``{"spearman_rho", "spearman_p", "n_buckets", "in_context_loss", "regime"}``: Spearman correlation of
+      the per-bucket oos_fraction and loss_increase over the ``n_buckets`` buckets where both are finite (NaN
       for fewer than 3 or a constant), and the mean loss over positions (train_len // 2, train_len].
 
     Raises ValueError when L <= train_len, when no recorded position is <= train_len, or when the
@@ -413,8 +506,18 @@ def coverage(
     stride = max(1, train_len // 16) if stride is None else stride
     if stride < 1:
         raise CoverageInputError("stride", f"stride must be >= 1, got {stride}")
+    if regime not in REGIMES:
+        raise CoverageInputError("regime", f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
     positions = np.arange(stride, length + 1, stride)
-    n_reference = n_seqs * len(_split(positions, train_len))
+    if regime == "zero":
+        n_reference = n_seqs * len(_split(positions, train_len))
+    else:
+        if reference_sequences is None:
+            raise CoverageInputError("reference_sequences", f"regime {regime!r} needs reference_sequences "
+                                                            f"(other tokens than the query sequences)")
+        if chain < 1:
+            raise CoverageInputError("chain", f"chain must be >= 1, got {chain}")
+        n_reference = len(as_batch(reference_sequences)) * chain * len(_split(positions, train_len))
     if n_reference < k + 2:
         raise CoverageInputError("reference", f"the reference set holds {n_reference} states (sequences x "
                                               f"recorded positions <= {train_len}), fewer than k + 2 = {k + 2}; "
@@ -422,8 +525,13 @@ def coverage(
     bucket_edges(train_len + 1, length + 1, buckets, scale)                          # checks scale early
     sample = collect_states(model, sequences, positions=positions.tolist(), projection_dim=projection_dim,
                             chunk=chunk, seed=seed, progress=progress)
-    return coverage_from_states(sample, train_len=train_len, buckets=buckets, scale=scale, k=k,
-                                components=components, quantile=quantile)
+    reference = None if regime == "zero" else collect_reference(
+        model, reference_sequences, regime=regime, train_len=train_len, chain=chain, stride=stride,
+        projection_dim=projection_dim, chunk=chunk, seed=seed, progress=progress)
+    per_head, per_bucket, summary = coverage_from_states(sample, train_len=train_len, buckets=buckets, scale=scale,
+                                                         k=k, components=components, quantile=quantile,
+                                                         reference=reference)
+    return per_head, per_bucket, summary | {"regime": regime}
 
 
 def scatter_points(sample: StateSample, *, train_len: int, layer: int, head: int) -> pd.DataFrame:
