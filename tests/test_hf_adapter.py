@@ -1,20 +1,25 @@
-"""The transformers adapter: against statelens' native backends, chunked against one-shot, and refusals."""
+"""The transformers adapter: against statelens' native backends, chunked against one-shot, hybrids with
+attention layers against transformers' own runs, and refusals."""
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import hf_mamba1, hf_mamba2
+from conftest import hf_mamba1, hf_mamba2, perturb, run_cli
 
 from statelens.errors import BadInput, CheckpointError
-from statelens.models import hooks, load_checkpoint
-from statelens.models.hf_adapter import HFRecurrentAdapter, check_chunking
+from statelens.models import State, hooks, load_checkpoint
+from statelens.models.hf_adapter import HFRecurrentAdapter, HybridState, check_chunking
+from statelens.record.recorder import record
 from statelens.record.rollout import rollout
 
 transformers = pytest.importorskip("transformers")
 
 
-def logits_of(model, tokens, chunk):
-    return torch.cat([c.logits() for c in rollout(model, tokens, chunk=chunk)], dim=1)
+def logits_of(model, tokens, chunk, **kw):
+    """Rollout logits [b, l, vocab]; ``kw`` goes to rollout (state, resets)."""
+    return torch.cat([c.logits() for c in rollout(model, tokens, chunk=chunk, **kw)], dim=1)
 
 
 def final_state(model, tokens, chunk):
@@ -84,17 +89,6 @@ def test_mamba1_without_fallback_drops_the_state(tmp_path, short_tokens):
     assert (logits_of(adapter, short_tokens[:, :32], 16) - expected).abs().max().item() > 1e-3
 
 
-def test_hybrid_is_refused(tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.BambaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
-        attn_layer_indices=[1])
-    transformers.BambaForCausalLM(cfg).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"attention layers \[1\].*only pure recurrent"):
-        HFRecurrentAdapter.from_pretrained(tmp_path)
-
-
 def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="nowhere: not a transformers causal LM checkpoint"):
         HFRecurrentAdapter.from_pretrained(tmp_path / "nowhere")
@@ -107,3 +101,227 @@ def test_transformers_own_classes_are_used_whatever_is_registered(tmp_path):
 
     hf_mamba2(tmp_path)
     assert type(HFRecurrentAdapter.from_pretrained(tmp_path).hf) is transformers.Mamba2ForCausalLM
+
+
+# -- hybrids: attention layers beside the recurrent ones -------------------------------------------
+
+def sharpen(model: torch.nn.Module, factor: float = 4.0) -> torch.nn.Module:
+    """Scales the attention's query and key projections up, so that which cached keys a query sees
+    (the mask) and where they sit (the position ids) move the logits far beyond the tolerance."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(factor)
+    return model
+
+
+def hf_bamba(path, seed: int = 0):
+    """Mamba-2, attention (rotary on half the head), Mamba-2."""
+    torch.manual_seed(seed)
+    cfg = transformers.BambaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+        mamba_chunk_size=16, attn_layer_indices=[1])
+    model = sharpen(perturb(transformers.BambaForCausalLM(cfg), seed))
+    model.save_pretrained(path)
+    return model
+
+
+def hf_zamba2(path, seed: int = 0):
+    """Four Mamba-2 layers; layers 1 and 3 first run the shared attention block (RoPE, per-layer adapters)."""
+    torch.manual_seed(seed)
+    cfg = transformers.Zamba2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid"] * 2,
+        mamba_d_state=8, n_mamba_heads=4, num_attention_heads=2, intermediate_size=64, chunk_size=16,
+        use_mem_rope=True, use_shared_attention_adapter=True, adapter_rank=4, num_mem_blocks=1)
+    model = sharpen(perturb(transformers.Zamba2ForCausalLM(cfg), seed))
+    model.save_pretrained(path)
+    return model
+
+
+# name -> (builder, HF indices of the attention layers, of the recurrent layers), read off the configs above
+HYBRIDS = {"bamba": (hf_bamba, [1], [0, 2]), "zamba2": (hf_zamba2, [1, 3], [0, 1, 2, 3])}
+
+
+@pytest.fixture(scope="module", params=sorted(HYBRIDS))
+def hybrid(request, tmp_path_factory):
+    """(name, transformers model, adapter, checkpoint path), built once per module."""
+    path = tmp_path_factory.mktemp(request.param)
+    hf = HYBRIDS[request.param][0](path)
+    return request.param, hf, HFRecurrentAdapter.from_pretrained(path), path
+
+
+def hf_cache_after(hf, tokens):
+    """transformers' own DynamicCache after running ``tokens`` [b, l] in one call."""
+    cache = transformers.DynamicCache(config=hf.config)
+    with torch.no_grad():
+        hf(tokens, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+def test_hybrid_chunked_rollout_equals_transformers_one_shot(hybrid, short_tokens):
+    _, hf, adapter, _ = hybrid
+    assert not adapter.token_by_token
+    expected = hf_logits(hf, short_tokens)
+    for chunk in (7, 32, 100):
+        assert (logits_of(adapter, short_tokens, chunk) - expected).abs().max().item() <= 1e-4
+    assert (logits_of(adapter, short_tokens[:, :30], 1) - expected[:, :30]).abs().max().item() <= 1e-4
+
+
+def test_hybrid_recorded_states_equal_transformers_cache(hybrid, short_tokens, tmp_path):
+    _, hf, adapter, _ = hybrid
+    positions = [13, 50, 100]
+    rec = record(adapter, short_tokens, positions=positions, chunk=32, raw="blocks.*.hook_state", raw_dir=tmp_path)
+    for j, p in enumerate(positions):
+        cache = hf_cache_after(hf, short_tokens[:, :p])
+        for k, i in enumerate(adapter.hf_layer_index):
+            theirs = cache.layers[i].recurrent_states[0]                        # [b, heads, headdim, d_state]
+            torch.testing.assert_close(torch.from_numpy(np.array(rec.raw[f"blocks.{k}.hook_state"][j])), theirs,
+                                       atol=1e-5, rtol=1e-4)
+            norms = rec.stats[(rec.stats.position == p) & (rec.stats.layer == k)].sort_values(["seq", "head"]).norm
+            np.testing.assert_allclose(norms, theirs.flatten(2).norm(dim=-1).flatten(), rtol=1e-4)
+    state = final_state(adapter, short_tokens, 32)   # the KV caches carried are transformers' own too
+    assert isinstance(state, HybridState) and state.seen == (100, 100)
+    for j, i in enumerate(adapter.attention_layer_index):
+        torch.testing.assert_close(state.keys[j], cache.layers[i].keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(state.values[j], cache.layers[i].values, atol=1e-5, rtol=1e-4)
+
+
+def test_hybrid_reset_rows_equal_their_suffix_run_alone(hybrid, tokens):
+    _, hf, adapter, _ = hybrid
+    x = torch.stack([tokens[0, :90], tokens[1, :90], tokens[0, :90]])
+    resets = [0, 37, 64]
+    chunks = list(rollout(adapter, x, chunk=16, resets=resets))
+    logits, state = torch.cat([c.logits() for c in chunks], dim=1), chunks[-1].state
+    assert state.seen == (90, 53, 26)
+    for r, start in enumerate(resets):
+        suffix = x[r:r + 1, start:]
+        assert (logits[r, start:] - hf_logits(hf, suffix)[0]).abs().max().item() <= 1e-4
+        cache = hf_cache_after(hf, suffix)
+        for k, i in enumerate(adapter.hf_layer_index):
+            torch.testing.assert_close(state.ssm[k][r], cache.layers[i].recurrent_states[0][0], atol=1e-5, rtol=1e-4)
+        for j, i in enumerate(adapter.attention_layer_index):  # the row's keys are the last 90 - start
+            torch.testing.assert_close(state.keys[j][r, :, start:], cache.layers[i].keys[0], atol=1e-5, rtol=1e-4)
+
+
+def test_hybrid_resets_to_a_carried_state_and_row_selection_are_exact(hybrid, tokens):
+    """Rows reset to an initial state that has seen a prefix (its KV caches not empty), then one row
+    is selected and continued: each equals transformers on the row's whole context in one call."""
+    _, hf, adapter, _ = hybrid
+    prefix, x, more = tokens[:, :20], tokens[:, 20:80], tokens[:, 80:95]
+    initial = final_state(adapter, prefix, 8)
+    chunks = list(rollout(adapter, x, chunk=16, state=initial, resets=[0, 25]))
+    logits, state = torch.cat([c.logits() for c in chunks], dim=1), chunks[-1].state
+    assert state.seen == (80, 55)
+    whole = [torch.cat([prefix[0], x[0]]), torch.cat([prefix[1], x[1, 25:]])]
+    assert (logits[0] - hf_logits(hf, whole[0][None])[0, 20:]).abs().max().item() <= 1e-4
+    assert (logits[1, 25:] - hf_logits(hf, whole[1][None])[0, 20:]).abs().max().item() <= 1e-4
+    alone = state.rows([1])
+    assert alone.seen == (55,) and alone.kv_length == 55    # the other row's longer cache is trimmed away
+    continued = logits_of(adapter, more[1:], 6, state=alone)
+    expected = hf_logits(hf, torch.cat([whole[1], more[1]])[None])[0, -more.shape[1]:]
+    assert (continued[0] - expected).abs().max().item() <= 1e-4
+
+
+def test_a_plain_state_on_a_hybrid_means_empty_kv_caches(hybrid, short_tokens):
+    """Initial-state samplers build plain States: a hybrid reads them as having seen nothing."""
+    _, hf, adapter, _ = hybrid
+    zero = adapter.zero_state(2)
+    assert isinstance(zero, HybridState) and zero.seen == (0, 0) and zero.kv_length == 0
+    plain = State(zero.ssm, zero.conv)
+    logits = logits_of(adapter, short_tokens, 16, state=plain, resets=[0, 30])
+    assert (logits[0] - hf_logits(hf, short_tokens[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, 30:] - hf_logits(hf, short_tokens[1:, 30:])[0]).abs().max().item() <= 1e-4
+
+
+def test_hybrid_attention_layers_are_reported(hybrid, monkeypatch, capsys):
+    name, _, adapter, path = hybrid
+    _, attention, recurrent = HYBRIDS[name]
+    assert adapter.attention_layer_index == attention and adapter.hf_layer_index == recurrent
+    assert adapter.n_layers == len(recurrent) and adapter.n_heads == 4
+    assert sorted(adapter.hook_points()) == [f"blocks.{k}.hook_state" for k in range(len(recurrent))]
+    assert adapter.state_shapes() == [{"ssm": (4, 16, 8), "conv": (80, 4)}] * len(recurrent)
+    code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", path, "--backend", "hf", "--length", 24,
+                           "--chunk", 7)
+    out = " ".join(out.split())  # rich wraps long lines
+    assert code == 0 and f"{len(recurrent)} recurrent layers" in out
+    assert f"recurrent: HF layers {', '.join(map(str, recurrent))} (blocks.0 .. blocks.{len(recurrent) - 1})" in out
+    assert f"attention: HF layers {', '.join(map(str, attention))} (their KV cache is carried" in out
+
+
+def test_remembrance_command_on_a_hybrid_equals_brute_force(tmp_path, monkeypatch, capsys):
+    """EffRem through the CLI (rows reset inside batches) against one transformers forward per (sequence, t)."""
+    hf = hf_bamba(tmp_path / "ckpt")
+    T, ts = 80, [0, 5, 40, 79]
+    data = np.random.default_rng(3).integers(0, 64, (2, T))
+    np.save(tmp_path / "tokens.npy", data)
+    code, _, _ = run_cli(monkeypatch, capsys, "remembrance", "--ckpt", tmp_path / "ckpt", "--backend", "hf",
+                         "--data", tmp_path / "tokens.npy", "--train-len", 20, "--T", T, "--num-seqs", 2,
+                         "--t", "5,40,79", "--chunk", 16, "--batch", 3, "--out", tmp_path / "out")
+    assert code == 0
+    written = pd.read_csv(tmp_path / "out" / "remembrance.csv")
+    x = torch.as_tensor(data)
+
+    def q(n, t):
+        return torch.softmax(hf_logits(hf, x[n:n + 1, t:T])[0, -1].double(), dim=-1)
+
+    expected = [np.mean([0.5 * (q(n, 0) - q(n, t)).abs().sum().item() for n in range(2)]) for t in ts]
+    assert list(written.t) == ts
+    np.testing.assert_allclose(written.effrem, expected, rtol=1e-3, atol=1e-6)
+    assert written.effrem.iloc[1] > 1e-4 and written.effrem.iloc[-1] > 1e-3  # far from the tolerance
+
+
+RELATIVES = {  # name -> (model, expected layer kinds)
+    "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+        vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, intermediate_size=64, ssm_state_size=8, mamba_num_heads=4,
+        mamba_head_dim=16, n_groups=1, chunk_size=16)), ["recurrent", "attention", "none", "recurrent"]),
+    "falcon_h1": (lambda: transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+        mamba_chunk_size=16)), ["hybrid", "hybrid"]),
+    "granitemoehybrid": (lambda: transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16,
+        mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, num_local_experts=1, num_experts_per_tok=1,
+        shared_intermediate_size=64, position_embedding_type="rope")), ["recurrent", "attention", "recurrent"]),
+    "jamba": (lambda: transformers.JambaForCausalLM(transformers.JambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_experts=1, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+        mamba_d_state=8, mamba_dt_rank=4)), ["recurrent", "attention"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELATIVES))
+def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, tokens):
+    make, kinds = RELATIVES[name]
+    torch.manual_seed(0)
+    hf = sharpen(perturb(make(), 0))
+    hf.save_pretrained(tmp_path)
+    adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
+    assert adapter.layer_kinds == kinds
+    assert adapter.token_by_token == (name == "jamba")  # Jamba's Mamba-1 mixer drops the state in multi-token calls
+    x = tokens[:, :40]
+    logits = logits_of(adapter, x, 7, resets=[0, 17])
+    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, 17:] - hf_logits(hf, x[1:, 17:])[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, sliding_window=8),
+     r"layers \[0, 1\] keep a DynamicSlidingWindowLayer cache; the hf adapter carries only recurrent states"),
+    (lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1),
+     "LlamaForCausalLM has no recurrent layers"),
+], ids=["sliding-window", "no-recurrent-layer"])
+def test_caches_the_adapter_cannot_carry_are_refused(config, message):
+    cfg = config()
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(CheckpointError, match=message):
+        HFRecurrentAdapter(model)

@@ -298,7 +298,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 def load_hf_adapter(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> RecurrentLM:
-    """Any local transformers causal LM with only recurrent layers, run through its own modules (see
+    """Any local transformers causal LM with recurrent layers (hybrids too), run through its own modules (see
     :mod:`statelens.models.hf_adapter`); checked chunked against one-shot on load."""
     from statelens.models.hf_adapter import HFRecurrentAdapter
 

@@ -1,10 +1,10 @@
-"""Any local ``transformers`` causal LM whose cache holds only recurrent states, behind statelens' protocol.
+"""Any local ``transformers`` causal LM whose cache holds recurrent states, behind statelens' protocol.
 
     model = HFRecurrentAdapter.from_pretrained("path/to/checkpoint")   # never runs remote code
     logits, state = model(tokens, state)
 
-For architectures statelens has no native backend for (falcon_mamba, pure-recurrent configs of
-nemotron_h / qwen3_next-like models, ...), or to cross-check a native backend. Each call writes the
+For architectures statelens has no native backend for (falcon_mamba, hybrids such as bamba, zamba2,
+nemotron_h, ...), or to cross-check a native backend. Each call writes the
 :class:`~statelens.models.base.State` into a fresh ``transformers`` ``DynamicCache`` built for the
 model's config (every recurrent layer marked ``has_previous_state``), runs the backbone on the chunk,
 and copies the states back out of the cache. The zero state run this way equals a run without a
@@ -18,9 +18,15 @@ State layout, per recurrent layer ``k`` (``hf_layer_index[k]`` is its index in t
              column is never read (a width-k causal conv needs k - 1 past inputs), so
              ``conv[k][..., 1:]`` equals the native backend's conv state.
 
-Hybrid models are refused: their attention layers carry a KV cache, which is not a recurrent state
-(a :class:`~statelens.errors.CheckpointError` names the attention layers). Layers without any cache
-(MLP / MoE layers) are skipped.
+Hybrid models (layers with full attention beside the recurrent ones): the attention layers
+(``attention_layer_index``, HF indices; Zamba2's and Falcon-H1's layers that hold both are in both
+lists) keep a KV cache, which is not a recurrent state: it is carried from call to call in a
+:class:`HybridState` (a ``State`` with the keys and values added) so that chunked runs equal one-shot
+runs, but no hook sees it and no statistic is computed on it. Rows of a batch may have seen different
+numbers of tokens (the rollout engine resets rows to the initial state): each row's keys are
+right-aligned, the attention mask hides the positions before them, and the row's position ids count
+its own tokens, so a reset row computes what a separate run on its suffix computes. Sliding-window
+and other non-full attention caches are refused. Layers without any cache (MLP / MoE) are skipped.
 
 Multi-token chunks: on load, :func:`check_chunking` compares chunked with one-shot logits. Where the
 model drops the carried state in multi-token calls (``transformers``' ``MambaForCausalLM`` ignores
@@ -38,6 +44,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -56,9 +63,87 @@ class _StateHooks(nn.Module):
         self.hook_state = HookPoint(layer)  # [b, heads, headdim, d_state] or [b, d_inner, d_state]
 
 
+@dataclass(frozen=True)
+class HybridState(State):
+    """A hybrid model's state: the recurrent states (``ssm``, ``conv``, as in :class:`State`) plus the
+    KV caches of its attention layers, which travel with it but are not recurrent states.
+
+    keys, values: per attention layer ``[b, kv_heads, L, head_dim]``. Row ``r``'s cache is its last
+        ``seen[r]`` positions; the ``L - seen[r]`` positions before them are padding (zeros, or keys
+        from before the row was reset) that the adapter masks out.
+    seen: per row, the tokens its attention layers have consumed since its initial state: its cache
+        length and the position id of its next token.
+
+    A plain :class:`State` given to a hybrid model means empty KV caches (nothing seen).
+    """
+
+    keys: tuple[torch.Tensor, ...] = ()
+    values: tuple[torch.Tensor, ...] = ()
+    seen: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, state: State, keys, values, seen) -> HybridState:
+        """``state``'s recurrent part (every field of :class:`State`) with these KV caches."""
+        return cls(**{f.name: getattr(state, f.name) for f in fields(State)}, keys=tuple(keys), values=tuple(values),
+                   seen=tuple(seen))
+
+    @property
+    def kv_length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def map(self, fn) -> HybridState:
+        """Applies ``fn`` to every tensor (``fn`` must keep the batch axis: use :meth:`rows` to select)."""
+        return self.of(State.map(self, fn), map(fn, self.keys), map(fn, self.values), self.seen)
+
+    def rows(self, index) -> HybridState:
+        """The state of a subset of the batch."""
+        picked = State.rows(self, index)
+        index = index.cpu() if isinstance(index, torch.Tensor) else index
+        seen = torch.tensor(self.seen, dtype=torch.long)[index].reshape(-1).tolist()
+        return self.of(picked, picked.keys, picked.values, seen).trimmed()
+
+    def where(self, rows: torch.Tensor, other: State) -> HybridState:
+        """Per batch row: ``other`` where ``rows`` [batch] is True, else this state. Both KV caches are
+        left-padded to a common length, so a row keeps its keys right-aligned whichever it takes."""
+        picked = State.where(self, rows, other)
+        if not isinstance(other, HybridState):
+            other = self.empty_like(other)
+        length = max(self.kv_length, other.kv_length)
+        mask = rows.view(-1, 1, 1, 1)
+
+        def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask, _left_pad(theirs.to(mine.dtype), length), _left_pad(mine, length))
+
+        seen = [s_other if r else s_mine for r, s_mine, s_other in zip(rows.tolist(), self.seen, other.seen)]
+        return self.of(picked, map(pick, self.keys, other.keys), map(pick, self.values, other.values), seen).trimmed()
+
+    def empty_like(self, state: State) -> HybridState:
+        """``state``'s recurrent part with empty KV caches shaped like this state's."""
+        return self.of(state, (k[:, :, :0] for k in self.keys), (v[:, :, :0] for v in self.values),
+                       (0,) * state.batch_size)
+
+    def trimmed(self) -> HybridState:
+        """Drops the leading cache positions that no row reads."""
+        drop = self.kv_length - max(self.seen, default=0)
+        if drop == 0:
+            return self
+        return self.of(self, (k[:, :, drop:] for k in self.keys), (v[:, :, drop:] for v in self.values), self.seen)
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, h, L, d] -> [b, h, length, d] with zeros before."""
+    return nn.functional.pad(t, (0, 0, length - t.shape[2], 0))
+
+
+# Cache layer classes (by name) the adapter can carry: a recurrent state, a full-attention KV cache, or both.
+_RECURRENT, _ATTENTION, _BOTH = "LinearAttentionLayer", "DynamicLayer", "LinearAttentionAndFullAttentionLayer"
+
+
 def layer_kinds(config) -> list[str]:
-    """Per HF layer: "recurrent" (a linear-attention cache layer), "attention" (a KV cache, alone or
-    beside a recurrent state) or "none" (no cache: MLP / MoE layers).
+    """Per HF layer: "recurrent" (a linear-attention cache layer), "attention" (a full-attention KV
+    cache), "hybrid" (both: Zamba2's layers that run a shared attention block before the mamba mixer,
+    Falcon-H1's parallel attention and mamba), "none" (no cache: MLP / MoE layers) or the cache layer's class name for any other kind (sliding
+    window, ...), which the adapter refuses.
 
     Read from the layers of the cache transformers builds for the config, by class name: an
     ``isinstance`` test breaks when another package has imported transformers' cache module anew.
@@ -67,21 +152,18 @@ def layer_kinds(config) -> list[str]:
 
     kinds = []
     for layer in DynamicCache(config=config).layers:
-        names = {cls.__name__ for cls in type(layer).__mro__}
-        if "LinearAttentionCacheLayerMixin" in names and not hasattr(layer, "keys"):
-            kinds.append("recurrent")
-        elif "DummyLayer" in names:
-            kinds.append("none")
-        else:
-            kinds.append("attention")
+        name = type(layer).__name__
+        kinds.append({_RECURRENT: "recurrent", _ATTENTION: "attention", _BOTH: "hybrid", "DummyLayer": "none"}
+                     .get(name, name))
     return kinds
 
 
 class HFRecurrentAdapter(RecurrentLM):
-    """A pure recurrent ``transformers`` causal LM as a :class:`RecurrentLM` (see the module docstring).
+    """A ``transformers`` causal LM with recurrent layers as a :class:`RecurrentLM` (see the module docstring).
 
     ``hf_model`` is a loaded ``*ForCausalLM``; ``check`` runs :func:`check_chunking` (and may switch on
-    ``token_by_token``).
+    ``token_by_token``). ``hf_layer_index[k]``: HF index of recurrent layer ``k``;
+    ``attention_layer_index``: HF indices of the layers with a KV cache (empty unless hybrid).
     """
 
     arch = "hf"
@@ -90,22 +172,31 @@ class HFRecurrentAdapter(RecurrentLM):
         super().__init__()
         self.hf = hf_model.eval()
         self.config = hf_model.config
+        name = type(hf_model).__name__
         self.layer_kinds = layer_kinds(self.config)
-        attention = [i for i, kind in enumerate(self.layer_kinds) if kind == "attention"]
-        if attention:
-            raise CheckpointError(
-                f"{type(hf_model).__name__} has attention layers {attention}: the hf adapter runs only pure "
-                "recurrent models (a KV cache is not a recurrent state)")
-        self.hf_layer_index = [i for i, kind in enumerate(self.layer_kinds) if kind == "recurrent"]
+        other = {i: kind for i, kind in enumerate(self.layer_kinds)
+                 if kind not in ("recurrent", "attention", "hybrid", "none")}
+        if other:
+            raise CheckpointError(f"{name}: layers {sorted(other)} keep a {min(other.values())} cache; the "
+                                  "hf adapter carries only recurrent states and full-attention KV caches")
+        self.hf_layer_index = [i for i, kind in enumerate(self.layer_kinds) if kind in ("recurrent", "hybrid")]
+        self.attention_layer_index = [i for i, kind in enumerate(self.layer_kinds) if kind in ("attention", "hybrid")]
         if not self.hf_layer_index:
-            raise CheckpointError(f"{type(hf_model).__name__} has no recurrent layers")
+            raise CheckpointError(f"{name} has no recurrent layers")
         backbone = hf_model.base_model
         params = inspect.signature(backbone.forward).parameters
         self._cache_kw = "cache_params" if "cache_params" in params else "past_key_values"
+        if self.attention_layer_index and not {"attention_mask", "position_ids"} <= set(params):
+            raise CheckpointError(f"{name} has attention layers but its forward takes no attention_mask and "
+                                  "position_ids; the hf adapter cannot carry their KV cache exactly")
         self.token_by_token = False
-        self.notes: list[str] = []
+        self.notes: list[str] = [self.layout()] if self.attention_layer_index else []
         self.blocks = nn.ModuleList(_StateHooks(k) for k in range(len(self.hf_layer_index)))
-        self._shapes = self._probe_shapes()
+        try:
+            self._shapes, self._kv_shapes = self._probe_shapes()
+        except RuntimeError as error:  # the HF model's own forward, e.g. a GPU-only kernel on the CPU
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{name}: transformers' own forward fails on {self.device}: {first}") from error
         self.hook_points()  # names the hook points
         if check:
             check_chunking(self)
@@ -136,15 +227,26 @@ class HFRecurrentAdapter(RecurrentLM):
             raise CheckpointError(f"{path}: transformers cannot load it: {first}") from error
         return cls(hf_model.to(device), check=check)
 
+    def layout(self) -> str:
+        """One line: which HF layers are recurrent (they are ``blocks.0``, ``blocks.1``, ... in that order)
+        and which keep a KV cache."""
+        line = (f"recurrent: HF layers {', '.join(map(str, self.hf_layer_index))} "
+                f"(blocks.0 .. blocks.{len(self.hf_layer_index) - 1})")
+        if self.attention_layer_index:
+            line += (f"; attention: HF layers {', '.join(map(str, self.attention_layer_index))} (their KV cache is "
+                     "carried between chunks but is not a recurrent state: no hook, no statistics)")
+        return line
+
     # -- the cache round trip ------------------------------------------------------------------
-    def _probe_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype, tuple[int, ...], torch.dtype]]:
-        """Per recurrent layer: (ssm shape, dtype, conv shape, dtype) for one sequence, batch axis dropped."""
+    def _probe_shapes(self):
+        """Per recurrent layer: (ssm shape, dtype, conv shape, dtype); per attention layer: (key shape,
+        value shape, dtype) with a zero-length sequence axis. One sequence, batch axis dropped."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.config)
+        tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            self.hf.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                               use_cache=True, **{self._cache_kw: cache})
+            self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
         shapes = []
         for i in self.hf_layer_index:
             ssm, conv = cache.layers[i].recurrent_states[0], cache.layers[i].conv_states[0]
@@ -152,7 +254,17 @@ class HFRecurrentAdapter(RecurrentLM):
                 raise CheckpointError(f"layer {i} of {type(self.hf).__name__} keeps no recurrent state and "
                                       "conv state; the hf adapter needs both")
             shapes.append((tuple(ssm.shape[1:]), ssm.dtype, tuple(conv.shape[1:]), conv.dtype))
-        return shapes
+        kv_shapes = []
+        for i in self.attention_layer_index:
+            keys, values = cache.layers[i].keys, cache.layers[i].values
+            kv_shapes.append(((keys.shape[1], 0, keys.shape[3]), (values.shape[1], 0, values.shape[3]), keys.dtype))
+        return shapes, kv_shapes
+
+    def _as_hybrid(self, state: State) -> HybridState:
+        """A hybrid model's state; a plain State gets empty KV caches."""
+        if isinstance(state, HybridState):
+            return state
+        return self.zero_state(state.batch_size, device=state.ssm[0].device).empty_like(state)
 
     def _cache_from(self, state: State):
         """A fresh DynamicCache holding ``state``, every recurrent layer marked as continuing."""
@@ -167,18 +279,43 @@ class HFRecurrentAdapter(RecurrentLM):
             layer.conv_states[0].copy_(conv)
             layer.recurrent_states[0].copy_(ssm)
             layer.has_previous_state[0] = True
+        if isinstance(state, HybridState) and state.kv_length:
+            for j, i in enumerate(self.attention_layer_index):
+                dtype = self._kv_shapes[j][2]
+                cache.layers[i].update(state.keys[j].to(dtype), state.values[j].to(dtype))
         return cache
 
     def _call(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One backbone call on ``tokens`` [b, l] from ``state``; the states read back pass the hooks."""
+        extra = {}
+        if self.attention_layer_index:
+            state = self._as_hybrid(state)
+            extra = self._mask_and_positions(state, tokens.shape[1])
         cache = self._cache_from(state)
-        out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
+        out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
             layer = cache.layers[i]
             ssm.append(self.blocks[k].hook_state(layer.recurrent_states[0].clone()))
             conv.append(layer.conv_states[0].clone())
-        return out.last_hidden_state, State(tuple(ssm), tuple(conv))
+        if not self.attention_layer_index:
+            return out.last_hidden_state, State(tuple(ssm), tuple(conv))
+        keys = tuple(cache.layers[i].keys for i in self.attention_layer_index)
+        values = tuple(cache.layers[i].values for i in self.attention_layer_index)
+        seen = tuple(s + tokens.shape[1] for s in state.seen)
+        return out.last_hidden_state, HybridState.of(State(tuple(ssm), tuple(conv)), keys, values, seen)
+
+    def _mask_and_positions(self, state: HybridState, length: int) -> dict[str, torch.Tensor]:
+        """position_ids [b, length]: each row's own positions (``seen`` on); attention_mask [b, L + length]
+        (only when some row's cache is shorter than the L cached positions): 1 on the positions the row
+        reads, 0 on its left padding."""
+        device = state.ssm[0].device
+        seen = torch.tensor(state.seen, dtype=torch.long, device=device)[:, None]               # [b, 1]
+        extra = {"position_ids": seen + torch.arange(length, device=device)}
+        if min(state.seen) < state.kv_length:
+            columns = torch.arange(state.kv_length + length, device=device)
+            extra["attention_mask"] = (columns >= state.kv_length - seen).long()
+        return extra
 
     # -- the protocol --------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -197,11 +334,15 @@ class HFRecurrentAdapter(RecurrentLM):
         return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
     def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
+        """Zero recurrent states; for a hybrid, a :class:`HybridState` with empty KV caches."""
         device = self.device if device is None else device
-        return State(
-            tuple(torch.zeros(batch, *s, device=device, dtype=dtype or sd) for s, sd, _, _ in self._shapes),
-            tuple(torch.zeros(batch, *c, device=device, dtype=dtype or cd) for _, _, c, cd in self._shapes),
-        )
+        ssm = tuple(torch.zeros(batch, *s, device=device, dtype=dtype or sd) for s, sd, _, _ in self._shapes)
+        conv = tuple(torch.zeros(batch, *c, device=device, dtype=dtype or cd) for _, _, c, cd in self._shapes)
+        if not self.attention_layer_index:
+            return State(ssm, conv)
+        keys = tuple(torch.zeros(batch, *k, device=device, dtype=dtype or kd) for k, _, kd in self._kv_shapes)
+        values = tuple(torch.zeros(batch, *v, device=device, dtype=dtype or vd) for _, v, vd in self._kv_shapes)
+        return HybridState.of(State(ssm, conv), keys, values, (0,) * batch)
 
     @property
     def n_heads(self) -> int:
