@@ -32,10 +32,14 @@ class State:
           Mamba-1 ``[batch, d_inner, d_state]``).
     conv: per layer, the last ``d_conv - 1`` inputs of the causal convolution,
           ``[batch, conv_channels, d_conv - 1]``.
+    extra: anything else a modified model carries between calls, batch first (empty for the
+          backends; the sliding-window mitigation keeps its last ``r`` inputs here, see
+          :mod:`statelens.interventions.mitigations`).
     """
 
     ssm: tuple[torch.Tensor, ...]
     conv: tuple[torch.Tensor, ...]
+    extra: tuple[torch.Tensor, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -43,7 +47,7 @@ class State:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
         """Applies ``fn`` to every tensor."""
-        return State(tuple(fn(t) for t in self.ssm), tuple(fn(t) for t in self.conv))
+        return State(*(tuple(fn(t) for t in part) for part in (self.ssm, self.conv, self.extra)))
 
     def detach(self) -> State:
         return self.map(torch.Tensor.detach)
@@ -67,6 +71,7 @@ class State:
         return State(
             tuple(pick(a, b) for a, b in zip(self.ssm, other.ssm)),
             tuple(pick(a, b) for a, b in zip(self.conv, other.conv)),
+            tuple(pick(a, b) for a, b in zip(self.extra, other.extra, strict=True)),
         )
 
     def numel_per_sequence(self) -> int:

@@ -251,6 +251,9 @@ class GatedLinearAttention(nn.Module):
         norm = nn.Module()
         norm.register_parameter("weight", nn.Parameter(torch.ones(cfg.head_v_dim)) if cfg.elementwise_affine else None)
         setattr(self, self.norm_name, norm)
+        # The scan, replaceable by a training-free mitigation (statelens.interventions.mitigations):
+        # same inputs and outputs as gla_chunked. None: that exact scan.
+        self.scan = None
 
     def forward(self, u: torch.Tensor, state: torch.Tensor, hooks: GLABlock) -> tuple[torch.Tensor, torch.Tensor]:
         """u [b, l, d]; state [b, h, k, v] -> (out [b, l, d], state [b, h, k, v]). ``hooks`` holds the
@@ -273,7 +276,7 @@ class GatedLinearAttention(nn.Module):
         if hooks.hook_decay.active:  # round-trip through alpha only when somebody looks or patches
             gk = hooks.hook_decay(gk.exp()).log()
 
-        o, state = gla_chunked(q.to(wide), k.to(wide), v.to(wide), gk, state, cfg.chunk_size)
+        o, state = (self.scan or gla_chunked)(q.to(wide), k.to(wide), v.to(wide), gk, state, cfg.chunk_size)
         state = hooks.hook_state(state)
 
         # Per-head RMSNorm over d_v, then the swish output gate (fla: FusedRMSNormGated or RMSNorm * swish).

@@ -84,6 +84,9 @@ class Mamba1Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(d, cfg.d_state))
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+        # The scan, replaceable by a training-free mitigation (statelens.interventions.mitigations):
+        # same inputs and outputs as selective_scan_chunked. None: that exact scan.
+        self.scan = None
 
         self.hook_x = HookPoint(layer)           # [b, l, d]
         self.hook_B = HookPoint(layer)           # [b, l, n]
@@ -110,7 +113,7 @@ class Mamba1Mixer(nn.Module):
         log_decay = None
         if self.hook_decay.active:  # [b, l, d, n] is large: build it only when somebody looks or patches
             log_decay = self.hook_decay((dt.to(wide)[..., None] * A).exp()).log()
-        y, ssm_state = selective_scan_chunked(
+        y, ssm_state = (self.scan or selective_scan_chunked)(
             x.to(wide), dt.to(wide), A, B.to(wide), C.to(wide), ssm_state, log_decay=log_decay)
         ssm_state = self.hook_state(ssm_state)
         y = (y + x.to(wide) * self.D) * F.silu(z.to(wide))

@@ -129,6 +129,9 @@ class Mamba2Mixer(nn.Module):
         # SSD block length. Results do not depend on it; 64 measured fastest on CPU at both the small
         # and the 130M shape (2x faster than the config's usual 256 at 130M).
         self.ssd_block = min(cfg.chunk_size, 64)
+        # The scan, replaceable by a training-free mitigation (statelens.interventions.mitigations):
+        # same inputs and outputs as ssd_chunked_with_block_states. None: that exact scan.
+        self.scan = None
 
         self.hook_x = HookPoint(layer)           # [b, l, h, p]
         self.hook_B = HookPoint(layer)           # [b, l, g, n]
@@ -166,11 +169,14 @@ class Mamba2Mixer(nn.Module):
             log_a = self.hook_decay(log_a.exp()).log()
 
         scan_inputs = (x.to(wide) * dt.to(wide)[..., None], log_a, B.to(wide), C.to(wide), ssm_state, self.ssd_block)
-        if self.hook_state_blocks.active:  # the states after each SSD block come for free; observe only
+        if self.scan is not None:
+            y, ssm_state, blocks = self.scan(*scan_inputs)
+        elif self.hook_state_blocks.active:  # the states after each SSD block come for free
             y, ssm_state, blocks = ssd_chunked_with_block_states(*scan_inputs)
-            self.hook_state_blocks(blocks)
         else:
             y, ssm_state = ssd_chunked(*scan_inputs)
+        if self.hook_state_blocks.active:  # observe only
+            self.hook_state_blocks(blocks)
         ssm_state = self.hook_state(ssm_state)
         D = self.D.view(h, p) if cfg.D_has_hdim else self.D[:, None]
         y = (y + x.to(wide) * D).reshape(b, l, cfg.d_ssm)

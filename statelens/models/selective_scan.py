@@ -49,11 +49,14 @@ def selective_scan_chunked(
     h0: torch.Tensor,
     log_decay: torch.Tensor | None = None,
     block: int | None = None,
+    inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks of ``q`` tokens, each scanned in ``log2(q)`` parallel steps (Hillis-Steele); the state is
     carried from block to block. Same inputs and outputs as :func:`selective_scan_sequential`.
 
-    ``log_decay`` [b, l, d, n], when given, replaces ``dt * A`` (a patched decay, see ``hook_decay``).
+    ``log_decay`` [b, l, d, n], when given, replaces ``dt * A`` (a patched decay, see ``hook_decay``);
+    ``inputs`` [b, l, d, n], when given, replaces the insertion ``dt * u * B`` (the sliding-window
+    mitigation's, see :mod:`statelens.interventions.mitigations`).
     Every product formed is of decays <= 1, so the form is as stable as the recurrence.
     """
     b, l, d = u.shape
@@ -66,7 +69,8 @@ def selective_scan_chunked(
         end = min(start + q, l)
         log_a = log_decay[:, start:end] if log_decay is not None else dt[:, start:end, :, None] * A
         a = log_a.exp()                                                # [b, q, d, n]
-        v = du[:, start:end, :, None] * B[:, start:end, None, :]       # [b, q, d, n]
+        v = (inputs[:, start:end] if inputs is not None
+             else du[:, start:end, :, None] * B[:, start:end, None, :])  # [b, q, d, n]
         # Inclusive scan of (a, v) under (a1, v1) o (a2, v2) = (a1 a2, a2 v1 + v2).
         step = 1
         while step < end - start:

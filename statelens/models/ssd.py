@@ -97,11 +97,12 @@ def _ssd(x, log_a, B, C, h0, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
     # 1. Within each chunk (diagonal blocks): y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) x_s
     CB = torch.einsum("bctgn,bcsgn->bgcts", C, B)
-    M = CB[:, :, None] * segsum(a).exp()  # [b, g, r, c, t, s]
-    y = torch.einsum("bgrcts,bcsgrp->bctgrp", M, x)
+    decay = segsum(a).exp()  # [b, g, r, c, t, s]
+    y = torch.einsum("bgrcts,bcsgrp->bctgrp", CB[:, :, None] * decay, x)
 
-    # 2. Each chunk's own contribution to the state at its end.
-    x_to_end = x * (a_cum[..., -1:] - a_cum).exp().permute(0, 3, 4, 1, 2)[..., None]  # [b, c, q, g, r, p]
+    # 2. Each chunk's own contribution to the state at its end. The decays to the end are the last
+    # row of step 1's: no cum[q] - cum[s], which is nan when a patched alpha is 0 (log-decay -inf).
+    x_to_end = x * decay[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]  # [b, c, q, g, r, p]
     chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, x_to_end)
 
     # 3. Carry the state across chunk boundaries (a short loop: c = l / chunk).
