@@ -8,11 +8,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from statelens.cli.options import BackendName, DType, load
 
 DEFAULT_TRAIN_LEN = 2048
 METADATA = "statelens.json"  # written next to a checkpoint by `statelens posttrain`
+PARTIAL = ".partial"          # under --out: the finished groups of an interrupted run (statelens.resumable)
 
 
 @dataclass
@@ -29,6 +31,11 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
     data_description: str = ""
+    resume: bool = False              # --resume: load the groups an interrupted run saved
+    partials: object = None           # statelens.resumable.Partials of the grouped computation, if any
+    nonfinite: dict = field(default_factory=dict)  # table -> its first non-finite row (set by finish)
+    mitigation: object = None         # --mitigation: the parsed spec (statelens.interventions.mitigations)
+    mitigated: object = None          # ... and its Applied handle, once applied (the cap: at the first sequences)
 
     @property
     def model(self):
@@ -43,24 +50,78 @@ class Run:
         vocab = self.model.config.vocab_size
         if data is None:
             self.data_description = f"uniformly random tokens over the {vocab}-token vocabulary (seed {self.seed})"
-            return np.random.default_rng(self.seed).integers(0, vocab, size=(n, length), dtype=np.int64)
+            drawn = np.random.default_rng(self.seed).integers(0, vocab, size=(n, length), dtype=np.int64)
+            return self._calibrate(drawn)
         tokenizer = load_tokenizer(self.ckpt.path, vocab) if not str(data).endswith(".npy") else None
         tokens = load_tokens(data, tokenizer)
         tokens.check_vocab(vocab)
         self.data_description = f"{data} ({tokens.kind}; " + (
             f"tokenized with {tokens.tokenizer_name})" if tokens.tokenizer_name else "token ids)")
-        return tokens.sequences(n, length, seed=self.seed)
+        return self._calibrate(tokens.sequences(n, length, seed=self.seed))
+
+    def _calibrate(self, sequences):
+        """Applies a pending --mitigation cap, calibrated on the first train_len tokens of ``sequences``."""
+        if self.mitigation is not None and self.mitigated is None:
+            from statelens.interventions.mitigations import apply_mitigation
+
+            self.mitigated = apply_mitigation(self.model, self.mitigation, calibration=sequences,
+                                              train_len=self.train_len, chunk=self.config.get("chunk") or 2048)
+            self.lap("calibrate")
+        return sequences
+
+    def groups(self, work: list, *, tokens: list[int], description: str) -> list[dict]:
+        """Runs ``work`` (one callable per group of sequences, given ``advance``, returning a dict of
+        numpy arrays) resumably and shared over torchrun ranks (statelens.resumable); returns every
+        group's result in group order. The finished groups are saved under ``OUT/.partial`` until
+        :meth:`finish`. SIGINT/SIGTERM: exits 130/143 with a line saying to rerun with --resume.
+        Ranks other than 0 exit here once their groups are sent: rank 0 alone combines and writes."""
+        from statelens import distributed
+        from statelens.models.checkpoint import content_hash
+        from statelens.resumable import Interrupted, Partials, run_groups
+
+        self.partials = Partials(self.out / PARTIAL, {"command": self.command, "config": self.config,
+                                                      "checkpoint_sha256": content_hash(self.ckpt.path)})
+        self.partials.open(self.resume)
+        mine = range(distributed.rank(), len(work), distributed.world_size())
+        try:
+            with progress(sum(tokens[i] for i in mine), description) as advance:
+                results = run_groups(work, self.partials, costs=tokens, advance=advance)
+        except Interrupted as e:
+            exit_interrupted(e, f"{self.partials.count()} of {len(work)} groups saved in {self.partials.folder}")
+        if results is None:
+            raise SystemExit(0)
+        return results
+
+    def sequence_groups(self, n: int, size: int, compute: Callable, *, tokens_per_seq: int,
+                        description: str) -> list[dict]:
+        """:meth:`groups` over sequences 0 .. n - 1 in groups of ``size``: ``compute(rows, advance)``, rows
+        a slice of the sequences, returns the group's dict of arrays."""
+        import functools
+
+        from statelens.resumable import groups
+
+        parts = groups(n, size)
+        return self.groups([functools.partial(compute, rows) for rows in parts],
+                           tokens=[(rows.stop - rows.start) * tokens_per_seq for rows in parts], description=description)
 
     def lap(self, name: str) -> None:
         self.timings[f"{name}_s"] = round(time.perf_counter() - self.started - sum(self.timings.values()), 3)
 
     def finish(self, tables: dict[str, object], figure=None, results: dict | None = None) -> list[Path]:
-        """Writes each table as CSV, the figure as PNG (and SVG), and run.json; returns the paths."""
+        """Writes each table as CSV, the figure as PNG (and SVG), and run.json; returns the paths (on
+        torchrun ranks other than 0: writes nothing). Then removes the saved groups of :meth:`groups`."""
+        from statelens import distributed
+        from statelens.analysis.nonfinite import find_nonfinite
         from statelens.models.checkpoint import content_hash
         from statelens.outputs import command_line, versions, write_json, write_table
 
+        if not distributed.is_main():
+            return []
+        if self.mitigation is not None and self.mitigated is None:  # a cap no sequences calibrated: a bug
+            raise RuntimeError("--mitigation was never applied: the command drew no sequences to calibrate it on")
         self.out.mkdir(parents=True, exist_ok=True)
         written = []
+        self.nonfinite = find_nonfinite(tables)  # inf/NaN values are a finding: said in run.json and the summary
         for name, df in tables.items():
             written += write_table(df, self.out / f"{name}.csv")
         if figure is not None:
@@ -83,22 +144,42 @@ class Run:
             "seed": self.seed,
             "versions": versions(),
             "timings": self.timings,
-            "results": results or {},
+            "results": (results or {}) | ({"nonfinite": self.nonfinite} if self.nonfinite else {}),
+            "mitigation": self.mitigated.summary() if self.mitigated is not None else None,
             "outputs": [p.name for p in written],
         }
         written.append(write_json(manifest, self.out / "run.json"))
+        if self.partials is not None:
+            self.partials.remove()
         return written
 
 
 def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out: Path | None,
-          train_len: int | None, config: dict, backend: BackendName = BackendName.native) -> Run:
-    """Loads the checkpoint and settles the training length; nothing is written yet."""
+          train_len: int | None, config: dict, backend: BackendName = BackendName.native,
+          resume: bool = False, mitigation: str | None = None, draws_sequences: bool = True) -> Run:
+    """Loads the checkpoint and settles the training length; nothing is written yet. Under torchrun,
+    joins the process group first (statelens.distributed).
+
+    ``mitigation`` (--mitigation) is applied to the model here, except the cap, which is calibrated on
+    the command's sequences when :meth:`Run.sequences` first draws them; a command that makes its own
+    inputs (``draws_sequences=False``: the tasks) refuses the cap."""
     import torch
+
+    from statelens import distributed
+    from statelens.interventions.mitigations import Cap, apply_mitigation, parse_mitigation, spec
+
+    mitigation = parse_mitigation(mitigation) if mitigation is not None else None
+    if isinstance(mitigation, Cap) and not draws_sequences:
+        from statelens.errors import BadInput
+
+        raise BadInput(f"--mitigation {spec(mitigation)}: the cap is calibrated on a command's sequences and "
+                       f"{command} has none; use scale or window")
 
     torch.manual_seed(seed)
     started = time.perf_counter()
     check_writable(out or Path("runs") / command)
-    loaded = load(ckpt, device, dtype, backend)
+    distributed.init(device)
+    loaded = load(ckpt, distributed.device_for(device), dtype, backend)
     source = "--train-len"
     if train_len is None:
         meta = loaded.path / METADATA
@@ -108,9 +189,22 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
             train_len, source = DEFAULT_TRAIN_LEN, "assumed (pass --train-len)"
     run = Run(command, loaded, train_len, source, seed, out or Path("runs") / command,
               config | {"device": device, "dtype": dtype.value, "seed": seed, "backend": backend.value},
-              started=started)
+              started=started, resume=resume, mitigation=mitigation)
+    run.config["mitigation"] = spec(mitigation) if mitigation is not None else None
+    if mitigation is not None and not isinstance(mitigation, Cap):
+        run.mitigated = apply_mitigation(run.model, mitigation)
     run.lap("load")
     return run
+
+
+def exit_interrupted(e, saved: str) -> NoReturn:
+    """After SIGINT/SIGTERM (statelens.resumable.Interrupted): one line saying what was saved and how to
+    continue, and exit code 130 or 143."""
+    import sys
+
+    print(f"statelens: interrupted by {e.name}: {saved}; rerun the same command with --resume to continue",
+          file=sys.stderr)
+    raise SystemExit(e.exit_code) from None
 
 
 def check_writable(out: Path) -> None:
@@ -142,26 +236,33 @@ def _train_len_from(meta: Path) -> int:
 @contextlib.contextmanager
 def progress(total: int, description: str, unit: str = "tokens") -> Iterator[Callable[[int], None]]:
     """A rich progress bar over ``total`` units (tokens by default) on stderr; yields ``advance(n)``.
-    Shown only on a terminal, so piped or logged output stays clean."""
+    Shown only on a terminal, so piped or logged output stays clean, and only on torchrun's rank 0."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
+    from statelens import distributed
+
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=console,
-                  disable=not console.is_terminal) as bar:
+                  disable=not console.is_terminal or not distributed.is_main()) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
 
 def report(run: Run, written: list[Path], lines: list[str]) -> None:
-    """Prints what a command found and where it wrote it."""
+    """Prints what a command found and where it wrote it (on torchrun's rank 0 only)."""
     from rich.console import Console
 
+    from statelens import distributed
+    from statelens.analysis.nonfinite import describe
+
+    if not distributed.is_main():
+        return
     console = Console(highlight=False)
     console.print(f"[bold]{run.command}[/] {run.ckpt.path} ({run.model.arch}); training length {run.train_len} "
                   f"({run.train_len_source}); data: {run.data_description}")
-    for line in lines:
+    for line in lines + [describe(name, found) for name, found in run.nonfinite.items()]:
         console.print(f"  {line}")
     console.print(f"wrote {', '.join(str(p) for p in written)}")

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
-                                   Out, Seed, TrainLen)
+from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Group, Length,
+                                   MitigationSpec, NumSeqs, Out, Resume, Seed, TrainLen)
 
 
 class Regime(str, Enum):
@@ -30,6 +30,16 @@ def default_regime(ckpt_path) -> Regime:
     except (OSError, ValueError, AttributeError):
         return Regime.zero
     return {"state-passing": Regime.state_passing, "tbtt": Regime.tbtt}.get(intervention, Regime.zero)
+
+
+def draw(run, data, num_seqs: int, length: int, regime: Regime, chain: int):
+    """The query sequences [num_seqs, length] and, for the state-passing and tbtt regimes, the reference
+    sequences [max(num_seqs, chain), chain x train_len] (else None). One draw: the first num_seqs rows
+    are the queries, the next rows (other tokens) feed the reference chains."""
+    if regime == Regime.zero:
+        return run.sequences(data, num_seqs, length), None
+    drawn = run.sequences(data, num_seqs + max(num_seqs, chain), max(length, chain * run.train_len))
+    return drawn[:num_seqs, :length], drawn[num_seqs:, :chain * run.train_len]
 
 
 # The analysis names the parameter behind a ValueError; these are the options that set it.
@@ -64,29 +74,35 @@ def coverage(
     chain: Annotated[int, typer.Option(
         help="Training-length segments per chain for the state-passing and tbtt reference sets.", min=1)] = 4,
     chunk: Chunk = 2048,
+    group: Group = 1,
+    resume: Resume = False,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
 ) -> None:
     """State coverage: the share of each head's states past the training length that fall outside the
     states it met within it (k-NN in PCA space), per position bucket, and its Spearman correlation with
     the loss increase; writes coverage.csv, coverage_buckets.csv, coverage.png and run.json."""
     import math
 
-    from statelens.analysis.coverage import CoverageInputError
-    from statelens.analysis.coverage import coverage as compute
-    from statelens.cli.common import progress, report, start
+    import functools
+
+    from statelens.analysis.coverage import (CoverageInputError, StateSample, collect_reference, collect_states,
+                                             coverage_from_states, recorded_positions)
+    from statelens.cli.common import report, start
+    from statelens.resumable import groups
     from statelens.errors import BadInput
     from statelens.reports.figures import coverage_figure
 
     run = start("coverage", ckpt=ckpt, device=device, dtype=dtype,
-                backend=backend, seed=seed, out=out, train_len=train_len,
+                backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "stride": stride, "k_nn": k_nn,
                         "components": components, "projection_dim": projection_dim,
-                        "regime": regime.value if regime else None, "chain": chain, "chunk": chunk})
+                        "regime": regime.value if regime else None, "chain": chain, "chunk": chunk, "group": group})
     length = length or 4 * run.train_len
     stride = stride or max(1, run.train_len // 16)
     regime = regime or default_regime(run.ckpt.path)
@@ -94,23 +110,34 @@ def coverage(
     if length <= run.train_len:
         raise BadInput(f"--length {length}: must exceed the training length {run.train_len} "
                        f"(coverage compares states past it with those within it)")
-    reference_sequences = None
-    if regime == Regime.zero:
-        sequences = run.sequences(data, num_seqs, length)
-    else:
-        # One draw: the first num_seqs rows are the queries, the next max(num_seqs, chain) rows (other
-        # tokens) feed the reference chains.
-        n_reference = max(num_seqs, chain)
-        drawn = run.sequences(data, num_seqs + n_reference, max(length, chain * run.train_len))
-        sequences, reference_sequences = drawn[:num_seqs, :length], drawn[num_seqs:, :chain * run.train_len]
+    sequences, reference_sequences = draw(run, data, num_seqs, length, regime, chain)
     run.lap("data")
+    record = {"projection_dim": projection_dim, "chunk": chunk, "seed": seed}
+
+    def query_states(rows, advance):
+        return collect_states(run.model, sequences[rows], positions=positions, progress=advance, **record).to_arrays()
+
+    def reference_states(chains, advance):
+        return collect_reference(run.model, reference_sequences, regime=regime.value, train_len=run.train_len,
+                                 chain=chain, stride=stride, chains=chains, progress=advance, **record).to_arrays()
+
     try:
-        total = num_seqs * length + (0 if reference_sequences is None else reference_sequences.size)
-        with progress(total, f"coverage L={length}") as advance:
-            per_head, per_bucket, results = compute(
-                run.model, sequences, train_len=run.train_len, buckets=buckets, stride=stride, k=k_nn,
-                components=components, projection_dim=projection_dim, chunk=chunk, seed=seed, progress=advance,
-                regime=regime.value, chain=chain, reference_sequences=reference_sequences)
+        positions = recorded_positions(num_seqs, length, train_len=run.train_len, stride=stride, k=k_nn,
+                                       buckets=buckets, scale="log", regime=regime.value, chain=chain,
+                                       reference_rows=None if reference_sequences is None else len(reference_sequences))
+        positions = positions.tolist()
+        queries = groups(num_seqs, group)
+        chains = [] if reference_sequences is None else groups(len(reference_sequences), group)
+        parts = run.groups([functools.partial(query_states, rows) for rows in queries]
+                           + [functools.partial(reference_states, rows) for rows in chains],
+                           tokens=[(rows.stop - rows.start) * length for rows in queries]
+                           + [(rows.stop - rows.start) * chain * run.train_len for rows in chains],
+                           description=f"coverage L={length}")
+        reference = StateSample.join(parts[len(queries):]) if chains else None
+        per_head, per_bucket, results = coverage_from_states(
+            StateSample.join(parts[:len(queries)]), train_len=run.train_len, buckets=buckets, k=k_nn,
+            components=components, reference=reference)
+        results |= {"regime": regime.value}
     except CoverageInputError as e:
         raise BadInput(f"{OPTIONS.get(e.parameter, '--' + e.parameter)}: {e}") from None
     except ValueError as e:
@@ -130,4 +157,6 @@ def coverage(
               f"loss {row.loss:.4f} ({row.loss_increase:+.4f} vs in-context)" for row in per_bucket.itertuples()]
     lines.append(f"Spearman rho (out of support vs loss increase, {results['n_buckets']} buckets): "
                  f"{results['spearman_rho']:.3f} (p = {results['spearman_p']:.3g})")
+    if bad := results.get("first_nonfinite_state"):
+        lines.append(f"states first non-finite at position {bad['position']}, layer {bad['layer']}, head {bad['head']}")
     report(run, written, lines)

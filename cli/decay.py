@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from statelens.cli.options import (Backend, BackendName, BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType,
-                                   Dtype, Length, NumSeqs, Out, Scale, Seed, TrainLen)
+                                   Dtype, Group, Length, MitigationSpec, NumSeqs, Out, Resume, Scale, Seed, TrainLen)
 
 
 def decay(
@@ -14,30 +14,35 @@ def decay(
     buckets: Buckets = 32,
     scale: BucketScale = Scale.log,
     chunk: Chunk = 2048,
+    group: Group = 1,
+    resume: Resume = False,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
 ) -> None:
     """Decay per layer and head: mean alpha = exp(dt * A) per position bucket, its horizon -1 / log(alpha)
     in tokens, and the retention of the initial state; writes decay.csv, decay.png and run.json."""
     import math
 
-    from statelens.analysis.decay import decay as compute
-    from statelens.cli.common import progress, report, start
+    from statelens.analysis.decay import decay_from_sums, decay_sums
+    from statelens.cli.common import report, start
     from statelens.reports.figures import decay_figure
 
     run = start("decay", ckpt=ckpt, device=device, dtype=dtype,
-                backend=backend, seed=seed, out=out, train_len=train_len,
+                backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
-                        "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk})
+                        "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk,
+                        "group": group})
     length = length or 4 * run.train_len
     run.config["length"] = length
     sequences = run.sequences(data, num_seqs, length)
     run.lap("data")
-    with progress(num_seqs * length, f"decay L={length}") as advance:
-        df = compute(run.model, sequences, buckets=buckets, scale=scale.value, chunk=chunk, progress=advance)
+    df = decay_from_sums(run.sequence_groups(num_seqs, group, lambda rows, advance: decay_sums(
+        run.model, sequences[rows], buckets=buckets, scale=scale.value, chunk=chunk, progress=advance),
+        tokens_per_seq=length, description=f"decay L={length}"))
     run.lap("compute")
 
     last = df[df.pos_start == df.pos_start.max()]

@@ -20,7 +20,8 @@ class BackendName(str, Enum):
 
 Backend = Annotated[BackendName, typer.Option(
     "--backend", help="native: statelens' own exact implementation (mamba, mamba2); hf: run the checkpoint's own "
-                      "transformers modules (any local model whose cache holds only recurrent states).")]
+                      "transformers modules (any local model whose cache holds recurrent states; the KV cache of a "
+                      "hybrid's attention layers is carried, not analysed).")]
 Ckpt = Annotated[Path, typer.Option("--ckpt", help="Checkpoint directory (mamba-ssm or Hugging Face layout).",
                                     show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda:0.")]
@@ -68,8 +69,19 @@ TOption = Annotated[Optional[int], typer.Option(
     show_default=False)]
 NumSeqs = Annotated[int, typer.Option("--num-seqs", min=1, help="Sequences to average over.")]
 Chunk = Annotated[int, typer.Option("--chunk", min=1, help="Tokens per forward call of the rollout.")]
+Group = Annotated[int, typer.Option(
+    "--group", min=1, help="Sequences per group: the unit of work that --resume keeps and torchrun shares out "
+                           "(also the batch of the rollout). Results do not depend on the number of processes.")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted run from the work it saved in --out (same options).")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Output directory. Default: runs/COMMAND.",
                                              show_default=False)]
+MitigationSpec = Annotated[Optional[str], typer.Option(
+    "--mitigation", help="A training-free mitigation of state collapse applied to the model: "
+                         "scale:alpha=A,B=S (alpha_t and B_t times constants), cap:multiplier=M\\[,at=token|call] "
+                         "(each head's state norm capped at M x its largest norm within the training length, "
+                         "calibrated on the command's sequences), or window:r=R (the state read is "
+                         "h_t - alpha_{t-r+1:t} h_{t-r}). Default: none.", show_default=False)]
 
 
 class Scale(str, Enum):

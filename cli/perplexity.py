@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from statelens.cli.options import (Backend, BackendName, BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType,
-                                   Dtype, Length, NumSeqs, Out, Scale, Seed, TrainLen)
+                                   Dtype, Group, Length, MitigationSpec, NumSeqs, Out, Resume, Scale, Seed, TrainLen)
 
 
 def perplexity(
@@ -14,38 +14,49 @@ def perplexity(
     buckets: Buckets = 32,
     scale: BucketScale = Scale.log,
     chunk: Chunk = 2048,
+    group: Group = 1,
+    resume: Resume = False,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
 ) -> None:
     """Position-wise loss: next-token NLL at each position averaged over documents, in position
     buckets; writes positionwise.csv, perplexity.png and run.json."""
     from statelens.analysis.positionwise import bucket_losses, in_context_length, in_context_loss, position_losses
     from statelens.analysis.buckets import bucket_edges
-    from statelens.cli.common import progress, report, start
+    from statelens.analysis.nonfinite import first_nonfinite_position
+    from statelens.cli.common import report, start
+    from statelens.resumable import sum_in_order
     from statelens.reports.figures import perplexity_figure
 
     run = start("perplexity", ckpt=ckpt, device=device, dtype=dtype,
-                backend=backend, seed=seed, out=out, train_len=train_len,
+                backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
-                        "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk})
+                        "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk,
+                        "group": group})
     length = length or 4 * run.train_len
     run.config["length"] = length
     sequences = run.sequences(data, num_seqs, length)
     run.lap("data")
-    with progress(num_seqs * length, f"loss over {length} tokens") as advance:
-        summed = position_losses(run.model, sequences, chunk=chunk, progress=advance)
+    parts = run.sequence_groups(num_seqs, group, lambda rows, advance: {"nll": position_losses(
+        run.model, sequences[rows], chunk=chunk, progress=advance)}, tokens_per_seq=length,
+        description=f"loss over {length} tokens")
+    summed = sum_in_order([part["nll"] for part in parts])
     df = bucket_losses(summed, num_seqs, bucket_edges(1, length, buckets, scale.value))
     run.lap("compute")
     in_context = in_context_loss(df, run.train_len)
     generalizes = in_context_length(df, in_context)
+    bad_at = first_nonfinite_position(summed)  # exact; positionwise.csv only knows the bucket
+    found = {"in_context_loss": in_context, "length_generalizes_to": generalizes}
     written = run.finish({"positionwise": df}, perplexity_figure(df, train_len=run.train_len),
-                         results={"in_context_loss": in_context, "length_generalizes_to": generalizes})
+                         results=found | ({"first_nonfinite_loss_position": bad_at} if bad_at else {}))
     last = df.iloc[-1]
     report(run, written, [
         f"loss within the training length: {in_context:.4f} (ppl {2.718281828 ** in_context:.2f})",
         f"loss at positions [{int(last.pos_start)}, {int(last.pos_end)}): {last.loss:.4f} (ppl {last.ppl:.2f})",
-        f"length-generalizes to position {generalizes} (last bucket within 10% of the in-context loss)"])
+        f"length-generalizes to position {generalizes} (last bucket within 10% of the in-context loss)"]
+        + ([f"the loss is first non-finite at position {bad_at}"] if bad_at else []))
 

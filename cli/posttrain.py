@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from statelens.cli.options import Ckpt, Data, Device, DType, Dtype, Seed
+from statelens.cli.options import Ckpt, Data, Device, DType, Dtype, Resume, Seed
 
 
 class Intervention(str, Enum):
@@ -29,7 +29,6 @@ Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW), dec
 Warmup = Annotated[int, typer.Option("--warmup", help="Linear warm-up steps.")]
 Clip = Annotated[float, typer.Option("--clip", help="Gradient-norm clipping threshold.")]
 SaveEvery = Annotated[int, typer.Option("--save-every", help="Save the checkpoint and resume state every N steps.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last save in --out.")]
 RequiredOut = Annotated[Path, typer.Option("--out", help="Output directory: the post-trained checkpoint, "
                                                         "statelens.json, train_log.csv, run.json, resume.pt.",
                                            show_default=False)]
@@ -55,8 +54,9 @@ def posttrain(
 ) -> None:
     """Post-trains a checkpoint with an initial-state intervention; writes the checkpoint in its own format
     plus statelens.json (training length, intervention), train_log.csv and run.json to --out."""
-    from statelens.cli.common import progress, report, start
+    from statelens.cli.common import exit_interrupted, progress, report, start
     from statelens.errors import DataError
+    from statelens.resumable import Interrupted
     from statelens.train import posttrain as train
     from statelens.train.posttrain import check_settings
 
@@ -75,10 +75,14 @@ def posttrain(
     except DataError:  # less data than asked for: one batch is the least that trains
         tokens = run.sequences(data, batch, length)
     run.lap("data")
-    with progress(steps, f"{intervention.value} post-training, {batch} x {seq_len} tokens a step", "steps") as advance:
-        log = train(run.ckpt, tokens, intervention=intervention.value, steps=steps, seq_len=seq_len, batch=batch,
-                    lr=lr, warmup=warmup, clip=clip, seed=seed, save_every=save_every, out=out, resume=resume,
-                    progress=advance)
+    try:
+        with progress(steps, f"{intervention.value} post-training, {batch} x {seq_len} tokens a step",
+                      "steps") as advance:
+            log = train(run.ckpt, tokens, intervention=intervention.value, steps=steps, seq_len=seq_len,
+                        batch=batch, lr=lr, warmup=warmup, clip=clip, seed=seed, save_every=save_every, out=out,
+                        resume=resume, progress=advance)
+    except Interrupted as e:
+        exit_interrupted(e, f"training saved in {out}")
     run.lap("train")
     first, last = log.iloc[0], log.iloc[-1]
     written = run.finish({"train_log": log}, results={"first_loss": float(first.loss), "final_loss": float(last.loss)})

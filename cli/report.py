@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import (Backend, BackendName, Chunk, Data, Device, DType, Dtype, Length, NumSeqs, Out,
-                                   Seed, TrainLen)
+from statelens.cli.options import (Backend, BackendName, Chunk, Data, Device, DType, Dtype, Length, MitigationSpec,
+                                   NumSeqs, Out, Resume, Seed, TrainLen)
 
 Ckpts = Annotated[Optional[list[Path]], typer.Option(
     "--ckpt", help="Checkpoint directory; repeat for a second checkpoint.", show_default=False)]
@@ -26,6 +26,7 @@ From = Annotated[Optional[list[Path]], typer.Option(
     "--from", help="Folder of earlier command outputs (runs/ with runs/perplexity/positionwise.csv, ..., or the "
                    "CSVs themselves), one per checkpoint in order; reused, not recomputed.", show_default=False)]
 ReportBuckets = Annotated[int, typer.Option("--buckets", min=1, help="Position buckets of perplexity and decay.")]
+CHAIN = 4  # training-length segments per reference chain of coverage's state-passing and tbtt regimes
 Stride = Annotated[Optional[int], typer.Option(
     "--stride", min=1, help="Record states every N tokens (states, coverage). Default: training length // 16.",
     show_default=False)]
@@ -47,13 +48,16 @@ def report(
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
+    resume: Resume = False,
 ) -> None:
     """The HTML report of one or two checkpoints: summary cards with verdicts, every figure (two
     checkpoints overlaid) with its table, the differences in words, and the run manifests; writes
     index.html (and each computed checkpoint's outputs under OUT/<label>/)."""
     build(list(ckpt or []), list(label or []), list(from_ or []), out or Path("runs") / "report",
           dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
-               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend))
+               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend, mitigation=mitigation,
+               resume=resume))
 
 
 def compare(
@@ -73,11 +77,14 @@ def compare(
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
+    resume: Resume = False,
 ) -> None:
     """The report of two checkpoints, A and B, side by side (as `report --ckpt A --ckpt B`)."""
     build([a, b], list(label or []), list(from_ or []), out or Path("runs") / "compare",
           dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
-               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend))
+               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend, mitigation=mitigation,
+               resume=resume))
 
 
 def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, options: dict) -> None:
@@ -111,7 +118,10 @@ def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, op
     for i in range(count):
         loaded = load_results(froms[i]) if froms else None
         if ckpts:
-            loaded, tl = compute_missing(ckpts[i], loaded, out / folder_name(labels[i], i), options)
+            folder = out / folder_name(labels[i], i)
+            if loaded is None and options.get("resume") and any(folder.glob("*/run.json")):
+                loaded = load_results(folder)  # the analyses an interrupted run finished
+            loaded, tl = compute_missing(ckpts[i], loaded, folder, options)
         else:
             tl = options["train_len"] or loaded.train_len or 2048
         results.append(loaded)
@@ -137,21 +147,24 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
     from statelens.analysis.remembrance import remembrance
     from statelens.analysis.states import state_stats
     from statelens.cli.common import progress, start
+    from statelens.cli.coverage import default_regime, draw
     from statelens.errors import BadInput
+    from statelens.models.checkpoint import content_hash
     from statelens.reports.html import Results, in_context_length, in_context_loss
 
     o = options
     base = start("report", ckpt=ckpt, device=o["device"], dtype=o["dtype"], backend=o["backend"], seed=o["seed"],
-                 out=folder,
+                 out=folder, mitigation=o.get("mitigation"),
                  train_len=o["train_len"], config={"data": str(o["data"]) if o["data"] else None})
     tl = base.train_len
-    length = o["length"] or 4 * tl
+    length = o["length"] or o.get("length_factor", 4) * tl
     stride = o["stride"] or max(1, tl // 16)
     if length <= tl:
         raise BadInput(f"--length {length} does not exceed the training length {tl}: nothing to compare past it")
     if stride > tl:
         raise BadInput(f"--stride {stride} exceeds the training length {tl}: no state would be recorded within it")
-    sequences = base.sequences(o["data"], o["num_seqs"], length)
+    regime = default_regime(ckpt)  # coverage's reference: the states the model was trained on
+    sequences, reference_sequences = draw(base, o["data"], o["num_seqs"], length, regime, CHAIN)
     results = loaded or Results(folder=folder)
     common = base.config | {"train_len": o["train_len"], "length": length, "num_seqs": o["num_seqs"],
                             "chunk": o["chunk"]}
@@ -163,6 +176,8 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
         runs.append(r)
         return r
 
+    if loaded is not None and loaded.folder == folder:
+        check_resumed(loaded, common, content_hash(ckpt))
     n_tokens = o["num_seqs"] * length
     have = results.tables
     if "remembrance" not in have:
@@ -192,16 +207,34 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
             df = decay_analysis(r.model, sequences, buckets=o["buckets"], chunk=o["chunk"], progress=advance)
         finish(r, results, {"decay": df}, {})
     if "coverage" not in have:
-        r = run("coverage", {"stride": stride, "buckets": 8, "regime": "zero"})
+        r = run("coverage", {"stride": stride, "buckets": 8, "regime": regime.value, "chain": CHAIN})
+        extra = 0 if reference_sequences is None else reference_sequences.size
         try:
-            with progress(n_tokens, f"coverage L={length}") as advance:
-                per_head, per_bucket, found = coverage_analysis(r.model, sequences, train_len=tl, stride=stride,
-                                                                chunk=o["chunk"], seed=o["seed"], progress=advance)
+            with progress(n_tokens + extra, f"coverage L={length}") as advance:
+                per_head, per_bucket, found = coverage_analysis(
+                    r.model, sequences, train_len=tl, stride=stride, chunk=o["chunk"], seed=o["seed"],
+                    progress=advance, regime=regime.value, chain=CHAIN, reference_sequences=reference_sequences)
         except (CoverageInputError, ValueError) as e:
             raise BadInput(f"--num-seqs/--stride/--length (coverage): {e}") from None
         finish(r, results, {"coverage": per_head, "coverage_buckets": per_bucket},
                {k: None if isinstance(v, float) and v != v else v for k, v in found.items()})  # JSON has no NaN
     return results, tl
+
+
+def check_resumed(results, config: dict, sha256: str) -> None:
+    """--resume: every analysis found in the output folder must have run on this checkpoint with this
+    run's settings."""
+    from statelens.errors import BadInput
+
+    for command, manifest in results.manifests.items():
+        if (manifest.get("checkpoint") or {}).get("sha256") != sha256:
+            raise BadInput(f"--resume: {results.folder / command} was computed on another checkpoint; rerun "
+                           f"without --resume (or with another --out)")
+        saved = manifest.get("config") or {}
+        for key, value in config.items():
+            if key in saved and saved[key] != value:
+                raise BadInput(f"--resume: {results.folder / command} was computed with {key} {saved[key]!r}, now "
+                               f"{value!r}; rerun without --resume (or with another --out)")
 
 
 def finish(run, results, tables: dict, found: dict) -> None:

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Length, NumSeqs,
-                                   Out, Seed, TrainLen)
+from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Group, Length,
+                                   MitigationSpec, NumSeqs, Out, Resume, Seed, TrainLen)
 
 
 def states(
@@ -22,27 +22,30 @@ def states(
     k: Annotated[float, typer.Option(help="A head collapses when a statistic past the training length exceeds "
                                           "k x its maximum within it (k > 0).")] = 2.0,
     chunk: Chunk = 2048,
+    group: Group = 1,
+    resume: Resume = False,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
 ) -> None:
     """State statistics (norm, mean, std, absmax per layer and head) by position, and state collapse:
     heads whose statistics past the training length exceed k x their in-training maximum or turn
     non-finite; writes state_stats.csv, collapse.csv, states.png and run.json."""
     from statelens.analysis.collapse import collapse
-    from statelens.analysis.states import state_stats
-    from statelens.cli.common import progress, report, start
+    from statelens.analysis.states import state_cubes, stats_from_cubes
+    from statelens.cli.common import report, start
     from statelens.errors import BadInput
     from statelens.reports.figures import state_norm_figure
 
     if not k > 0:
         raise BadInput(f"--k {k}: must be positive")
     run = start("states", ckpt=ckpt, device=device, dtype=dtype,
-                backend=backend, seed=seed, out=out, train_len=train_len,
+                backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
-                        "num_seqs": num_seqs, "stride": stride, "k": k, "chunk": chunk})
+                        "num_seqs": num_seqs, "stride": stride, "k": k, "chunk": chunk, "group": group})
     length = length or 4 * run.train_len
     stride = stride or max(1, run.train_len // 16)
     run.config["stride"] = stride
@@ -57,8 +60,10 @@ def states(
     run.config["length"] = length
     sequences = run.sequences(data, num_seqs, length)
     run.lap("data")
-    with progress(num_seqs * length, f"states L={length}") as advance:
-        stats = state_stats(run.model, sequences, positions=stride, chunk=chunk, progress=advance)
+    parts = run.sequence_groups(num_seqs, group, lambda rows, advance: state_cubes(
+        run.model, sequences[rows], positions=stride, chunk=chunk, progress=advance), tokens_per_seq=length,
+        description=f"states L={length}")
+    stats = stats_from_cubes(parts)
     try:
         heads = collapse(stats, run.train_len, k=k)
     except ValueError as e:

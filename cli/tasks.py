@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from statelens.cli.options import Backend, BackendName, Chunk, Ckpt, Device, DType, Dtype, Out, Seed, TrainLen
+from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Device, DType, Dtype, MitigationSpec, Out,
+                                   Seed, TrainLen)
 
 Lengths = Annotated[str, typer.Option("--lengths", help="Context lengths in tokens, comma-separated (4096 or 4k).")]
 Depths = Annotated[str, typer.Option("--depths", help="Key depths, fractions of the context in [0, 1], "
@@ -55,6 +56,7 @@ def passkey(
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden at each depth of filler text of each length; writes
     passkey.csv, passkey.png and run.json (with the passkey capacity and the state size)."""
@@ -67,7 +69,8 @@ def passkey(
 
     sizes, fractions = parse_lengths(lengths), parse_depths(depths)
     check_depths(fractions)
-    run = start("passkey", ckpt=ckpt, device=device, dtype=dtype,
+    run = start("passkey", mitigation=mitigation, draws_sequences=False,
+                ckpt=ckpt, device=device, dtype=dtype,
                 backend=backend, seed=seed, out=out, train_len=train_len,
                 config={"lengths": sizes, "depths": fractions, "samples": samples, "train_len": train_len,
                         "chunk": chunk})
@@ -96,6 +99,7 @@ def copying(
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
 ) -> None:
     """Synthetic copying: a random token string of each length, a separator, then the model repeats the
     string by greedy decoding; writes copying.csv (token accuracy) and run.json."""
@@ -105,7 +109,8 @@ def copying(
     from statelens.tasks.copying import separator
 
     sizes = parse_lengths(lengths)
-    run = start("copying", ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
+    run = start("copying", mitigation=mitigation, draws_sequences=False,
+                ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
                 config={"lengths": sizes, "samples": samples, "chunk": chunk})
     vocab = run.model.config.vocab_size
     run.data_description = (f"uniformly random strings over ids 0..{vocab - 2}, separator id {separator(vocab)} "
@@ -129,6 +134,7 @@ def babilong(
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
+    mitigation: MitigationSpec = None,
 ) -> None:
     """BABILong: bAbI questions with the facts hidden in long filler text (local files with --data, else
     generated qa1/qa2 stories); writes babilong.csv and run.json."""
@@ -139,7 +145,8 @@ def babilong(
 
     sizes = parse_lengths(lengths, minimum=0)
     names = [name.strip() for name in tasks.split(",") if name.strip()]
-    run = start("babilong", ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
+    run = start("babilong", mitigation=mitigation, draws_sequences=False,
+                ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
                 config={"tasks": names, "lengths": sizes, "samples": samples,
                         "data": str(data) if data else None, "chunk": chunk})
     tokenizer = load_tokenizer(run.ckpt.path, run.model.config.vocab_size)

@@ -760,10 +760,13 @@ def passkey_figure(df: pd.DataFrame, train_len: int | None = None, *, label: str
 def save(fig: Figure, path_without_suffix: str | Path) -> list[Path]:
     """Writes ``fig`` as ``<path>.png`` (150 dpi) and ``<path>.svg``, creating the folder; returns both
     paths. The SVG is reproducible: no date, and element ids from a fixed salt."""
+    from statelens.outputs import atomic_write
+
     base = Path(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
     png, svg = base.with_name(base.name + ".png"), base.with_name(base.name + ".svg")
-    fig.savefig(png, format="png", dpi=150)
+    # Each under a temporary name, then renamed: a killed run never leaves a truncated figure.
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=150))
     with mpl.rc_context({"svg.hashsalt": "statelens"}):
-        fig.savefig(svg, format="svg", metadata={"Date": None})
+        atomic_write(svg, lambda f: fig.savefig(f, format="svg", metadata={"Date": None}))
     return [png, svg]

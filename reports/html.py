@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 
+from statelens.analysis.nonfinite import describe, find_nonfinite
 from statelens.analysis.positionwise import in_context_length, in_context_loss
 from statelens.errors import BadInput
 from statelens.outputs import atomic_write
@@ -115,7 +117,8 @@ def verdicts(results: Results, train_len: int) -> dict:
     effrem_half ``{"t", "T", "effrem"}`` (the t nearest T // 2); oos_beyond (mean of
     coverage_buckets.oos_fraction: the buckets all lie past the training length); passkey_capacity
     (:func:`statelens.tasks.passkey.capacity`) and passkey_state_size (the passkey manifest's, else the
-    checkpoint's); copying ``{n: accuracy}`` and babilong ``{task: {length: accuracy}}`` (means over rows).
+    checkpoint's); copying ``{n: accuracy}`` and babilong ``{task: {length: accuracy}}`` (means over rows);
+    nonfinite ``{table: its first row with inf/NaN}`` (:func:`statelens.analysis.nonfinite.find_nonfinite`).
     """
     ckpt = results.checkpoint
     out = {"arch": ckpt.get("arch"), "parameters": ckpt.get("parameters"), "state_size": ckpt.get("state_size"),
@@ -123,7 +126,7 @@ def verdicts(results: Results, train_len: int) -> dict:
            "train_len": train_len, "in_context_loss": None, "generalizes_to": None, "final_bucket": None,
            "final_loss": None, "collapsed_heads": None, "heads": None, "top_heads": [], "effrem_half": None,
            "oos_beyond": None, "passkey_capacity": None, "passkey_state_size": None, "copying": None,
-           "babilong": None}
+           "babilong": None, "nonfinite": find_nonfinite(results.tables)}
     pk = results.tables.get("passkey")
     if pk is not None and len(pk):
         from statelens.tasks.passkey import capacity
@@ -188,6 +191,7 @@ def verdict_lines(v: dict) -> list[str]:
         lines.append(f"EffRem at t = {e['t']} (T/2, T = {e['T']}): {_num(e['effrem'])}")
     if v["oos_beyond"] is not None:
         lines.append(f"out-of-support fraction beyond the training length: {_num(v['oos_beyond'])}")
+    lines += [describe(name, found) for name, found in (v.get("nonfinite") or {}).items()]
     if v.get("passkey_capacity") is not None:
         size = v["passkey_state_size"]
         lines.append(f"passkey capacity: {v['passkey_capacity']} tokens (state size "
@@ -393,11 +397,14 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
                       "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
     compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
     caveats = notes(results_list, [c["v"] for c in cards], labels)
+    with mpl.rc_context({"text.parse_math": False}):  # a "$" in a label is text, not mathtext to parse
+        figures = _figures(results_list, labels, train_lens)
+        tasks = _task_figures(results_list, labels, train_lens)
     template = (resources.files("statelens.reports") / "templates" / "report.html.j2").read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(
-        labels=labels, cards=cards, comparison=compared, notes=caveats, figures=_figures(results_list, labels, train_lens),
-        tasks=_task_figures(results_list, labels, train_lens), max_rows=MAX_ROWS)
+        labels=labels, cards=cards, comparison=compared, notes=caveats, figures=figures, tasks=tasks,
+        max_rows=MAX_ROWS)
 
 
 def write_report(html: str, out_dir: str | Path) -> Path:

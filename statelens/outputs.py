@@ -5,6 +5,7 @@ A reader never sees a half-written CSV under its final name, whatever moment the
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -37,7 +38,21 @@ def write_table(df: pd.DataFrame, target: str | os.PathLike, *, parquet: bool = 
 
 
 def write_json(data: dict, target: str | os.PathLike) -> Path:
-    return atomic_write(target, lambda f: Path(f).write_text(json.dumps(data, indent=2, default=str) + "\n"))
+    """Writes ``data`` as strict JSON, atomically: an inf or NaN float (a finding of a run whose values
+    overflowed) becomes the string "inf", "-inf" or "nan", which JSON readers other than Python's accept."""
+    text = json.dumps(_finite_json(data), indent=2, default=str, allow_nan=False) + "\n"
+    return atomic_write(target, lambda f: Path(f).write_text(text))
+
+
+def _finite_json(value):
+    """``value`` with every non-finite float (also numpy's) replaced by its string, recursively."""
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):  # numpy float64 is a float too
+        return str(float(value))
+    return value
 
 
 def versions() -> dict[str, str]:

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -508,3 +509,143 @@ def test_shards_symlinked_like_the_hf_cache_load(ckpt, tiny, tmp_path):
         shard.symlink_to(os.path.relpath(target, ckpt))
     loaded = load_checkpoint(ckpt)
     torch.testing.assert_close(loaded.model.lm_head.weight, tiny[1].lm_head.weight, rtol=0, atol=0)
+
+
+# -- 17: every command's options and data (the catalogue in docs/bad-input.md) ----------------------
+
+# Placeholders filled per test: the tiny byte-vocabulary checkpoint, the output folder, bad data files.
+CKPT, OUT = "{ckpt}", "{out}"
+COMMANDS = {  # id -> (argv, text the one stderr line must hold)
+    "unknown-command": (["nonsense"], ["nonsense"]),
+    "unknown-option": (["perplexity", "--ckpt", CKPT, "--bogus", "1", "--out", OUT], ["--bogus"]),
+    "missing-ckpt": (["states", "--out", OUT], ["--ckpt"]),
+    "bad-device": (["decay", "--ckpt", CKPT, "--device", "nonsense", "--out", OUT], ["--device", "nonsense"]),
+    "decay-buckets-0": (["decay", "--ckpt", CKPT, "--buckets", "0", "--out", OUT], ["--buckets"]),
+    "decay-scale": (["decay", "--ckpt", CKPT, "--scale", "cubic", "--out", OUT], ["--scale", "cubic"]),
+    "perplexity-length-1": (["perplexity", "--ckpt", CKPT, "--length", "1", "--out", OUT], ["--length"]),
+    "remembrance-t-not-integers": (["remembrance", "--ckpt", CKPT, "--t", "0,x", "--out", OUT], ["--t", "integers"]),
+    "remembrance-t-beyond-T": (["remembrance", "--ckpt", CKPT, "--train-len", "16", "--T", "32", "--t", "40",
+                                "--out", OUT], ["--t", "[0, 31]"]),
+    "states-k-0": (["states", "--ckpt", CKPT, "--k", "0", "--out", OUT], ["--k 0", "positive"]),
+    "states-stride-beyond-train-len": (["states", "--ckpt", CKPT, "--train-len", "16", "--stride", "32",
+                                        "--out", OUT], ["--stride 32", "training length 16"]),
+    "states-length-within-train-len": (["states", "--ckpt", CKPT, "--train-len", "64", "--length", "64",
+                                        "--out", OUT], ["--length 64", "does not exceed"]),
+    "coverage-length-within-train-len": (["coverage", "--ckpt", CKPT, "--train-len", "64", "--length", "32",
+                                          "--out", OUT], ["--length 32", "must exceed"]),
+    "coverage-regime": (["coverage", "--ckpt", CKPT, "--regime", "bogus", "--out", OUT], ["--regime", "bogus"]),
+    "coverage-reference-too-small": (["coverage", "--ckpt", CKPT, "--train-len", "16", "--length", "48",
+                                      "--num-seqs", "1", "--stride", "8", "--out", OUT],
+                                     ["--num-seqs/--stride/--k-nn", "fewer than k + 2 = 7"]),
+    "data-missing": (["decay", "--ckpt", CKPT, "--data", "{missing}", "--out", OUT], ["{missing}", "no such file"]),
+    "data-3d-npy": (["states", "--ckpt", CKPT, "--data", "{npy3d}", "--out", OUT], ["{npy3d}", "(2, 2, 2)"]),
+    "data-ids-beyond-vocab": (["perplexity", "--ckpt", CKPT, "--data", "{big_ids}", "--out", OUT],
+                              ["{big_ids}", "token id 300", "vocabulary of 256"]),
+    "data-empty-directory": (["coverage", "--ckpt", CKPT, "--data", "{empty_dir}", "--out", OUT],
+                             ["{empty_dir}", "no .txt, .md, .jsonl files"]),
+    "report-nothing-to-report": (["report", "--out", OUT], ["at least one --ckpt"]),
+    "report-three-checkpoints": (["report", "--ckpt", CKPT, "--ckpt", CKPT, "--ckpt", CKPT, "--out", OUT],
+                                 ["3 checkpoints", "one or two"]),
+    "report-unreadable-csv": (["report", "--from", "{bad_csv}", "--out", OUT], ["positionwise.csv", "not a readable CSV"]),
+    "report-blank-label": (["report", "--ckpt", CKPT, "--label", " ", "--out", OUT], ["--label", "empty"]),
+    "compare-one-checkpoint": (["compare", CKPT, "--out", OUT], ["Missing argument", "'b'"]),
+    "babilong-task-not-generated": (["babilong", "--ckpt", CKPT, "--tasks", "qa7", "--out", OUT],
+                                    ["--tasks", "'qa7'"]),
+    "posttrain-missing-out": (["posttrain", "--ckpt", CKPT], ["--out"]),
+    "posttrain-lr-0": (["posttrain", "--ckpt", CKPT, "--lr", "0", "--out", OUT], ["--lr", "positive"]),
+    "posttrain-seq-len-beyond-data": (["posttrain", "--ckpt", CKPT, "--data", "{short}", "--seq-len", "64",
+                                       "--batch", "1", "--out", OUT], ["{short}", "1 sequences of length 32"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad-files")
+    np.save(root / "npy3d.npy", np.zeros((2, 2, 2), dtype=np.int64))
+    np.save(root / "big_ids.npy", np.array([[1, 2, 300, 4] * 8], dtype=np.int64))
+    np.save(root / "short.npy", np.array([[1, 2, 3, 4] * 8], dtype=np.int64))
+    (root / "empty_dir").mkdir()
+    (root / "bad_csv").mkdir()
+    (root / "bad_csv" / "positionwise.csv").write_bytes(b"\xff\xfe\x00 not text")
+    return {"missing": str(root / "missing.txt"), "npy3d": str(root / "npy3d.npy"),
+            "big_ids": str(root / "big_ids.npy"), "short": str(root / "short.npy"), "empty_dir": str(root / "empty_dir"),
+            "bad_csv": str(root / "bad_csv")}
+
+
+@pytest.mark.parametrize("case", list(COMMANDS))
+def test_command_bad_input(case, byte_vocab_ckpt, bad_files, tmp_path, monkeypatch, capsys):
+    """One stderr line naming the option or file, exit code 2, no traceback, and --out never created."""
+    argv, needles = COMMANDS[case]
+    values = bad_files | {"ckpt": str(byte_vocab_ckpt), "out": str(tmp_path / "out")}
+    code, out, err = run_cli(monkeypatch, capsys, *[a.format(**values) for a in argv])
+    assert_cli_error(code, out, err, *[n.format(**values) for n in needles])
+    assert not (tmp_path / "out").exists()
+
+
+# -- 18: internal errors ---------------------------------------------------------------------------
+
+
+def written(out: Path) -> list[Path]:
+    """Files a failed run left under ``out``, besides the groups it saved for ``--resume`` (.partial)."""
+    return [p for p in out.rglob("*") if p.is_file() and ".partial" not in p.relative_to(out).parts]
+
+
+def _fail_in_the_analysis(exception: BaseException):
+    def fail(*args, **kwargs):
+        raise exception
+    return fail
+
+
+def test_internal_error_is_one_line_exit_1(byte_vocab_ckpt, tmp_path, monkeypatch, capsys):
+    from statelens.analysis import positionwise
+
+    monkeypatch.setattr(positionwise, "position_losses", _fail_in_the_analysis(RuntimeError("boom")))
+    code, out, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", byte_vocab_ckpt, "--out", tmp_path / "out")
+    assert code == 1 and "Traceback" not in err + out
+    assert err.splitlines() == ["statelens: internal error: RuntimeError: boom (run with --debug for the traceback)"]
+    assert not written(tmp_path / "out")
+
+
+def test_internal_error_traceback_only_with_debug(byte_vocab_ckpt, tmp_path):
+    """In a real process with --debug: Python's traceback down to the failure, exit code 1 (without it,
+    the one line of test_internal_error_is_one_line_exit_1)."""
+    inject = ("import statelens.analysis.positionwise as m\n"
+              "def fail(*a, **k): raise RuntimeError('boom')\n"
+              "m.position_losses = fail\n"
+              "from statelens.cli.main import main\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", inject, "--debug", "perplexity", "--ckpt", str(byte_vocab_ckpt),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and done.stderr.startswith("Traceback") and "in fail" in done.stderr
+    assert done.stderr.rstrip().endswith("RuntimeError: boom")
+    assert "internal error" not in done.stderr
+    assert not written(tmp_path / "out")
+
+
+# -- the catalogue and the tests stay in sync --------------------------------------------------------
+
+CATALOGUE = Path(__file__).resolve().parent.parent / "docs" / "bad-input.md"
+
+
+def test_catalogue_names_only_tests_that_exist():
+    """docs/bad-input.md: at least 30 bad inputs, each row with an exit code and a test; every test it
+    names is a test function of that file (and its case, when named, a parameter of it); every case of
+    test_command_bad_input is in it."""
+    import ast
+
+    text = CATALOGUE.read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| ---", "| bad input", "| input"))]
+    assert len(rows) >= 30
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[-2] in ("0", "1", "2") and "tests/" in cells[-1], row
+    named = re.findall(r"`tests/(test_\w+\.py)::(\w+)(?:\[([^`]*)\])?`", text)
+    assert len(named) >= len(rows)
+    root = CATALOGUE.parent.parent / "tests"
+    for file, function, case in named:
+        source = (root / file).read_text(encoding="utf-8")
+        functions = {n.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
+        assert function in functions, f"{file}::{function}"
+        if case:  # pytest joins parameter ids with "-"
+            assert case in source or all(part in source for part in case.split("-")), f"{file}::{function}[{case}]"
+    for case in COMMANDS:
+        assert f"test_command_bad_input[{case}]" in text, case

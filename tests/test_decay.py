@@ -169,7 +169,7 @@ def test_cli_writes_what_the_function_computes(tmp_path):
     # No --length: 4 x the training length (16) = 64 tokens of each of the first 2 rows.
     result = CliRunner().invoke(app, ["--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "tokens.npy"),
                                       "--train-len", "16", "--num-seqs", "2", "--buckets", "6", "--scale",
-                                      "linear", "--chunk", "10", "--out", str(out)])
+                                      "linear", "--chunk", "10", "--group", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     written = pd.read_csv(out / "decay.csv")
     direct = decay(load_checkpoint(tmp_path / "ckpt").model, tokens[:2, :64], buckets=6, scale="linear")

@@ -340,3 +340,66 @@ def test_different_vocabularies_are_compared_where_comparable():
     assert any(n.startswith("a: no remembrance.csv") for n in said)  # what is absent is named
     page = render([a, b], ["a", "b"], [64, 64])
     assert "vocabularies differ (64 vs 256 ids)" in page
+
+
+# --- hostile strings: labels, paths, manifest and table values ---------------------------------------
+
+HOSTILE = ["<script>alert(1)</script>", "\"><img src=x onerror=alert(1)>", "'; background:url(https://evil.example/x)",
+           "</textarea><iframe src=//evil.example>", "$\\frac{1}{$ <b>", "javascript:alert(1)",
+           "</pre><a href=\"http://evil.example\">x</a>"]
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "nav", "a", "section", "div",
+                "dl", "dt", "dd", "ul", "li", "img", "details", "summary", "table", "thead", "tbody", "tr", "th", "td",
+                "p", "pre"}
+
+
+def hostile_folder(src: Path, dest: Path) -> Path:
+    """A copy of one checkpoint's command folders with hostile strings in every run.json field a page
+    shows (checkpoint path and architecture, data, config) and in a table's text column."""
+    shutil.copytree(src, dest)
+    for i, manifest_path in enumerate(sorted(dest.glob("*/run.json"))):
+        import json
+
+        manifest = json.loads(manifest_path.read_text())
+        manifest["checkpoint"] |= {"path": HOSTILE[i % len(HOSTILE)], "arch": HOSTILE[1]}
+        manifest["data"] = HOSTILE[3]
+        manifest["config"]["data"] = HOSTILE[6]
+        manifest_path.write_text(json.dumps(manifest))
+    collapse = pd.read_csv(dest / "states" / "collapse.csv")
+    collapse["statistic"] = HOSTILE[4]
+    collapse.to_csv(dest / "states" / "collapse.csv", index=False)
+    return dest
+
+
+def test_hostile_labels_paths_and_values_stay_text(compared, tmp_path):
+    """Every hostile string shows as text (the parsed page's text holds it verbatim), none becomes
+    markup (only the template's own tags, no event-handler attribute, nothing loaded from outside),
+    and the Content-Security-Policy is there. The second checkpoint's label is its folder's name."""
+    base = hostile_folder(folders(compared[0])[0], tmp_path / "base")
+    named = hostile_folder(folders(compared[0])[1], tmp_path / HOSTILE[1].replace("/", "_"))
+    labels = [HOSTILE[0] + HOSTILE[2]]
+    out = tmp_path / "out"
+    cli("report", "--from", base, "--from", named, "--label", labels[0], "--label", HOSTILE[4] + HOSTILE[3],
+        "--train-len", "32", "--out", out)
+    cli("report", "--from", named, "--train-len", "32", "--out", tmp_path / "default-label")
+    for page_path in (out / "index.html", tmp_path / "default-label" / "index.html"):
+        html = page_path.read_text(encoding="utf-8")
+        page = Page(html)
+        assert {t for t, _ in page.tags} <= ALLOWED_TAGS, {t for t, _ in page.tags} - ALLOWED_TAGS
+        assert not [k for _, a in page.tags for k in a if k.startswith("on")]
+        refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href")]
+        assert refs and all(v.startswith(("data:image/png;base64,", "#")) for v in refs)
+        assert sum(t == "img" for t, _ in page.tags) == len(FIGURES)
+        assert "http:" not in "".join(refs) and "//" not in "".join(v for v in refs if v.startswith("#"))
+        csp = [a["content"] for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+        assert csp == ["default-src 'none'; img-src data:; style-src 'unsafe-inline'"]
+        text = "".join(page.text)
+        for raw in ("<script", "<img src=x", "<iframe", "</textarea>", "<b>", "<a href=\"http"):
+            assert raw not in html
+        style = html[html.index("<style>"):html.index("</style>")]
+        assert "url(" not in style and "evil" not in style
+    html = (out / "index.html").read_text(encoding="utf-8")
+    text = "".join(Page(html).text)
+    for shown in (labels[0], HOSTILE[4] + HOSTILE[3], HOSTILE[1]):  # labels as given and as a folder name
+        assert shown in text
+    assert HOSTILE[1] in "".join(Page((tmp_path / "default-label" / "index.html").read_text()).text)
+    assert f"{HOSTILE[4]} x" in text        # the hostile statistic of collapse.csv, in the card's top heads

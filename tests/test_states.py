@@ -234,8 +234,8 @@ def test_cli_writes_what_the_library_computes(tmp_path):
     np.save(tmp_path / "tokens.npy", sequences)
     out = tmp_path / "out"
     args = ["--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "tokens.npy"), "--train-len", "256",
-            "--num-seqs", "3", "--stride", "16", "--chunk", "100", "--out", str(out)]
-    run = CliRunner().invoke(app, args)                       # --length: 4 x 256 by default
+            "--num-seqs", "3", "--group", "3", "--stride", "16", "--chunk", "100", "--out", str(out)]
+    run = CliRunner().invoke(app, args)  # --length: 4 x 256 by default; one group = the library's batch
     assert run.exit_code == 0, run.output
     assert "1 of 16 heads collapse" in run.output and f"layer {SLOW[0]} head {SLOW[1]}" in run.output
 

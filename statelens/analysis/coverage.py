@@ -58,6 +58,7 @@ HEAD_COLUMNS = ["pos_start", "pos_end", "layer", "head", "oos_fraction", "maha_m
                 "n_query", "n_reference"]
 BUCKET_COLUMNS = ["pos_start", "pos_end", "oos_fraction", "loss", "loss_increase"]
 SCATTER_COLUMNS = ["pc1", "pc2", "position", "set"]
+UNSCORED = ("oos_fraction", "maha_median", "maha_p95")  # NaN for a head with no finite reference to test against
 REGIMES = ("zero", "state-passing", "tbtt")
 
 _BLOCK_ELEMENTS = 1 << 24   # distance-matrix entries computed at once (128 MiB in float64)
@@ -251,6 +252,23 @@ class StateSample:
     length: int
     projected: bool
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The sample as named numpy arrays (states as ``state_{layer}``), e.g. to save or gather it."""
+        return {"positions": self.positions, "norms": self.norms, "nll": self.nll, "length": np.int64(self.length),
+                "projected": np.bool_(self.projected)} | {f"state_{i}": s.numpy() for i, s in enumerate(self.states)}
+
+    @classmethod
+    def join(cls, parts: list[dict[str, np.ndarray]]) -> StateSample:
+        """One sample from the :meth:`to_arrays` of consecutive groups of sequences (rows joined in order,
+        summed NLL added in order)."""
+        from statelens.resumable import sum_in_order
+
+        first, layers = parts[0], sum(name.startswith("state_") for name in parts[0])
+        states = [torch.from_numpy(np.concatenate([part[f"state_{i}"] for part in parts])) for i in range(layers)]
+        norms = np.concatenate([part["norms"] for part in parts])
+        return cls(first["positions"], states, norms, sum_in_order([part["nll"] for part in parts]), len(norms),
+                   int(first["length"]), any(bool(part["projected"]) for part in parts))
+
 
 def collect_states(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, positions: list[int],
                    projection_dim: int = 256, chunk: int = 2048, seed: int = 0,
@@ -314,8 +332,8 @@ class _Recorder:
 
 def collect_reference(model: RecurrentLM, reference_sequences: np.ndarray | torch.Tensor, *, regime: str,
                       train_len: int, chain: int = 4, stride: int = 1, projection_dim: int = 256,
-                      chunk: int = 2048, seed: int = 0,
-                      progress: Callable[[int], None] | None = None) -> StateSample:
+                      chunk: int = 2048, seed: int = 0, progress: Callable[[int], None] | None = None,
+                      chains: slice = slice(None)) -> StateSample:
     """The states a model trained under ``regime`` ("state-passing" or "tbtt") met in training.
 
     reference_sequences [M, >= chain x train_len]: only the first chain x train_len tokens of each row
@@ -330,7 +348,8 @@ def collect_reference(model: RecurrentLM, reference_sequences: np.ndarray | torc
     Each head's state is recorded every ``stride`` tokens inside every segment (positions stride,
     2 stride, ... <= train_len within it, projected as :func:`collect_states`). The result has
     positions j x train_len + q (q those in-segment positions; P = chain x train_len // stride), states
-    per layer [M, P, H, d] (row m: chain m), norms [M, P, layers, H], an all-zero nll.
+    per layer [M, P, H, d] (row m: chain m), norms [M, P, layers, H], an all-zero nll. ``chains``: run only
+    those chains m (rows of the result), e.g. one group of them at a time.
     """
     if regime not in ("state-passing", "tbtt"):
         raise CoverageInputError("regime", f"regime must be 'state-passing' or 'tbtt' here, got {regime!r}")
@@ -352,17 +371,18 @@ def collect_reference(model: RecurrentLM, reference_sequences: np.ndarray | torc
         raise CoverageInputError("stride", f"no recorded position lies in [1, train_len = {train_len}]; "
                                            f"lower the stride")
     positions = [j * train_len + q for j in range(chain) for q in within]
-    recorder = _Recorder(model, rows, positions, projection_dim, seed)
+    ids = np.arange(rows)[chains]                                                    # the chains m run
+    recorder = _Recorder(model, len(ids), positions, projection_dim, seed)
     state = None
     for j in range(chain):
-        order = np.arange(rows) if regime == "tbtt" else (np.arange(rows) + j) % rows
+        order = ids if regime == "tbtt" else (ids + j) % rows
         segment = np.ascontiguousarray(tokens[order, j * train_len:(j + 1) * train_len])      # [M, train_len]
         recorder.offset = j * train_len
         for piece in rollout(model, segment, chunk=chunk, state=state, stops=within):
             recorder(piece)
             state = piece.state
             if progress is not None:
-                progress(rows * (piece.end - piece.start))
+                progress(len(ids) * (piece.end - piece.start))
     return recorder.sample(np.zeros(chain * train_len), chain * train_len)
 
 
@@ -397,15 +417,20 @@ def coverage_from_states(sample: StateSample, *, train_len: int, buckets: int = 
         ref_states = reference.states[i]
         for h in range(layer_states.shape[2]):
             points = ref_states[:, ref, h].reshape(-1, ref_states.shape[-1])        # [N * n_ref, d]
-            support = Support.fit(points, k=k, components=components, quantile=quantile)
+            finite = points[torch.isfinite(points).all(1)]  # a state that overflowed is no reference point
+            # A head whose states overflowed within the training length leaves too few finite reference
+            # states to test against: its scores are NaN (a finding). A reference set too small from
+            # the start is still refused by Support.fit.
+            usable = len(finite) == len(points) or len(finite) >= k + 2
+            support = Support.fit(finite, k=k, components=components, quantile=quantile) if usable else None
             ref_norms = reference.norms[:, ref, i, h].ravel()
             for b, (lo, hi) in enumerate(itertools.pairwise(edges)):
                 cols = np.flatnonzero(which == b)
                 query = layer_states[:, cols, h].reshape(-1, layer_states.shape[-1])  # [N * n_cols, d]
-                scores = support.score(query)
+                scores = support.score(query) if support else dict.fromkeys(UNSCORED, math.nan)
                 ratio = _median_ratio(sample.norms[:, cols, i, h].ravel(), ref_norms)
                 rows.append((int(lo), int(hi), i, h, scores["oos_fraction"], scores["maha_median"],
-                             scores["maha_p95"], ratio, len(query), len(points)))
+                             scores["maha_p95"], ratio, len(query), len(finite)))
     per_head = pd.DataFrame(rows, columns=HEAD_COLUMNS)
 
     # Loss at p predicts token p, so it exists for p <= L - 1: a bucket's loss averages the predictions
@@ -420,8 +445,19 @@ def coverage_from_states(sample: StateSample, *, train_len: int, buckets: int = 
     per_bucket = pd.DataFrame({"pos_start": edges[:-1], "pos_end": edges[1:], "oos_fraction": oos, "loss": loss,
                                "loss_increase": loss - in_context}, columns=BUCKET_COLUMNS)
     rho, p_value, used = _spearman(per_bucket.oos_fraction.to_numpy(), per_bucket.loss_increase.to_numpy())
-    return per_head, per_bucket, {"spearman_rho": rho, "spearman_p": p_value, "n_buckets": used,
-                                  "in_context_loss": in_context}
+    summary = {"spearman_rho": rho, "spearman_p": p_value, "n_buckets": used, "in_context_loss": in_context}
+    bad = first_nonfinite_state(sample)
+    return per_head, per_bucket, summary | ({"first_nonfinite_state": bad} if bad else {})
+
+
+def first_nonfinite_state(sample: StateSample) -> dict | None:
+    """The first recorded position, then layer and head, where some sequence's state is inf or NaN (its
+    norm is): ``{"position", "layer", "head"}``, or None when every recorded state is finite."""
+    bad = ~np.isfinite(sample.norms).all(axis=0)                                     # [P, layers, H]
+    if not bad.any():
+        return None
+    p, layer, head = np.argwhere(bad)[0]
+    return {"position": int(sample.positions[p]), "layer": int(layer), "head": int(head)}
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
@@ -491,38 +527,19 @@ def coverage(
       loss_increase (loss - in_context_loss);
     - ``{"spearman_rho", "spearman_p", "n_buckets", "in_context_loss", "regime"}``: Spearman correlation of
       the per-bucket oos_fraction and loss_increase over the ``n_buckets`` buckets where both are finite (NaN
-      for fewer than 3 or a constant), and the mean loss over positions (train_len // 2, train_len].
+      for fewer than 3 or a constant), and the mean loss over positions (train_len // 2, train_len];
+      plus ``first_nonfinite_state`` ``{"position", "layer", "head"}`` when some recorded state is inf or NaN
+      (a finding: such states are out of support, and a head left with fewer than k + 2 finite reference
+      states gets NaN scores).
 
     Raises ValueError when L <= train_len, when no recorded position is <= train_len, or when the
     reference set is smaller than k + 2.
     """
     sequences = as_batch(sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy())
-    n_seqs, length = sequences.shape
-    if train_len < 1:
-        raise CoverageInputError("train_len", f"train_len must be >= 1, got {train_len}")
-    if length <= train_len:
-        raise CoverageInputError("sequences", f"sequences hold {length} tokens, not more than train_len = "
-                                              f"{train_len}: there are no positions past the training length")
     stride = max(1, train_len // 16) if stride is None else stride
-    if stride < 1:
-        raise CoverageInputError("stride", f"stride must be >= 1, got {stride}")
-    if regime not in REGIMES:
-        raise CoverageInputError("regime", f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
-    positions = np.arange(stride, length + 1, stride)
-    if regime == "zero":
-        n_reference = n_seqs * len(_split(positions, train_len))
-    else:
-        if reference_sequences is None:
-            raise CoverageInputError("reference_sequences", f"regime {regime!r} needs reference_sequences "
-                                                            f"(other tokens than the query sequences)")
-        if chain < 1:
-            raise CoverageInputError("chain", f"chain must be >= 1, got {chain}")
-        n_reference = len(as_batch(reference_sequences)) * chain * len(_split(positions, train_len))
-    if n_reference < k + 2:
-        raise CoverageInputError("reference", f"the reference set holds {n_reference} states (sequences x "
-                                              f"recorded positions <= {train_len}), fewer than k + 2 = {k + 2}; "
-                                              f"use more sequences, a smaller stride or a smaller k")
-    bucket_edges(train_len + 1, length + 1, buckets, scale)                          # checks scale early
+    positions = recorded_positions(*sequences.shape, train_len=train_len, stride=stride, k=k, buckets=buckets,
+                                   scale=scale, regime=regime, chain=chain, reference_rows=None
+                                   if reference_sequences is None else len(as_batch(reference_sequences)))
     sample = collect_states(model, sequences, positions=positions.tolist(), projection_dim=projection_dim,
                             chunk=chunk, seed=seed, progress=progress)
     reference = None if regime == "zero" else collect_reference(
@@ -532,6 +549,38 @@ def coverage(
                                                          k=k, components=components, quantile=quantile,
                                                          reference=reference)
     return per_head, per_bucket, summary | {"regime": regime}
+
+
+def recorded_positions(n_seqs: int, length: int, *, train_len: int, stride: int, k: int, buckets: int,
+                       scale: str, regime: str, chain: int, reference_rows: int | None) -> np.ndarray:
+    """The positions :func:`coverage` records (stride, 2 stride, ... <= length) for N = ``n_seqs`` query
+    sequences of ``length`` tokens and ``reference_rows`` reference sequences (None: none given), after
+    checking the settings leave it something to compare: else CoverageInputError naming the parameter."""
+    if train_len < 1:
+        raise CoverageInputError("train_len", f"train_len must be >= 1, got {train_len}")
+    if length <= train_len:
+        raise CoverageInputError("sequences", f"sequences hold {length} tokens, not more than train_len = "
+                                              f"{train_len}: there are no positions past the training length")
+    if stride < 1:
+        raise CoverageInputError("stride", f"stride must be >= 1, got {stride}")
+    if regime not in REGIMES:
+        raise CoverageInputError("regime", f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
+    positions = np.arange(stride, length + 1, stride)
+    if regime == "zero":
+        n_reference = n_seqs * len(_split(positions, train_len))
+    else:
+        if reference_rows is None:
+            raise CoverageInputError("reference_sequences", f"regime {regime!r} needs reference_sequences "
+                                                            f"(other tokens than the query sequences)")
+        if chain < 1:
+            raise CoverageInputError("chain", f"chain must be >= 1, got {chain}")
+        n_reference = reference_rows * chain * len(_split(positions, train_len))
+    if n_reference < k + 2:
+        raise CoverageInputError("reference", f"the reference set holds {n_reference} states (sequences x "
+                                              f"recorded positions <= {train_len}), fewer than k + 2 = {k + 2}; "
+                                              f"use more sequences, a smaller stride or a smaller k")
+    bucket_edges(train_len + 1, length + 1, buckets, scale)                          # checks scale early
+    return positions
 
 
 def scatter_points(sample: StateSample, *, train_len: int, layer: int, head: int) -> pd.DataFrame:

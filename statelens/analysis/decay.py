@@ -15,7 +15,7 @@ groups of ``head_channels`` channels, channels-per-head x d_state).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from statelens.analysis.buckets import bucket_edges
 from statelens.models.base import RecurrentLM
 from statelens.models.hooks import HookPoint, hooks
 from statelens.record.rollout import as_batch, rollout
+from statelens.resumable import sum_in_order
 
 COLUMNS = ["pos_start", "pos_end", "layer", "head", "mean_alpha", "horizon", "retention"]
 
@@ -53,11 +54,22 @@ def decay(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, buckets: 
     ``prod_{q=1..pos_end-1} alpha_q`` the initial state still has, per element, averaged over the head's
     elements and the sequences; non-increasing in position since alpha <= 1).
     """
+    return decay_from_sums([decay_sums(model, sequences, buckets=buckets, scale=scale, chunk=chunk,
+                                       progress=progress)])
+
+
+def decay_sums(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, buckets: int = 32, scale: str = "log",
+               chunk: int = 2048, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """sequences [N, L] -> what :func:`decay` reduces over sequences: ``edges`` [B + 1], ``alpha_sum``
+    [B, layers, H] (alpha summed over the bucket's positions, the sequences and the head's elements, float64),
+    ``elements`` [layers] (elements per head), ``retention`` [N, B, layers, H] (each sequence's retention at
+    the bucket's last position, averaged over the head's elements). :func:`decay_from_sums` combines them."""
     n_seqs, length = as_batch(sequences).shape
     edges = bucket_edges(1, length + 1, buckets, scale)
     n_buckets, n_layers, n_heads = len(edges) - 1, model.n_layers, model.n_heads
-    mean_alpha = np.zeros((n_buckets, n_layers, n_heads))
-    retention = np.zeros((n_buckets, n_layers, n_heads))
+    alpha_total = np.zeros((n_buckets, n_layers, n_heads))
+    retention = np.zeros((n_seqs, n_buckets, n_layers, n_heads))
+    elements = np.zeros(n_layers, dtype=np.int64)
 
     # Per layer, for the bucket in progress: the sum of alpha over positions, sequences and elements
     # [H], and (over the whole sequence so far) the summed log alpha per element [N, H, k], float64.
@@ -80,13 +92,22 @@ def decay(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, buckets: 
                 progress(n_seqs * (piece.end - piece.start))
             if piece.end != edges[bucket + 1] - 1:
                 continue
-            count = n_seqs * (edges[bucket + 1] - edges[bucket])
             for layer in range(n_layers):
-                k = log_retention[layer].shape[-1]
-                mean_alpha[bucket, layer] = (alpha_sum.pop(layer) / (count * k)).cpu().numpy()
-                retention[bucket, layer] = log_retention[layer].exp().mean(dim=(0, 2)).cpu().numpy()
+                elements[layer] = log_retention[layer].shape[-1]
+                alpha_total[bucket, layer] = alpha_sum.pop(layer).cpu().numpy()
+                retention[:, bucket, layer] = log_retention[layer].exp().mean(dim=2).cpu().numpy()
             bucket += 1
+    return {"edges": edges, "alpha_sum": alpha_total, "elements": elements, "retention": retention}
 
+
+def decay_from_sums(parts: Sequence[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """The table of :func:`decay` from the :func:`decay_sums` of consecutive groups of sequences."""
+    edges, elements = parts[0]["edges"], parts[0]["elements"]
+    retention = np.concatenate([part["retention"] for part in parts]).mean(axis=0)     # [B, layers, H]
+    n_seqs = sum(len(part["retention"]) for part in parts)
+    count = n_seqs * np.diff(edges)[:, None, None] * elements[None, :, None]            # alphas summed
+    mean_alpha = sum_in_order([part["alpha_sum"] for part in parts]) / count
+    n_buckets, n_layers, n_heads = mean_alpha.shape
     b, layer, head = np.meshgrid(np.arange(n_buckets), np.arange(n_layers), np.arange(n_heads), indexing="ij")
     b, layer, head = b.ravel(), layer.ravel(), head.ravel()
     flat = mean_alpha.ravel()

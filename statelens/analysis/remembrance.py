@@ -56,14 +56,28 @@ def remembrance(
     Columns: t, T, effrem (mean over sequences), effrem_sem (standard error of that mean; NaN for one
     sequence), n_seqs.
     """
+    ts = truncation_points(T, ts, points)
+    return summarize(effrem_matrix(model, sequences, T=T, ts=ts, chunk=chunk, batch=batch, progress=progress),
+                     ts, T)
+
+
+def truncation_points(T: int, ts: Sequence[int] | None = None, points: int = 32) -> list[int]:
+    """The sorted truncation points: ``ts`` (default :func:`effrem_grid`) with 0 added, checked in [0, T - 1]."""
+    ts = sorted({0, *(effrem_grid(T, points) if ts is None else (int(t) for t in ts))})
+    if ts[-1] >= T or ts[0] < 0:
+        raise ValueError(f"truncation points must lie in [0, T - 1] = [0, {T - 1}]")
+    return ts
+
+
+def effrem_matrix(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, T: int, ts: Sequence[int],
+                  chunk: int = 2048, batch: int = 32,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """sequences [N, >= T], ts (sorted, containing 0, from :func:`truncation_points`) -> EffRem_T(t) of
+    each sequence [N, len(ts)], float64: the per-sequence values :func:`remembrance` averages."""
     sequences = sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy()
     n_seqs, length = sequences.shape
     if length < T:
         raise ValueError(f"sequences hold {length} tokens, fewer than T = {T}")
-    ts = sorted({0, *(effrem_grid(T, points) if ts is None else (int(t) for t in ts))})
-    if ts[-1] >= T or ts[0] < 0:
-        raise ValueError(f"truncation points must lie in [0, T - 1] = [0, {T - 1}]")
-
     rows = sorted((t, n) for n in range(n_seqs) for t in ts)   # t = 0 rows first: the references
     reference: dict[int, torch.Tensor] = {}                     # n -> q(. | x[0:T]) [vocab], float64
     effrem = np.zeros((n_seqs, len(ts)))
@@ -83,7 +97,12 @@ def remembrance(
             if t == 0:
                 reference[n] = q
             effrem[n, column[t]] = 0.5 * (reference[n] - q).abs().sum().item()
+    return effrem
 
+
+def summarize(effrem: np.ndarray, ts: Sequence[int], T: int) -> pd.DataFrame:
+    """Per-sequence EffRem [N, len(ts)] -> the table of :func:`remembrance` (mean and its standard error)."""
+    n_seqs = effrem.shape[0]
     sem = effrem.std(axis=0, ddof=1) / np.sqrt(n_seqs) if n_seqs > 1 else np.full(len(ts), np.nan)
     return pd.DataFrame({"t": ts, "T": T, "effrem": effrem.mean(axis=0), "effrem_sem": sem, "n_seqs": n_seqs},
                         columns=COLUMNS)

@@ -49,6 +49,14 @@ def state_stats(
     (max over sequences), finite (True when every sequence's state is finite). Sorted by position,
     layer, head. NaN in any sequence makes the aggregate NaN (never skipped).
     """
+    return stats_from_cubes([state_cubes(model, sequences, positions=positions, chunk=chunk, progress=progress)])
+
+
+def state_cubes(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, positions: int | Sequence[int] = 256,
+                chunk: int = 2048, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """sequences [N, L] -> each sequence's statistics before the reduction over sequences: ``position``
+    [P], ``layer`` and ``head`` [G] (G = layers x heads), and ``norm``, ``mean``, ``std``, ``absmax``,
+    ``finite`` [P, N, G] (float64; finite 0/1). :func:`stats_from_cubes` reduces them."""
     sequences = as_batch(sequences)
     n_seqs = sequences.shape[0]
     if not resolve_positions(positions, sequences.shape[1]):
@@ -69,12 +77,25 @@ def state_stats(
     def cube(column: str) -> np.ndarray:
         return stats[column].to_numpy(dtype=np.float64).reshape(P, N, G)
 
+    labels = {"position": np.asarray(rec.positions, dtype=np.int64), "layer": first["layer"].to_numpy(np.int64),
+              "head": first["head"].to_numpy(np.int64)}
+    return labels | {c: cube(c) for c in ("norm", "mean", "std", "absmax", "finite")}
+
+
+def stats_from_cubes(parts: Sequence[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """The table of :func:`state_stats` from the :func:`state_cubes` of consecutive groups of sequences
+    (their sequences joined in order, then reduced over sequences)."""
+    positions, P, G = parts[0]["position"], len(parts[0]["position"]), len(parts[0]["layer"])
+
+    def cube(column: str) -> np.ndarray:                                              # [P, N, G]
+        return np.concatenate([part[column] for part in parts], axis=1)
+
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a mean is a finding, not a warning
         norm, mean, std = (cube(c).mean(axis=1).ravel() for c in ("norm", "mean", "std"))
     out = pd.DataFrame({
-        "position": np.repeat(rec.positions, G),
-        "layer": np.tile(first["layer"].to_numpy(), P),
-        "head": np.tile(first["head"].to_numpy(), P),
+        "position": np.repeat(positions, G),
+        "layer": np.tile(parts[0]["layer"], P),
+        "head": np.tile(parts[0]["head"], P),
         "norm": norm,
         "mean": mean,
         "std": std,

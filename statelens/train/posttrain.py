@@ -17,11 +17,19 @@ save and ends with the same weights as an uninterrupted run.
 
 Batches are a function of the step index alone (seeded permutations of the training chunks; TBTT: chunk
 k of the same documents), so a resumed run sees exactly the batches the uninterrupted one would.
+SIGINT or SIGTERM ends the run after the current step, saved (:class:`~statelens.resumable.Interrupted`).
+
+Under ``torchrun`` (:mod:`statelens.distributed`) the model is wrapped in DistributedDataParallel and
+rank r trains on rows [r b / W, (r + 1) b / W) of each step's batch of b (W must divide b); gradients are
+averaged over ranks, so the step equals a single-process step up to float rounding. A state-passing
+sampler holds its rank's rows; the noise samplers draw the whole batch on every rank and keep their rows.
+Rank 0 alone writes.
 """
 from __future__ import annotations
 
 import math
 import pickle
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +39,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from statelens import distributed
 from statelens.errors import BadInput
 from statelens.interventions.samplers import (FittedNoise, RandomNoise, StatePassing, ZeroState, mean_state_norm,
                                               tbtt_batch)
 from statelens.models.checkpoint import Checkpoint, save_checkpoint
 from statelens.outputs import atomic_write, write_json, write_table
+from statelens.resumable import Interrupted, stop_on_signals
 
 INTERVENTIONS = ("none", "noise", "fitted-noise", "state-passing", "tbtt")
 METADATA = "statelens.json"
@@ -80,6 +90,15 @@ class Batches:
         return self.pool[rows]
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (embeddings, projections, convolution kernels) only. Vectors
+    go undecayed -- biases, norm weights, and above all A_log, dt_bias and D (mamba-ssm exempts them too):
+    decay would pull dt_bias towards 0, i.e. every head towards fast forgetting."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def make_sampler(intervention: str, model, pool: np.ndarray, seq_len: int, seed: int, *, noise_mean: float,
                  noise_std: float, pass_conv: bool | None):
     """The initial-state sampler of ``intervention`` (fitted noise is fitted on up to 64 rows of ``pool``)."""
@@ -113,6 +132,10 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "
     state per layer, head and row).
     """
     check_settings(intervention, steps, seq_len, batch, lr, warmup, clip, save_every)
+    if batch % distributed.world_size():
+        raise BadInput(f"--batch {batch} does not divide among {distributed.world_size()} processes")
+    mine = slice(distributed.rank() * batch // distributed.world_size(),
+                 (distributed.rank() + 1) * batch // distributed.world_size())   # this rank's rows of a batch
     out = Path(out)
     data = np.asarray(sequences_or_documents)
     if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
@@ -131,7 +154,7 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "
     else:
         batches = Batches(data, batch, seq_len, seed)
     pool = data if batches is None else batches.pool
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
 
     start, log = 0, []
@@ -144,49 +167,83 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "
         torch.set_rng_state(saved["rng"])
         sampler = _empty_sampler(intervention, model, seed, noise_mean, noise_std, pass_conv)
         sampler.load_state_dict(saved["sampler"])
+        if isinstance(sampler, StatePassing) and sampler.previous is not None:
+            sampler.previous = sampler.previous.rows(mine)          # saved whole: this rank's rows
         start, log = int(saved["step"]), [dict(row) for row in saved["log"]]
     else:
         sampler = make_sampler(intervention, model, pool, seq_len, seed, noise_mean=noise_mean,
                                noise_std=noise_std, pass_conv=pass_conv)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(sampler, FittedNoise):
-        sampler.save(out / FITTED)
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if isinstance(sampler, FittedNoise):
+            sampler.save(out / FITTED)
 
+    trained = model
+    if distributed.active():
+        trained = torch.nn.parallel.DistributedDataParallel(model)
     started = time.perf_counter()
     model.train()
-    try:
-        for step in range(start, steps):
-            if batches is None:
-                rows, new_documents = tbtt_batch(data, batch, seq_len, step)
-                if new_documents:
-                    sampler.reset()
-            else:
-                rows = batches(step)
-            tokens = torch.as_tensor(np.ascontiguousarray(rows), dtype=torch.long, device=model.device)
-            state0 = sampler.sample(batch).detach()
-            logits, final = model(tokens, state0)                      # [batch, seq_len, vocab]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            step_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            if isinstance(sampler, StatePassing):
-                sampler.update(final)
-            log.append({"step": step + 1, "loss": loss.item(), "lr": step_lr, "grad_norm": float(grad_norm),
-                        "mean_state_norm": mean_state_norm(model, final)})
-            if (step + 1) % save_every == 0 or step + 1 == steps:
-                _save(ckpt, out, config, step + 1, optimizer, scheduler, sampler, log)
-            if progress is not None:
-                progress(1)
-    finally:
-        model.eval()
+    with stop_on_signals() as stop:
+        try:
+            for step in range(start, steps):
+                if batches is None:
+                    rows, new_documents = tbtt_batch(data, batch, seq_len, step)
+                    if new_documents:
+                        sampler.reset()
+                else:
+                    rows = batches(step)
+                tokens = torch.as_tensor(np.ascontiguousarray(rows[mine]), dtype=torch.long, device=model.device)
+                state0 = _initial_state(sampler, batch, mine)
+                logits, final = trained(tokens, state0)                    # [rows, seq_len, vocab]
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                step_lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                if isinstance(sampler, StatePassing):
+                    sampler.update(final)
+                step_loss, state_norm = distributed.mean([loss.item(), mean_state_norm(model, final)])
+                log.append({"step": step + 1, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
+                            "mean_state_norm": state_norm})
+                stopping = distributed.any_rank(stop.signum is not None)
+                if (step + 1) % save_every == 0 or step + 1 == steps or stopping:
+                    sampler_state = _whole_batch(sampler)
+                    if main:
+                        _save(ckpt, out, config, step + 1, optimizer, scheduler, sampler_state, log)
+                if stopping and step + 1 < steps:
+                    raise Interrupted(stop.signum or signal.SIGTERM)
+                if progress is not None:
+                    progress(1)
+        finally:
+            model.eval()
     df = pd.DataFrame(log, columns=LOG_COLUMNS)
-    write_json({"command": "posttrain", "config": config, "checkpoint": str(ckpt.path), "format": ckpt.format,
-                "arch": model.arch, "resumed_from_step": start, "train_seconds": round(time.perf_counter() - started, 3),
-                "final_loss": float(df.loss.iloc[-1]) if len(df) else None}, out / "run.json")
+    if main:
+        write_json({"command": "posttrain", "config": config, "checkpoint": str(ckpt.path), "format": ckpt.format,
+                    "arch": model.arch, "resumed_from_step": start,
+                    "train_seconds": round(time.perf_counter() - started, 3),
+                    "final_loss": float(df.loss.iloc[-1]) if len(df) else None}, out / "run.json")
     return df
+
+
+def _initial_state(sampler, batch: int, mine: slice):
+    """This rank's rows ``mine`` of the step's initial state, detached. A state-passing sampler holds only
+    this rank's rows; the others draw the whole batch on every rank (so their generators stay in step)."""
+    if isinstance(sampler, StatePassing):
+        return sampler.sample(mine.stop - mine.start).detach()
+    return sampler.sample(batch).rows(mine).detach()
+
+
+def _whole_batch(sampler) -> dict | None:
+    """The sampler's state_dict with every rank's rows (a state-passing sampler's, gathered in rank order)
+    on rank 0; None on the other ranks."""
+    parts = distributed.gather(sampler.state_dict())
+    if parts is None or len(parts) == 1 or not isinstance(sampler, StatePassing) or not parts[0]:
+        return None if parts is None else parts[0]
+    return {key: [torch.cat([part[key][i] for part in parts]) for i in range(len(parts[0][key]))]
+            for key in parts[0]}
 
 
 def check_settings(intervention, steps, seq_len, batch, lr, warmup, clip, save_every) -> None:
@@ -210,7 +267,8 @@ def _empty_sampler(intervention, model, seed, noise_mean, noise_std, pass_conv):
                         noise_mean=noise_mean, noise_std=noise_std, pass_conv=pass_conv)
 
 
-def _save(ckpt, out: Path, config: dict, step: int, optimizer, scheduler, sampler, log: list[dict]) -> None:
+def _save(ckpt, out: Path, config: dict, step: int, optimizer, scheduler, sampler_state: dict,
+          log: list[dict]) -> None:
     """Checkpoint, metadata and log first, resume.pt last: a save interrupted midway resumes from the
     previous complete one."""
     save_checkpoint(ckpt, out)
@@ -220,7 +278,7 @@ def _save(ckpt, out: Path, config: dict, step: int, optimizer, scheduler, sample
     model = ckpt.model
     payload = {"step": step, "config": config, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "log": log}
+               "sampler": sampler_state, "rng": torch.get_rng_state(), "log": log}
     atomic_write(out / RESUME, lambda f: torch.save(payload, f))
 
 

@@ -1,0 +1,147 @@
+"""Atomic outputs: a run killed with SIGKILL at any moment leaves no truncated file under a final name.
+
+Real commands run in a subprocess (the installed console script); a watcher polls the output folder and
+sends SIGKILL the moment a given output first shows up, under its temporary name or its final one
+(the kill then lands somewhere in writing it or just after), plus a seeded delay of a few milliseconds
+so the kills spread over the write. Afterwards every file under a final name must be complete -- a CSV
+with every row the run computes (counted from the settings), JSON that parses, a PNG that ends with its
+IEND chunk, an SVG or HTML page that ends with its closing tag, weights that load -- and any temporary
+file must be one that no reader takes for an output (a dotted name ending in ``.tmp-<pid>``).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TEMP = re.compile(r"^\..+\.tmp-\d+$")  # statelens.outputs.atomic_write's temporary names
+
+
+def statelens_command() -> list[str]:
+    script = Path(sys.executable).with_name("statelens")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "statelens.cli.main"]
+
+
+def kill_when(args: list, out: Path, name: str, delay: float, cwd: Path) -> bool:
+    """Runs ``statelens ARGS``; SIGKILLs it ``delay`` seconds after a file named ``name`` (or its
+    temporary name) first appears under ``out``. True when it was killed, False when it finished first."""
+    proc = subprocess.Popen([*statelens_command(), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=cwd)
+    try:
+        while proc.poll() is None:
+            if out.exists() and any(p.name == name or p.name.startswith(f".{name}.tmp-") for p in out.rglob("*")):
+                time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+                return proc.returncode == -signal.SIGKILL
+            time.sleep(0.001)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return False
+
+
+def assert_complete(path: Path, rows: dict[str, int]) -> None:
+    """``path`` (a final name) holds a whole file of its kind; CSVs hold ``rows[name]`` rows."""
+    data = path.read_bytes()
+    if path.suffix == ".csv":
+        table = pd.read_csv(path)
+        expected = rows[path.name] if rows.get(path.name) is not None else table.step.max()  # train_log: every step
+        assert len(table) == expected, path
+    elif path.suffix == ".npz":
+        assert list(np.load(path)), path
+    elif path.suffix == ".json":
+        json.loads(data)
+    elif path.suffix == ".png":
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82"), path
+    elif path.suffix == ".svg":
+        assert data.rstrip().endswith(b"</svg>"), path
+    elif path.suffix == ".html":
+        assert data.rstrip().endswith(b"</html>"), path
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        assert load_file(path)
+    elif path.suffix == ".pt":
+        import torch
+
+        assert torch.load(path, weights_only=True)["step"] >= 1
+
+
+def assert_no_truncated_output(out: Path, rows: dict[str, int], finals: set[str]) -> list[str]:
+    """Every file under ``out`` is a complete output (a name in ``finals``) or a temporary file that no
+    reader matches; if run.json exists, every output it lists is there. Returns the final names found."""
+    found = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        if TEMP.match(path.name):
+            assert not any(path.match(glob) for glob in ("*.csv", "*.json", "*.png", "*.svg", "*.html")), path
+            continue
+        if ".partial" in path.relative_to(out).parts:  # saved groups of an interrupted run (--resume)
+            assert_complete(path, rows)
+            continue
+        assert path.name in finals, path
+        assert_complete(path, rows)
+        found.append(path.name)
+    if (out / "run.json").is_file():  # run.json is written last: what it lists is complete
+        assert set(json.loads((out / "run.json").read_text())["outputs"]) <= set(found)
+    return found
+
+
+def test_killed_perplexity_leaves_only_complete_files(byte_vocab_ckpt, tmp_path):
+    length, buckets = 256, 8
+    rows = {"positionwise.csv": buckets}  # one row per bucket of positions 1 .. length - 1
+    finals = {"positionwise.csv", "perplexity.png", "perplexity.svg", "run.json"}
+    delays = random.Random(0)
+    triggers = ["positionwise.csv", "perplexity.png", "perplexity.svg", "run.json"]
+
+    def one(trigger: str, delay: float) -> bool:
+        args = ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 64, "--length", length, "--num-seqs", 2,
+                "--buckets", buckets, "--out", tmp_path / trigger]
+        return kill_when(args, tmp_path / trigger, trigger, delay, tmp_path)
+
+    # side by side, each process with its own watcher thread
+    with ThreadPoolExecutor(len(triggers)) as pool:
+        killed = list(pool.map(one, triggers, [delays.uniform(0, 0.02) for _ in triggers]))
+    for trigger in triggers:
+        assert_no_truncated_output(tmp_path / trigger, rows, finals)
+    assert sum(killed) >= 3  # the kills landed: the run did not finish first
+
+
+def test_killed_report_leaves_no_partial_page(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    edges = np.unique(np.geomspace(1, 4096, 12).astype(int))
+    pd.DataFrame({"pos_start": edges[:-1], "pos_end": edges[1:], "loss": np.linspace(2, 3, len(edges) - 1),
+                  "ppl": np.exp(np.linspace(2, 3, len(edges) - 1)), "n_tokens": 10}).to_csv(
+        results / "positionwise.csv", index=False)
+    out = tmp_path / "report"
+    killed = kill_when(["report", "--from", results, "--train-len", 512, "--out", out], out, "index.html", 0.0,
+                       tmp_path)
+    assert killed
+    assert assert_no_truncated_output(out, {}, {"index.html"}) in ([], ["index.html"])
+
+
+def test_killed_posttrain_leaves_a_loadable_checkpoint(byte_vocab_ckpt, tmp_path):
+    """Killed as the first resume.pt is written: the checkpoint files of the same save are complete
+    (written before it), and resume.pt is absent or loads."""
+    out = tmp_path / "post"
+    args = ["posttrain", "--ckpt", byte_vocab_ckpt, "--intervention", "none", "--steps", 3, "--seq-len", 16,
+            "--batch", 1, "--warmup", 1, "--save-every", 1, "--out", out]
+    assert kill_when(args, out, "resume.pt", 0.0, tmp_path)
+    finals = {"model.safetensors", "config.json", "generation_config.json", "statelens.json", "train_log.csv",
+              "resume.pt", "run.json"}
+    found = assert_no_truncated_output(out, {"train_log.csv": None}, finals)
+    assert {"model.safetensors", "config.json", "statelens.json", "train_log.csv"} <= set(found)
+    from statelens.models import load_checkpoint
+
+    load_checkpoint(out)

@@ -1,0 +1,93 @@
+"""torchrun: two CPU processes (gloo) share the groups of an analysis and the batch of a post-training step,
+and end with the numbers of a single process (CSV bytes for analyses; weights within float tolerance).
+
+One torchrun launch runs every command in turn (statelens.cli.main in-process per rank), so the process
+start-up is paid once. Per-process thread counts change float32 reductions, so the single-process
+references run with one thread, as torchrun's workers do."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+ANALYSES = {
+    "perplexity": ["--train-len", 32, "--length", 128, "--num-seqs", 3, "--buckets", 5],
+    "coverage": ["--train-len", 32, "--length", 96, "--num-seqs", 3, "--stride", 8, "--buckets", 3,
+                 "--regime", "state-passing", "--chain", 2],
+}
+OUTPUTS = {"perplexity": ["positionwise.csv"], "coverage": ["coverage.csv", "coverage_buckets.csv"]}
+POSTTRAIN = ["--steps", 3, "--seq-len", 16, "--batch", 2, "--warmup", 1, "--intervention", "state-passing"]
+
+SCRIPT = """
+import json, sys
+from statelens.cli.main import main
+
+for args in json.load(open(sys.argv[1])):
+    sys.argv = ["statelens", *args]
+    try:
+        main()
+    except SystemExit as e:   # rank 0 ends each command with exit(0); other ranks once their groups are sent
+        if e.code:
+            raise
+"""
+
+
+@pytest.fixture(scope="module")
+def torchrun(byte_vocab_ckpt, tmp_path_factory):
+    """Runs every command under torchrun --nproc-per-node 2; returns the folder of their outputs."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    commands = [[name, "--ckpt", str(byte_vocab_ckpt), *map(str, args), "--out", str(folder / name)]
+                for name, args in ANALYSES.items()]
+    commands.append(["posttrain", "--ckpt", str(byte_vocab_ckpt), *map(str, POSTTRAIN), "--out",
+                     str(folder / "posttrain")])
+    (folder / "commands.json").write_text(json.dumps(commands))
+    (folder / "run.py").write_text(SCRIPT)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(folder / "run.py"), str(folder / "commands.json")],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("command", list(ANALYSES))
+def test_torchrun_analysis_equals_single_process(torchrun, byte_vocab_ckpt, tmp_path, monkeypatch, capsys,
+                                                 one_thread, command):
+    out = tmp_path / command
+    code, _, err = run_cli(monkeypatch, capsys, command, "--ckpt", byte_vocab_ckpt, *ANALYSES[command], "--out", out)
+    assert code == 0, err
+    for name in OUTPUTS[command]:
+        assert (torchrun / command / name).read_bytes() == (out / name).read_bytes()
+    # Rank 0 alone wrote, and the same files; no partials are left.
+    assert sorted(p.name for p in (torchrun / command).iterdir()) == sorted(p.name for p in out.iterdir())
+
+
+def test_torchrun_posttrain_matches_single_process(torchrun, byte_vocab_ckpt, tmp_path, monkeypatch, capsys,
+                                                   one_thread):
+    import pandas as pd
+
+    from statelens.models import load_checkpoint
+
+    out = tmp_path / "posttrain"
+    code, _, err = run_cli(monkeypatch, capsys, "posttrain", "--ckpt", byte_vocab_ckpt, *POSTTRAIN, "--out", out)
+    assert code == 0, err
+    single, shared = (load_checkpoint(p).model.state_dict() for p in (out, torchrun / "posttrain"))
+    start = load_checkpoint(byte_vocab_ckpt).model.state_dict()
+    assert max((single[k] - shared[k]).abs().max().item() for k in single) < 1e-5
+    assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-4     # it did train
+    logs = [pd.read_csv(p / "train_log.csv") for p in (out, torchrun / "posttrain")]
+    pd.testing.assert_frame_equal(logs[0], logs[1], check_exact=False, rtol=1e-5)
