@@ -1,5 +1,5 @@
-# Two commands set everything up on a fresh machine: `make check` (the main job until `make demo`
-# lands) and `make test`. Both create .venv if absent and install the project into it.
+# Two commands set everything up on a fresh machine: `make demo` (the main job on the built-in
+# checkpoints) and `make test`. Both create .venv if absent and install the project into it.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TINY   := runs/tiny-mamba2
 CKPT   ?= $(TINY)
 
-.PHONY: install test check bench clean
+.PHONY: install demo test check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The main job on the built-in default: baseline vs state-passing post-training, report in runs/demo/index.html.
+demo: $(STAMP)
+	$(VENV)/bin/statelens demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

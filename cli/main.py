@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from statelens.cli import check, coverage, decay, perplexity, posttrain, remembrance, report, states, tasks
+from statelens.cli import check, coverage, decay, demo, perplexity, posttrain, remembrance, report, states, tasks
 
 app = typer.Typer(
     name="statelens",
@@ -16,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.command("demo")(demo.demo)
 app.command("check")(check.check)
 app.command("remembrance")(remembrance.remembrance)
 app.command("perplexity")(perplexity.perplexity)
