@@ -42,7 +42,10 @@ def main() -> None:
     args = sys.argv[1:] or ["--help"]
     debug = "--debug" in args
     try:
-        sys.exit(app(args, standalone_mode=False) or 0)
+        code = app(args, standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt that no command caught into 130, silently
+            print("statelens: interrupted", file=sys.stderr)
+        sys.exit(code or 0)
     except typer.TyperException as e:  # a bad or missing option (click's UsageError): one line, exit 2
         ctx = getattr(e, "ctx", None)
         command = ctx.command_path if ctx else "statelens"

@@ -16,8 +16,8 @@ import torch
 from conftest import run_cli
 
 ANALYSES = {
-    "perplexity": ["--train-len", 32, "--length", 160, "--num-seqs", 6, "--buckets", 6],
-    "states": ["--train-len", 32, "--length", 160, "--num-seqs", 6, "--stride", 16],
+    "perplexity": ["--train-len", 32, "--length", 1024, "--num-seqs", 6, "--buckets", 6],
+    "states": ["--train-len", 32, "--length", 1024, "--num-seqs", 6, "--stride", 16],
 }
 OUTPUT = {"perplexity": ["positionwise.csv"], "states": ["state_stats.csv", "collapse.csv"]}
 
@@ -138,3 +138,16 @@ def test_interrupted_report_resumes_with_the_analyses_it_finished(byte_vocab_ckp
     for name in csvs:
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert (out / "index.html").is_file()
+
+
+def test_an_interrupt_outside_the_groups_is_one_line_exit_130(byte_vocab_ckpt, tmp_path, monkeypatch, capsys):
+    import statelens.analysis.positionwise as positionwise
+
+    def interrupted(*args, **kwargs):  # SIGINT once every group is done: while the table is combined
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(positionwise, "bucket_losses", interrupted)
+    code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 32,
+                           "--length", 64, "--num-seqs", 2, "--out", tmp_path / "out")
+    assert code == 130 and err.strip() == "statelens: interrupted"
+    assert not (tmp_path / "out" / "positionwise.csv").exists()
