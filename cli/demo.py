@@ -41,7 +41,7 @@ def demo(
     from statelens.reports.html import render, write_report
 
     check_writable(out)
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # one finding a line, whatever the width
     started = time.perf_counter()
     options = dict(data=built_in.HELDOUT, train_len=None, length=None, num_seqs=num_seqs, buckets=32, stride=None,
                    chunk=2048, device=device, dtype=DType.float32, seed=seed, backend=BackendName.native)
@@ -52,7 +52,7 @@ def demo(
         results.append(found)
         train_lens.append(tl)
     table = built_in.findings(results[0].tables, results[1].tables, train_lens[0])
-    written = [*write_table(table, out / "findings.csv"), write_report(render(results, list(LABELS), train_lens), out)]
+    written = [*write_table(table, out / "findings.csv"), write_report(render(results, list(LABELS), train_lens, table), out)]
     console.print(f"[bold]demo[/] in {time.perf_counter() - started:.0f} s; training length {train_lens[0]}, "
                   f"rollouts of {length_factor * train_lens[0]} tokens over {num_seqs} held-out sequences")
     for row in table.itertuples():

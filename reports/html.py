@@ -376,9 +376,12 @@ def _table(df: pd.DataFrame) -> dict:
 # --- the page ---------------------------------------------------------------------------------------
 
 
-def render(results_list: list[Results], labels: list[str], train_lens: list[int] | None = None) -> str:
+def render(results_list: list[Results], labels: list[str], train_lens: list[int] | None = None,
+           findings: pd.DataFrame | None = None) -> str:
     """The report page for one or two (or more) checkpoints. ``train_lens`` default: each checkpoint's
-    manifests, else 2048. With two, the comparison section states the second against the first."""
+    manifests, else 2048. With two, the comparison section states the second against the first.
+    ``findings`` (e.g. :func:`statelens.demo.findings`): claims checked with their margins, shown as a
+    table after the comparison."""
     from jinja2 import Environment
 
     if len(results_list) != len(labels):
@@ -404,7 +407,7 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(
         labels=labels, cards=cards, comparison=compared, notes=caveats, figures=figures, tasks=tasks,
-        max_rows=MAX_ROWS)
+        findings=_table(findings) if findings is not None else None, max_rows=MAX_ROWS)
 
 
 def write_report(html: str, out_dir: str | Path) -> Path:

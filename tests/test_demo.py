@@ -72,6 +72,7 @@ def test_demo_command_writes_both_runs_the_report_and_findings_that_match_its_cs
             assert (out / label / csv).is_file()
     page = (out / "index.html").read_text()
     assert "baseline" in page and "state-passing" in page
+    assert "Findings checked" in page and "&gt;= 1.15" in page and "out-of-support fraction beyond T" in page
     # the findings recomputed from the written CSVs
     table = pd.read_csv(out / "findings.csv").set_index("finding")
     loss = {label: pd.read_csv(out / label / "perplexity/positionwise.csv") for label in ("baseline", "state-passing")}
