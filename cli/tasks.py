@@ -2,12 +2,13 @@
 scored by greedy decoding after a chunked rollout of the prompt."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Device, DType, Dtype, MitigationSpec, Out,
-                                   Seed, TrainLen)
+                                   Resume, Seed, TrainLen)
 
 Lengths = Annotated[str, typer.Option("--lengths", help="Context lengths in tokens, comma-separated (4096 or 4k).")]
 Depths = Annotated[str, typer.Option("--depths", help="Key depths, fractions of the context in [0, 1], "
@@ -51,6 +52,7 @@ def passkey(
     samples: Samples = 4,
     train_len: TrainLen = None,
     chunk: Chunk = 2048,
+    resume: Resume = False,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
@@ -59,26 +61,39 @@ def passkey(
     mitigation: MitigationSpec = None,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden at each depth of filler text of each length; writes
-    passkey.csv, passkey.png and run.json (with the passkey capacity and the state size)."""
-    from statelens.cli.common import progress, report, start
+    passkey.csv, passkey.png and run.json (with the passkey capacity and the state size). One
+    (length, depth) cell is the unit of work that --resume keeps and torchrun shares out."""
+    import pandas as pd
+
+    from statelens.cli.common import report, start
     from statelens.reports.figures import passkey_figure
 
     from statelens.data import load_tokenizer
-    from statelens.tasks.passkey import capacity, check_depths
-    from statelens.tasks.passkey import passkey as run_passkey
+    from statelens.tasks.passkey import COLUMNS, capacity, check_depths, make_passkey, passkey_cell, sample_seeds
 
     sizes, fractions = parse_lengths(lengths), parse_depths(depths)
     check_depths(fractions)
     run = start("passkey", mitigation=mitigation, draws_sequences=False,
                 ckpt=ckpt, device=device, dtype=dtype,
-                backend=backend, seed=seed, out=out, train_len=train_len,
+                backend=backend, seed=seed, out=out, train_len=train_len, resume=resume,
                 config={"lengths": sizes, "depths": fractions, "samples": samples, "train_len": train_len,
                         "chunk": chunk})
     tokenizer = load_tokenizer(run.ckpt.path, run.model.config.vocab_size)
     run.data_description = f"5-digit passkeys in repeated filler text (seed {seed}), tokenized with {tokenizer.name}"
-    with progress(sum(sizes) * len(fractions) * samples, "passkey") as advance:
-        df = run_passkey(run.model, tokenizer, sizes, fractions, samples=samples, seed=seed, chunk=chunk,
-                         progress=advance)
+    for length in sizes:  # a length too short for the key and question: BadInput before anything is written
+        for key_seed in sample_seeds(seed, samples):
+            make_passkey(tokenizer, length, fractions[0], key_seed)
+    cells = [(length, depth) for length in sizes for depth in fractions]
+
+    def cell(length: int, depth: float, advance) -> dict:
+        accuracy = passkey_cell(run.model, tokenizer, length, depth, samples=samples, seed=seed, chunk=chunk)
+        advance(samples * length)
+        return {"accuracy": accuracy}
+
+    parts = run.groups([functools.partial(cell, *c) for c in cells],
+                       tokens=[samples * length for length, _ in cells], description="passkey")
+    df = pd.DataFrame([(length, depth, float(part["accuracy"]), samples)
+                       for (length, depth), part in zip(cells, parts)], columns=COLUMNS)
     run.lap("compute")
     found = capacity(df)
     state_size = run.model.zero_state(1, device="meta").numel_per_sequence()
@@ -94,6 +109,7 @@ def copying(
     lengths: Lengths = "16,64,256,1024",
     samples: Samples = 4,
     chunk: Chunk = 2048,
+    resume: Resume = False,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
@@ -102,21 +118,30 @@ def copying(
     mitigation: MitigationSpec = None,
 ) -> None:
     """Synthetic copying: a random token string of each length, a separator, then the model repeats the
-    string by greedy decoding; writes copying.csv (token accuracy) and run.json."""
-    from statelens.cli.common import progress, report, start
+    string by greedy decoding; writes copying.csv (token accuracy) and run.json. One length is the unit
+    of work that --resume keeps and torchrun shares out."""
+    import pandas as pd
 
-    from statelens.tasks.copying import copying as run_copying
-    from statelens.tasks.copying import separator
+    from statelens.cli.common import report, start
+
+    from statelens.tasks.copying import COLUMNS, copying_cell, separator
 
     sizes = parse_lengths(lengths)
     run = start("copying", mitigation=mitigation, draws_sequences=False,
                 ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
-                config={"lengths": sizes, "samples": samples, "chunk": chunk})
+                resume=resume, config={"lengths": sizes, "samples": samples, "chunk": chunk})
     vocab = run.model.config.vocab_size
     run.data_description = (f"uniformly random strings over ids 0..{vocab - 2}, separator id {separator(vocab)} "
                             f"(seed {seed})")
-    with progress(2 * sum(sizes) * samples, "copying") as advance:
-        df = run_copying(run.model, sizes, samples=samples, seed=seed, chunk=chunk, progress=advance)
+
+    def cell(n: int, advance) -> dict:
+        accuracy = copying_cell(run.model, n, samples=samples, seed=seed, chunk=chunk)
+        advance(samples * 2 * n)
+        return {"accuracy": accuracy}
+
+    parts = run.groups([functools.partial(cell, n) for n in sizes], tokens=[samples * 2 * n for n in sizes],
+                       description="copying")
+    df = pd.DataFrame([(n, float(part["accuracy"]), samples) for n, part in zip(sizes, parts)], columns=COLUMNS)
     run.lap("compute")
     written = run.finish({"copying": df})
     report(run, written, [f"n {int(row.n)}: token accuracy {row.accuracy:.3f}" for row in df.itertuples()])
@@ -129,6 +154,7 @@ def babilong(
     samples: Samples = 4,
     data: BabiData = None,
     chunk: Chunk = 2048,
+    resume: Resume = False,
     device: Device = "cpu",
     backend: Backend = BackendName.native,
     dtype: Dtype = DType.float32,
@@ -137,24 +163,36 @@ def babilong(
     mitigation: MitigationSpec = None,
 ) -> None:
     """BABILong: bAbI questions with the facts hidden in long filler text (local files with --data, else
-    generated qa1/qa2 stories); writes babilong.csv and run.json."""
-    from statelens.cli.common import progress, report, start
+    generated qa1/qa2 stories); writes babilong.csv and run.json. One (task, length) cell is the unit of
+    work that --resume keeps and torchrun shares out."""
+    import pandas as pd
+
+    from statelens.cli.common import report, start
 
     from statelens.data import load_tokenizer
-    from statelens.tasks.babilong import babilong as run_babilong
+    from statelens.tasks.babilong import COLUMNS, babilong_cell, babilong_samples
 
     sizes = parse_lengths(lengths, minimum=0)
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     run = start("babilong", mitigation=mitigation, draws_sequences=False,
                 ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
-                config={"tasks": names, "lengths": sizes, "samples": samples,
-                        "data": str(data) if data else None, "chunk": chunk})
+                resume=resume, config={"tasks": names, "lengths": sizes, "samples": samples,
+                                       "data": str(data) if data else None, "chunk": chunk})
     tokenizer = load_tokenizer(run.ckpt.path, run.model.config.vocab_size)
     source = f"BABILong files in {data}" if data else f"generated qa1/qa2 stories in filler text (seed {seed})"
     run.data_description = f"{source}, tokenized with {tokenizer.name}"
-    with progress(sum(max(s, 1) for s in sizes) * len(names) * samples, "babilong") as advance:
-        df = run_babilong(run.model, tokenizer, names, sizes, samples=samples, seed=seed, chunk=chunk, data=data,
-                          progress=advance)
+    cells = [(name, length) for name in names for length in sizes]
+    # every cell's questions before the work starts, so that bad --data or --tasks writes nothing
+    questions = [babilong_samples(tokenizer, name, length, samples, seed, data) for name, length in cells]
+
+    def cell(found: list, advance) -> dict:
+        accuracy, n = babilong_cell(run.model, tokenizer, found, chunk=chunk, progress=advance)
+        return {"accuracy": accuracy, "n": n}
+
+    parts = run.groups([functools.partial(cell, found) for found in questions], description="babilong",
+                       tokens=[max(length, 1) * len(found) for (_, length), found in zip(cells, questions)])
+    df = pd.DataFrame([(name, length, float(part["accuracy"]), int(part["n"]))
+                       for (name, length), part in zip(cells, parts)], columns=COLUMNS)
     run.lap("compute")
     written = run.finish({"babilong": df})
     report(run, written, [f"{row.task} at {int(row.length)}: accuracy {row.accuracy:.2f} over {int(row.n)}"

@@ -189,11 +189,27 @@ def babilong_samples(tokenizer: Tokenizer, task: str, length: int, samples: int,
     return [make_story(tokenizer, task, length, int(s)) for s in seeds]
 
 
+def babilong_cell(model: RecurrentLM, tokenizer: Tokenizer, found: Sequence[Sample], *, chunk: int = 2048,
+                  progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """One (task, length) cell of :func:`babilong`, its samples ``found`` by :func:`babilong_samples`:
+    (accuracy, questions asked). ``progress(n)`` is told each prompt's tokens."""
+    correct = []
+    for sample in found:
+        prompt = tokenizer.encode(sample.prompt())
+        n_new = len(tokenizer.encode(" " + sample.target)) + ANSWER_TOKENS
+        answer = greedy_continue(model, prompt[None], n_new, chunk=chunk)[0]
+        correct.append(first_word(tokenizer.decode(answer)) == first_word(sample.target))
+        if progress is not None:
+            progress(len(prompt))
+    return float(np.mean(correct)), len(found)
+
+
 @tasks.register("babilong")
 def babilong(model: RecurrentLM, tokenizer: Tokenizer, task_names: Sequence[str], lengths: Sequence[int], *,
              samples: int = 4, seed: int = 0, chunk: int = 2048, data: str | Path | None = None,
              progress: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """BABILong accuracy per (task, length): generated qa1/qa2 stories, or local files with ``data``.
+    """BABILong accuracy per (task, length), one :func:`babilong_cell` each: generated qa1/qa2 stories,
+    or local files with ``data``.
 
     Columns: ``task``, ``length`` (context length in tokens; local files are read from split ``split_name(length)``),
     ``accuracy`` (fraction of the ``n`` questions whose first answer word is the target).
@@ -202,13 +218,6 @@ def babilong(model: RecurrentLM, tokenizer: Tokenizer, task_names: Sequence[str]
     for task in task_names:
         for length in lengths:
             found = babilong_samples(tokenizer, task, length, samples, seed, data)
-            correct = []
-            for sample in found:
-                prompt = tokenizer.encode(sample.prompt())
-                n_new = len(tokenizer.encode(" " + sample.target)) + ANSWER_TOKENS
-                answer = greedy_continue(model, prompt[None], n_new, chunk=chunk)[0]
-                correct.append(first_word(tokenizer.decode(answer)) == first_word(sample.target))
-                if progress is not None:
-                    progress(len(prompt))
-            rows.append((task, length, float(np.mean(correct)), len(found)))
+            accuracy, n = babilong_cell(model, tokenizer, found, chunk=chunk, progress=progress)
+            rows.append((task, length, accuracy, n))
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -31,22 +31,27 @@ def make_copy(vocab_size: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.append(target, separator(vocab_size)), target
 
 
+def copying_cell(model: RecurrentLM, n: int, *, samples: int = 4, seed: int = 0, chunk: int = 2048) -> float:
+    """The token accuracy of one string length ``n`` of :func:`copying` over its ``samples`` strings (the
+    same seeds at every length)."""
+    seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=samples)
+    built = [make_copy(model.config.vocab_size, n, int(s)) for s in seeds]
+    targets = np.stack([t for _, t in built])                    # [samples, n]
+    copied = greedy_continue(model, np.stack([p for p, _ in built]), n, chunk=chunk)
+    return float((copied == targets).mean())
+
+
 @tasks.register("copying")
 def copying(model: RecurrentLM, lengths: Sequence[int], *, samples: int = 4, seed: int = 0, chunk: int = 2048,
             progress: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """Copying accuracy per string length.
+    """Copying accuracy per string length, one :func:`copying_cell` each.
 
     Columns: ``n`` (string length in tokens), ``accuracy`` (fraction of the ``n * n_samples`` copied
     tokens that are right), ``n_samples`` (strings). ``vocab_size`` is the model's.
     """
-    vocab = model.config.vocab_size
-    seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=samples)
     rows = []
     for n in lengths:
-        built = [make_copy(vocab, n, int(s)) for s in seeds]
-        targets = np.stack([t for _, t in built])                    # [samples, n]
-        copied = greedy_continue(model, np.stack([p for p, _ in built]), n, chunk=chunk)
-        rows.append((n, float((copied == targets).mean()), samples))
+        rows.append((n, copying_cell(model, n, samples=samples, seed=seed, chunk=chunk), samples))
         if progress is not None:
             progress(samples * 2 * n)
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -81,27 +81,34 @@ def sample_seeds(seed: int, samples: int) -> list[int]:
     return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, size=samples)]
 
 
+def passkey_cell(model: RecurrentLM, tokenizer: Tokenizer, length: int, depth: float, *, samples: int = 4,
+                 seed: int = 0, chunk: int = 2048) -> float:
+    """The accuracy of one (length, depth) cell of :func:`passkey`: the fraction of its ``samples`` trials
+    (keys from :func:`sample_seeds`, the same in every cell) whose greedy answer starts with the key."""
+    built = [make_passkey(tokenizer, length, depth, s) for s in sample_seeds(seed, samples)]
+    keys = [key for _, key, _ in built]
+    n_new = max(len(tokenizer.encode(" " + key)) for key in keys)
+    answers = greedy_continue(model, np.stack([p for p, _, _ in built]), n_new, chunk=chunk)
+    correct = [tokenizer.decode(a).strip().startswith(key) for a, key in zip(answers, keys)]
+    return float(np.mean(correct))
+
+
 @tasks.register("passkey")
 def passkey(model: RecurrentLM, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float], *,
             samples: int = 4, seed: int = 0, chunk: int = 2048,
             progress: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """Passkey retrieval accuracy per (length, depth).
+    """Passkey retrieval accuracy per (length, depth), one :func:`passkey_cell` each.
 
     Columns: ``length`` (prompt tokens), ``depth`` (key position / length), ``accuracy`` (fraction of
     the ``n`` trials whose greedy answer starts with the key). ``progress(n)`` is told the prompt
     tokens of each batch.
     """
     check_depths(depths)
-    seeds = sample_seeds(seed, samples)
     rows = []
     for length in lengths:
         for depth in depths:
-            built = [make_passkey(tokenizer, length, depth, s) for s in seeds]
-            keys = [key for _, key, _ in built]
-            n_new = max(len(tokenizer.encode(" " + key)) for key in keys)
-            answers = greedy_continue(model, np.stack([p for p, _, _ in built]), n_new, chunk=chunk)
-            correct = [tokenizer.decode(a).strip().startswith(key) for a, key in zip(answers, keys)]
-            rows.append((length, depth, float(np.mean(correct)), samples))
+            accuracy = passkey_cell(model, tokenizer, length, depth, samples=samples, seed=seed, chunk=chunk)
+            rows.append((length, depth, accuracy, samples))
             if progress is not None:
                 progress(samples * length)
     return pd.DataFrame(rows, columns=COLUMNS)
