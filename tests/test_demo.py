@@ -84,4 +84,6 @@ def test_demo_command_writes_both_runs_the_report_and_findings_that_match_its_cs
         cover["baseline"] / cover["state-passing"], rel=1e-9)
     regimes = {k: json.loads((out / k / "coverage/run.json").read_text())["config"]["regime"] for k in loss}
     assert regimes == {"baseline": "zero", "state-passing": "state-passing"}
-    assert "holds" in stdout
+    for finding, row in table.iterrows():  # every finding printed with its value and verdict
+        verdict = "holds" if row.holds else "does not hold"
+        assert f"{finding}: {row.value:.3f} (required {row.required}) {verdict}" in stdout
