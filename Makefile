@@ -38,7 +38,6 @@ check: $(STAMP) $(if $(filter $(TINY),$(CKPT)),$(TINY))
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
-	$(PY) benchmarks/diagnostics.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -1,18 +1,15 @@
-"""Costs of the diagnostics relative to a plain rollout, measured in one run (ratios only).
+"""Costs of the diagnostics relative to a plain rollout, measured in one run (ratios only); run by
+``benchmarks/run.py``, which prints them in its table.
 
-    python benchmarks/diagnostics.py [--tokens 1000000]
-
-- recording: a rollout recording state statistics every 256 tokens vs the same rollout without, at
-  the small shape (32k tokens) and the 130M shape (4k tokens);
-- EffRem: Effective Remembrance over K truncation points vs one plain forward over the same number
-  of tokens (the rows it actually runs, summed);
-- memory: peak RSS of a rollout recording statistics at 32k tokens vs at ``--tokens`` (1M by default),
-  each in a fresh process.
-Targets (issue 3): recording <= 1.10x, EffRem <= 1.25x, RSS ratio <= 1.2x.
+- ``recording_overhead``: a rollout recording state statistics every 256 tokens vs the same rollout
+  without (hidden states only, no logits), at the small shape (32k tokens) and the 130M shape (4k tokens);
+- ``effrem_cost``: Effective Remembrance over K truncation points vs one plain forward over the same
+  number of tokens (the rows it actually runs, summed);
+- ``rss_ratio``: peak RSS of a rollout recording statistics at 32k tokens vs at ``tokens`` (1M by
+  default), each in a fresh process (``python benchmarks/diagnostics.py TOKENS``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
@@ -72,25 +69,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1_000_000)
-    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.rss_child:
-        return rss_child(args.rss_child)
+SHAPE_130M = dict(d_model=768, n_layer=24, d_state=128, headdim=64, vocab=50288)
 
+
+def recording_overhead() -> dict[str, tuple[int, float]]:
+    """shape -> (tokens, time recording / time plain)."""
     overheads = {}
-    for shape, kwargs, tokens, repeats in (("small", {}, 32768, 5),
-                                           ("130m", dict(d_model=768, n_layer=24, d_state=128, headdim=64,
-                                                         vocab=50288), 4096, 2)):
+    for shape, kwargs, tokens, repeats in (("small", {}, 32768, 5), ("130m", SHAPE_130M, 4096, 2)):
         big = small_model(**kwargs)
         stream = np.random.default_rng(0).integers(0, 256, tokens)
         plain, recorded = best_of(lambda: [None for _ in rollout(big, stream, chunk=4096)],
                                   lambda: record(big, stream, positions=256, chunk=4096), repeats=repeats)
-        overheads[shape] = recorded / plain
-    model = small_model()
+        overheads[shape] = tokens, recorded / plain
+    return overheads
 
+
+def effrem_cost() -> tuple[str, float]:
+    """(what ran, time of Effective Remembrance / time of a plain forward over as many tokens)."""
+    model = small_model()
     T, n_seqs = 2048, 4
     ts = effrem_grid(T, 32)
     seqs = np.random.default_rng(1).integers(0, 256, (n_seqs, T))
@@ -100,21 +96,17 @@ def main() -> None:
     same_tokens = np.random.default_rng(2).integers(0, 256, (batch, run_tokens // batch))
     effrem, forward = best_of(lambda: remembrance(model, seqs, T=T, ts=ts, batch=batch, chunk=2048),
                               lambda: [None for _ in rollout(model, same_tokens, chunk=2048)], repeats=2)
+    return f"{len(ts)} points x {n_seqs} seqs of {T}", effrem / forward
 
-    def rss(tokens: int) -> float:
-        out = subprocess.run([sys.executable, __file__, "--rss-child", str(tokens)], check=True,
-                             capture_output=True, text=True).stdout
+
+def rss_ratio(tokens: int = 1_000_000) -> tuple[float, float]:
+    """Peak RSS (MiB) of a recording rollout over 32768 tokens and over ``tokens``, each in a fresh process."""
+    def rss(n: int) -> float:
+        out = subprocess.run([sys.executable, __file__, str(n)], check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])["rss_mib"]
 
-    rss_small, rss_large = rss(32768), rss(args.tokens)
-    print(f"{'measure':46} {'value':>10} {'target':>8}")
-    for shape, ratio in overheads.items():
-        print(f"{f'recording stats every 256 tokens / plain ({shape})':46} {ratio:10.3f} {'<= 1.10':>8}")
-    print(f"{'EffRem (' + str(len(ts)) + ' points x ' + str(n_seqs) + ' seqs) / plain forward':46} "
-          f"{effrem / forward:10.3f} {'<= 1.25':>8}")
-    print(f"{f'peak RSS {args.tokens} / 32768 tokens':46} {rss_large / rss_small:10.3f} {'<= 1.20':>8}"
-          f"   ({rss_large:.0f} / {rss_small:.0f} MiB)")
+    return rss(32768), rss(tokens)
 
 
 if __name__ == "__main__":
-    main()
+    rss_child(int(sys.argv[1]))

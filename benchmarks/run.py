@@ -1,97 +1,80 @@
-"""``make bench``: statelens's chunked rollout against transformers' chunked forward with its cache,
-on the same random weights, in one run (ratios only: these machines are noisy).
+"""``make bench``: one table of ratios, every figure measured in this run (these machines are noisy;
+ratios within one run are what is reported).
 
-    python benchmarks/run.py [--tokens 4096] [--chunk 1024] [--shapes small,130m]
+    python benchmarks/run.py [--tokens N] [--rss-tokens 1000000]
 
-Prints one table: tokens/s of each, the speed ratio (statelens / transformers), and the max abs
-difference of the chunks' last logits relative to the largest logit, a check that both computed the
-same thing. ``chunks`` gives the tokens per call of statelens / of transformers.
+- throughput (``throughput.py``): statelens recording state statistics every 256 tokens, and plain,
+  against transformers' ``Mamba2ForCausalLM`` chunked forward with its cache (no recording) on the same
+  weights, 1024-token calls, batch 1; Mamba-1 against transformers fed token by token;
+- CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
+  FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
+- the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS.
+
+Columns: measure, value, target (issue 7), met.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
-import torch
+from diagnostics import effrem_cost, recording_overhead, rss_ratio
+from efficiency import MatmulRate, flops_per_token
+from throughput import SHAPES, throughput
 
-from statelens.models import Mamba1Config, Mamba1LM, Mamba2Config, Mamba2LM
-from statelens.record import rollout
+from statelens.models import Mamba2Config
 
-SHAPES = {  # name: (d_model, n_layer, d_state, headdim, vocab)
-    "small": (256, 4, 64, 32, 256),
-    "130m": (768, 24, 128, 64, 50288),
-}
-
-
-def pair(arch: str, d: int, n_layer: int, n: int, p: int, vocab: int):
-    """A transformers model and the statelens backend holding the same weights."""
-    import transformers
-
-    torch.manual_seed(0)
-    if arch == "mamba2":
-        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-            vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layer, state_size=n, head_dim=p,
-            num_heads=2 * d // p, n_groups=1, chunk_size=256, tie_word_embeddings=True))
-        ours = Mamba2LM(Mamba2Config(d_model=d, n_layer=n_layer, vocab_size=vocab, d_state=n, headdim=p))
-    else:
-        hf = transformers.MambaForCausalLM(transformers.MambaConfig(
-            vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layer, state_size=16))
-        ours = Mamba1LM(Mamba1Config(d_model=d, n_layer=n_layer, vocab_size=vocab, d_state=16))
-    state = {k.removeprefix("backbone.").replace("embeddings.", "embedding.").replace("layers.", "blocks."): v
-             for k, v in hf.state_dict().items()}
-    ours.load_state_dict(state)
-    return hf.eval(), ours.eval()
-
-
-def hf_rollout(hf, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
-    cache, out = None, []
-    with torch.no_grad():
-        for start in range(0, tokens.shape[1], chunk):
-            result = hf(tokens[:, start:start + chunk], cache_params=cache, use_cache=True)
-            cache = result.cache_params
-            out.append(result.logits[:, -1])
-    return torch.stack(out, 1)
-
-
-def ours_rollout(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.stack([c.logits()[:, -1] for c in rollout(model, tokens, chunk=chunk)], 1)
-
-
-def timed(fn, *args) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - start, out
+TOKENS = {"small": 16384, "130m": 4096}  # throughput, per shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--shapes", default="small,130m")
+    parser.add_argument("--tokens", type=int, default=None, help="throughput tokens at every shape "
+                        f"(default: {', '.join(f'{s} {n}' for s, n in TOKENS.items())})")
+    parser.add_argument("--rss-tokens", type=int, default=1_000_000)
     args = parser.parse_args()
-    rows = []
-    for arch in ("mamba2", "mamba1"):
-        for shape in args.shapes.split(","):
-            if arch == "mamba1" and shape != "small":
-                continue  # transformers' Mamba-1 steps token by token on CPU: too slow to time at 130M
-            hf, ours = pair(arch, *SHAPES[shape])
-            tokens = torch.randint(0, SHAPES[shape][-1], (1, args.tokens))
-            # transformers' Mamba-1 drops the state between multi-token chunks: its only exact
-            # continuation is token by token, which is what a user of it would have to run.
-            hf_chunk = args.chunk if arch == "mamba2" else 1
-            n = args.tokens if arch == "mamba2" else min(args.tokens, 512)
-            timed(ours_rollout, ours, tokens[:, :64], args.chunk)  # warm-up
-            t_hf, ref = timed(hf_rollout, hf, tokens[:, :n], hf_chunk)
-            t_ours, got = timed(ours_rollout, ours, tokens[:, :n], args.chunk)
-            if hf_chunk != args.chunk:  # compare the same positions' logits
-                ref = ref[:, [min(k + args.chunk, n) - 1 for k in range(0, n, args.chunk)]]
-            gap = ((got - ref).abs().max() / ref.abs().max()).item()
-            rows.append((arch, shape, args.chunk, hf_chunk, n / t_ours, n / t_hf, t_hf / t_ours, gap))
-    print(f"{'arch':7} {'shape':6} {'chunks':>11} {'statelens tok/s':>16} {'transformers tok/s':>19} "
-          f"{'ratio':>6} {'rel. diff':>10}")
-    for arch, shape, ours_chunk, hf_chunk, ours_tps, hf_tps, ratio, gap in rows:
-        print(f"{arch:7} {shape:6} {f'{ours_chunk}/{hf_chunk}':>11} {ours_tps:16.0f} {hf_tps:19.0f} "
-              f"{ratio:6.2f} {gap:10.1e}")
+    rows, notes = [], []
+
+    def row(measure: str, value: float, target: str = "", op=None, bound: float | None = None) -> None:
+        met = "" if op is None else ("yes" if op(value, bound) else "no")
+        rows.append((measure, value, target, met))
+
+    at_least, at_most = (lambda v, b: v >= b), (lambda v, b: v <= b)
+    targets = {"small": 1.5, "130m": 1.2}
+    for shape in ("small", "130m"):
+        tokens = args.tokens or TOKENS[shape]
+        d, n_layer, d_state, headdim, vocab = SHAPES[shape]
+        cfg = Mamba2Config(d_model=d, n_layer=n_layer, vocab_size=vocab, d_state=d_state, headdim=headdim)
+        mm = MatmulRate(cfg, 1024)
+        r = throughput("mamba2", shape, tokens, also=mm)
+        q = r["model"].state_block
+        flops = sum(flops_per_token(cfg, q).values())
+        efficiency = r["plain"] * flops / mm.rate()
+        row(f"mamba2 {shape}: statelens recording / transformers tok/s ({r['tokens']} tok)",
+            r["recorded"] / r["hf"], f">= {targets[shape]}", at_least, targets[shape])
+        row(f"mamba2 {shape}: statelens plain / transformers tok/s", r["plain"] / r["hf"])
+        row(f"mamba2 {shape}: CPU efficiency, model / matmul FLOP/s",
+            efficiency, *((">= 0.70", at_least, 0.70) if shape == "130m" else ()))
+        notes.append(f"{shape}: {flops / 1e6:.1f} MFLOP/token (SSD block {q}); statelens plain "
+                     f"{r['plain']:.0f} tok/s = {r['plain'] * flops / 1e9:.1f} GFLOP/s, recording {r['recorded']:.0f} "
+                     f"tok/s, transformers {r['hf']:.0f} tok/s; torch.mm {mm.rate() / 1e9:.1f} GFLOP/s; "
+                     f"logits rel. diff {r['gap']:.1e}")
+    r = throughput("mamba1", "small", args.tokens or TOKENS["small"])
+    row(f"mamba1 small: statelens / transformers token by token ({r['tokens']} tok)", r["plain"] / r["hf"])
+    notes.append(f"mamba1 small: logits rel. diff {r['gap']:.1e}")
+
+    for shape, (tokens, ratio) in recording_overhead().items():
+        row(f"recording every 256 tok / plain rollout, {shape} ({tokens} tok)", ratio, "<= 1.10", at_most, 1.10)
+    what, ratio = effrem_cost()
+    row(f"EffRem ({what}) / plain forward", ratio, "<= 1.25", at_most, 1.25)
+    small, large = rss_ratio(args.rss_tokens)
+    row(f"peak RSS, recording {args.rss_tokens} / 32768 tok", large / small, "<= 1.20", at_most, 1.20)
+    notes.append(f"peak RSS {large:.0f} / {small:.0f} MiB")
+
+    width = max(len(m) for m, *_ in rows)
+    print(f"{'measure':{width}}  {'value':>6}  {'target':>7}  met")
+    for measure, value, target, met in rows:
+        print(f"{measure:{width}}  {value:6.2f}  {target or '-':>7}  {met or '-'}")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

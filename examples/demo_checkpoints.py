@@ -1,6 +1,6 @@
 """Reproduce the demo's two built-in checkpoints from the Python standard library's sources.
 
-    python examples/demo_checkpoints.py [OUT] [--baseline-steps 4000] [--posttrain-steps 300]
+    python examples/demo_checkpoints.py [OUT] [--baseline-steps 4000] [--posttrain-steps 600]
 
 OUT (default: the package's ``statelens/demo/``) receives:
 
@@ -110,10 +110,10 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="?", default=DEMO)
     parser.add_argument("--train-len", type=int, default=64)
     parser.add_argument("--baseline-steps", type=int, default=4000)
-    parser.add_argument("--posttrain-steps", type=int, default=300)
+    parser.add_argument("--posttrain-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--posttrain-lr", type=float, default=3e-4)
+    parser.add_argument("--posttrain-lr", type=float, default=1e-4)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=128)
