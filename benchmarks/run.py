@@ -8,13 +8,17 @@ ratios within one run are what is reported).
   weights, 1024-token calls, batch 1; Mamba-1 against transformers fed token by token;
 - CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
   FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
-- the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS.
+- the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
+- where CUDA is available (``gpu.py``): the 130M shape on the kernels, 128k tokens recording every 1024
+  against plain, and statelens's rollout and EffRem against mamba-ssm's own forward.
 
 Columns: measure, value, target (issue 7), met.
 """
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from diagnostics import effrem_cost, recording_overhead, rss_ratio
 from efficiency import MatmulRate, flops_per_token
@@ -68,6 +72,16 @@ def main() -> None:
     small, large = rss_ratio(args.rss_tokens)
     row(f"peak RSS, recording {args.rss_tokens} / 32768 tok", large / small, "<= 1.20", at_most, 1.20)
     notes.append(f"peak RSS {large:.0f} / {small:.0f} MiB")
+
+    if torch.cuda.is_available():
+        from gpu import measure
+
+        g = measure()
+        row("cuda 130m: recording every 1024 / plain rollout (128k tok)", g["recorded"] / g["plain"], ">= 0.90",
+            at_least, 0.90)
+        row("cuda 130m: statelens plain / mamba-ssm forward tok/s", g["plain"] / g["mamba_ssm"])
+        row("cuda 130m: EffRem (T 8192, 32 points x 16 seqs) / mamba-ssm forward tok/s", g["effrem"] / g["mamba_ssm"])
+        notes.append(f"{torch.cuda.get_device_name()}, bfloat16: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in g.items()))
 
     width = max(len(m) for m, *_ in rows)
     print(f"{'measure':{width}}  {'value':>6}  {'target':>7}  met")

@@ -349,6 +349,18 @@ def mamba_ssm_checkpoint(model: RecurrentLM, path: str | os.PathLike = ".") -> C
     return Checkpoint(model, Path(path), "mamba_ssm", "bin", raw)
 
 
+def mamba_ssm_module(model: RecurrentLM):
+    """mamba-ssm's own ``MambaLMHeadModel`` holding ``model``'s weights (Mamba-1 or Mamba-2; needs the
+    cuda extra): the oracle the kernel tests and the GPU benchmark compare against."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    twin = MambaLMHeadModel(MambaConfig(**mamba_ssm_checkpoint(model).raw_config), device=model.device,
+                            dtype=model.dtype)
+    twin.load_state_dict({_external_name(k, "mamba_ssm", model.arch): v for k, v in model.state_dict().items()})
+    return twin.eval()
+
+
 def content_hash(path: str | os.PathLike) -> str:
     """sha256 over config.json and the weight files (names and bytes), for run manifests."""
     path = Path(path)

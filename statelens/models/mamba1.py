@@ -30,7 +30,7 @@ from torch import nn
 
 from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
-from statelens.models.layers import causal_conv
+from statelens.models import kernels
 from statelens.models.lm import LMHeadModel
 from statelens.models.selective_scan import selective_scan_chunked
 
@@ -101,7 +101,7 @@ class Mamba1Mixer(nn.Module):
         """u [b, l, d_model]; ssm_state [b, d, n]; conv_state [b, d, k - 1] -> (out, ssm, conv)."""
         cfg = self.cfg
         x, z = self.in_proj(u).chunk(2, dim=-1)
-        x, conv_state = causal_conv(x.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
+        x, conv_state = kernels.causal_conv(x.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
         conv_state = self.hook_conv_state(conv_state)
         x = self.hook_x(x.transpose(1, 2))
         dt_low, B, C = self.x_proj(x).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
@@ -113,8 +113,12 @@ class Mamba1Mixer(nn.Module):
         log_decay = None
         if self.hook_decay.active:  # [b, l, d, n] is large: build it only when somebody looks or patches
             log_decay = self.hook_decay((dt.to(wide)[..., None] * A).exp()).log()
-        y, ssm_state = (self.scan or selective_scan_chunked)(
-            x.to(wide), dt.to(wide), A, B.to(wide), C.to(wide), ssm_state, log_decay=log_decay)
+        scan_inputs = (x.to(wide), dt.to(wide), A, B.to(wide), C.to(wide), ssm_state)
+        if (self.scan is None and log_decay is None and not torch.is_grad_enabled()
+                and kernels.ready("selective_scan", scan_inputs[0])):  # the kernel's last state has no gradient
+            y, ssm_state = kernels.selective_scan(*scan_inputs)
+        else:
+            y, ssm_state = (self.scan or selective_scan_chunked)(*scan_inputs, log_decay=log_decay)
         ssm_state = self.hook_state(ssm_state)
         y = (y + x.to(wide) * self.D) * F.silu(z.to(wide))
         return self.hook_out(self.out_proj(y.to(u.dtype))), ssm_state, conv_state

@@ -35,7 +35,8 @@ from torch import nn
 
 from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
-from statelens.models.layers import causal_conv, gated_rms_norm
+from statelens.models import kernels
+from statelens.models.layers import gated_rms_norm
 from statelens.models.lm import LMHeadModel
 from statelens.models.ssd import ssd_chunked, ssd_chunked_with_block_states
 
@@ -143,6 +144,12 @@ class Mamba2Mixer(nn.Module):
         self.hook_conv_state = HookPoint(layer)  # [b, conv_dim, k - 1]
         self.hook_out = HookPoint(layer)         # [b, l, d]
 
+    def block_length(self) -> int:
+        """The SSD block length of a call: the config's ``chunk_size`` where mamba-ssm's kernels run
+        (:mod:`statelens.models.kernels`), else ``ssd_block``. The same on both paths, so that the
+        states ``hook_state_blocks`` sees fall where the recorder expects them."""
+        return self.cfg.chunk_size if kernels.ready("ssd", self.A_log) else self.ssd_block
+
     def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
         """u [b, l, d]; ssm_state [b, h, p, n]; conv_state [b, conv_dim, k - 1] -> (out, ssm, conv)."""
         cfg = self.cfg
@@ -151,7 +158,7 @@ class Mamba2Mixer(nn.Module):
         z0, x0, z, xBC, dt = self.in_proj(u).split(
             [cfg.d_mlp, cfg.d_mlp, cfg.d_ssm, cfg.conv_dim, cfg.nheads], dim=-1)
 
-        xBC, conv_state = causal_conv(xBC.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
+        xBC, conv_state = kernels.causal_conv(xBC.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
         conv_state = self.hook_conv_state(conv_state)
         x, B, C = xBC.transpose(1, 2).split([cfg.d_ssm, g * n, g * n], dim=-1)
         x = self.hook_x(x.reshape(b, l, h, p))
@@ -168,14 +175,21 @@ class Mamba2Mixer(nn.Module):
         if self.hook_decay.active:  # round-trip through alpha only when somebody looks or patches
             log_a = self.hook_decay(log_a.exp()).log()
 
-        scan_inputs = (x.to(wide) * dt.to(wide)[..., None], log_a, B.to(wide), C.to(wide), ssm_state, self.ssd_block)
-        if self.scan is not None:
-            y, ssm_state, blocks = self.scan(*scan_inputs)
-        elif self.hook_state_blocks.active:  # the states after each SSD block come for free
-            y, ssm_state, blocks = ssd_chunked_with_block_states(*scan_inputs)
+        block = self.block_length()
+        blocks_wanted = self.hook_state_blocks.active
+        if (self.scan is None and not self.hook_decay.active and kernels.ready("ssd", log_a)
+                and not (blocks_wanted and torch.is_grad_enabled())):  # the kernels' block states: forward only
+            y, ssm_state, blocks = kernels.ssd(x.to(wide), dt.to(wide), A, B.to(wide), C.to(wide), ssm_state, block,
+                                               block_states=blocks_wanted)
         else:
-            y, ssm_state = ssd_chunked(*scan_inputs)
-        if self.hook_state_blocks.active:  # observe only
+            scan_inputs = (x.to(wide) * dt.to(wide)[..., None], log_a, B.to(wide), C.to(wide), ssm_state, block)
+            if self.scan is not None:
+                y, ssm_state, blocks = self.scan(*scan_inputs)
+            elif blocks_wanted:  # the states after each SSD block come for free
+                y, ssm_state, blocks = ssd_chunked_with_block_states(*scan_inputs)
+            else:
+                y, ssm_state = ssd_chunked(*scan_inputs)
+        if blocks_wanted:  # observe only
             self.hook_state_blocks(blocks)
         ssm_state = self.hook_state(ssm_state)
         D = self.D.view(h, p) if cfg.D_has_hdim else self.D[:, None]
@@ -215,7 +229,7 @@ class Mamba2LM(LMHeadModel):
     def state_block(self) -> int:
         """The SSD block length: ``hook_state_blocks`` sees the state every this many tokens of a call
         (of a call longer than one block)."""
-        return self.blocks[0].mixer.ssd_block
+        return self.blocks[0].mixer.block_length()
 
     def by_head(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A hook's tensor with its heads made explicit: the state hooks give [b, heads, k], the
