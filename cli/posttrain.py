@@ -32,6 +32,10 @@ SaveEvery = Annotated[int, typer.Option("--save-every", help="Save the checkpoin
 RequiredOut = Annotated[Path, typer.Option("--out", help="Output directory: the post-trained checkpoint, "
                                                         "statelens.json, train_log.csv, run.json, resume.pt.",
                                            show_default=False)]
+Fsdp = Annotated[bool, typer.Option(
+    "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) "
+                   "instead of replicating them (DDP), for models whose training state does not fit one device. "
+                   "No effect in a single process.")]
 MAX_SEQUENCES = 256  # training chunks drawn from --data (fewer when the data holds fewer; batches cycle)
 
 
@@ -48,6 +52,7 @@ def posttrain(
     clip: Clip = 1.0,
     save_every: SaveEvery = 100,
     resume: Resume = False,
+    fsdp: Fsdp = False,
     device: Device = "cpu",
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
@@ -64,7 +69,7 @@ def posttrain(
     run = start("posttrain", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=seq_len,
                 config={"data": str(data) if data else None, "intervention": intervention.value, "steps": steps,
                         "seq_len": seq_len, "batch": batch, "lr": lr, "warmup": warmup, "clip": clip,
-                        "save_every": save_every, "resume": resume})
+                        "save_every": save_every, "resume": resume, "fsdp": fsdp})
     if intervention == Intervention.tbtt:  # documents of up to 8 chunks, `batch` of them per group
         chunks = min(steps, 8)
         n, length = batch * min(-(-steps // chunks), MAX_SEQUENCES // batch or 1), chunks * seq_len
@@ -80,7 +85,7 @@ def posttrain(
                       "steps") as advance:
             log = train(run.ckpt, tokens, intervention=intervention.value, steps=steps, seq_len=seq_len,
                         batch=batch, lr=lr, warmup=warmup, clip=clip, seed=seed, save_every=save_every, out=out,
-                        resume=resume, progress=advance)
+                        resume=resume, fsdp=fsdp, progress=advance)
     except Interrupted as e:
         exit_interrupted(e, f"training saved in {out}")
     run.lap("train")

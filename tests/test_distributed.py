@@ -23,6 +23,10 @@ ANALYSES = {
 }
 OUTPUTS = {"perplexity": ["positionwise.csv"], "coverage": ["coverage.csv", "coverage_buckets.csv"]}
 POSTTRAIN = ["--steps", 3, "--seq-len", 16, "--batch", 2, "--warmup", 1, "--intervention", "state-passing"]
+# Post-training runs under torchrun (output folder: arguments after POSTTRAIN): DDP; FSDP; FSDP saved after
+# 2 steps and resumed to 3 (through the gathered optimizer state).
+POSTTRAIN_RUNS = {"posttrain": [[]], "posttrain-fsdp": [["--fsdp"]],
+                  "posttrain-fsdp-resumed": [["--fsdp", "--steps", 2], ["--fsdp", "--resume"]]}
 
 SCRIPT = """
 import json, sys
@@ -44,8 +48,8 @@ def torchrun(byte_vocab_ckpt, tmp_path_factory):
     folder = tmp_path_factory.mktemp("torchrun")
     commands = [[name, "--ckpt", str(byte_vocab_ckpt), *map(str, args), "--out", str(folder / name)]
                 for name, args in ANALYSES.items()]
-    commands.append(["posttrain", "--ckpt", str(byte_vocab_ckpt), *map(str, POSTTRAIN), "--out",
-                     str(folder / "posttrain")])
+    commands += [["posttrain", "--ckpt", str(byte_vocab_ckpt), *map(str, POSTTRAIN + extra), "--out", str(folder / name)]
+                 for name, runs in POSTTRAIN_RUNS.items() for extra in runs]
     (folder / "commands.json").write_text(json.dumps(commands))
     (folder / "run.py").write_text(SCRIPT)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -76,18 +80,24 @@ def test_torchrun_analysis_equals_single_process(torchrun, byte_vocab_ckpt, tmp_
     assert sorted(p.name for p in (torchrun / command).iterdir()) == sorted(p.name for p in out.iterdir())
 
 
+@pytest.mark.parametrize("name", list(POSTTRAIN_RUNS))
 def test_torchrun_posttrain_matches_single_process(torchrun, byte_vocab_ckpt, tmp_path, monkeypatch, capsys,
-                                                   one_thread):
+                                                   one_thread, name):
+    """DDP and FSDP (sharded, its saves gathered to rank 0; also resumed from one) end where one
+    process does."""
     import pandas as pd
 
     from statelens.models import load_checkpoint
 
-    out = tmp_path / "posttrain"
-    code, _, err = run_cli(monkeypatch, capsys, "posttrain", "--ckpt", byte_vocab_ckpt, *POSTTRAIN, "--out", out)
-    assert code == 0, err
-    single, shared = (load_checkpoint(p).model.state_dict() for p in (out, torchrun / "posttrain"))
+    out = tmp_path / name
+    for extra in POSTTRAIN_RUNS[name]:
+        single_process = [a for a in extra if a != "--fsdp"]
+        code, _, err = run_cli(monkeypatch, capsys, "posttrain", "--ckpt", byte_vocab_ckpt, *POSTTRAIN, *single_process,
+                               "--out", out)
+        assert code == 0, err
+    single, shared = (load_checkpoint(p).model.state_dict() for p in (out, torchrun / name))
     start = load_checkpoint(byte_vocab_ckpt).model.state_dict()
     assert max((single[k] - shared[k]).abs().max().item() for k in single) < 1e-5
     assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-4     # it did train
-    logs = [pd.read_csv(p / "train_log.csv") for p in (out, torchrun / "posttrain")]
+    logs = [pd.read_csv(p / "train_log.csv") for p in (out, torchrun / name)]
     pd.testing.assert_frame_equal(logs[0], logs[1], check_exact=False, rtol=1e-5)

@@ -305,15 +305,17 @@ def load_hf_adapter(path: str | os.PathLike, *, device: str | torch.device = "cp
     return HFRecurrentAdapter.from_pretrained(path, device=device, dtype=dtype)
 
 
-def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
-    """Writes ``ckpt.model`` in the format it came from (config verbatim, weights, tokenizer files).
+def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike, weights: dict | None = None) -> Path:
+    """Writes ``ckpt.model`` in the format it came from (config verbatim, weights, tokenizer files);
+    ``weights``, when given, is the model's state_dict to write (e.g. gathered from shards).
 
     Each file is written under a temporary name and renamed, so no file is ever half-written.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, fmt = ckpt.model, ckpt.format
-    state = {_external_name(k, fmt, model.arch): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if weights is None else weights
+    state = {_external_name(k, fmt, model.arch): v.detach().cpu().contiguous() for k, v in weights.items()}
     tied = model.config.tie_embeddings
     if ckpt.weights_kind == "safetensors":
         from safetensors.torch import save_file

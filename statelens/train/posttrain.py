@@ -23,7 +23,10 @@ Under ``torchrun`` (:mod:`statelens.distributed`) the model is wrapped in Distri
 rank r trains on rows [r b / W, (r + 1) b / W) of each step's batch of b (W must divide b); gradients are
 averaged over ranks, so the step equals a single-process step up to float rounding. A state-passing
 sampler holds its rank's rows; the noise samplers draw the whole batch on every rank and keep their rows.
-Rank 0 alone writes.
+Rank 0 alone writes. With ``fsdp=True`` the model is sharded instead (FSDP2's ``fully_shard`` on every
+block, then on the whole): each rank holds 1/W of the parameters, gradients and optimizer state, for
+models whose training state does not fit one device. Saves gather the full weights and optimizer state
+to rank 0, so the checkpoint and ``resume.pt`` are the same files as without sharding.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ FITTED = "fitted_noise.safetensors"
 LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "mean_state_norm"]
 # Settings a resumed run must share with the run it continues (steps and save_every may change).
 _RESUME_KEYS = ("intervention", "seq_len", "batch", "lr", "warmup", "weight_decay", "clip", "seed",
-                "noise_mean", "noise_std", "pass_conv")
+                "noise_mean", "noise_std", "pass_conv", "fsdp")
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -118,13 +121,15 @@ def make_sampler(intervention: str, model, pool: np.ndarray, seq_len: int, seed:
 def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "state-passing", steps: int = 500,
               seq_len: int = 2048, batch: int = 8, lr: float = 3e-4, warmup: int = 50, weight_decay: float = 0.1,
               clip: float = 1.0, seed: int = 0, save_every: int = 100, out: str | Path, resume: bool = False,
-              noise_mean: float = 0.0, noise_std: float = 1.0, pass_conv: bool | None = None,
+              noise_mean: float = 0.0, noise_std: float = 1.0, pass_conv: bool | None = None, fsdp: bool = False,
               progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Post-trains ``ckpt.model`` in place; returns the training log (also written to out/train_log.csv).
 
     sequences_or_documents: int tokens [n, L]. TBTT: documents, ``batch`` of them per group, each cut
         into L // seq_len consecutive chunks. Otherwise: every row is cut into seq_len chunks.
     pass_conv: carry/noise the conv states too; default True for state passing and TBTT, False for noise.
+    fsdp: under torchrun, shard the model across ranks (FSDP2) instead of replicating it (DDP); no effect
+        in a single process. The model's parameters stay sharded after the run.
     progress: called with 1 after each step (and its save).
 
     Log columns: step (1-based), loss (mean next-token NLL of the batch, nats), lr (the step's learning
@@ -146,6 +151,8 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "
     config = {"intervention": intervention, "steps": steps, "seq_len": seq_len, "batch": batch, "lr": lr,
               "warmup": warmup, "weight_decay": weight_decay, "clip": clip, "seed": seed, "save_every": save_every,
               "noise_mean": noise_mean, "noise_std": noise_std, "pass_conv": pass_conv}
+    shard = fsdp and distributed.active()
+    config["fsdp"] = shard   # a sharded run's resume.pt holds its optimizer state by parameter name
     torch.manual_seed(seed)
 
     batches = None
@@ -154,15 +161,18 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "
     else:
         batches = Batches(data, batch, seq_len, seed)
     pool = data if batches is None else batches.pool
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
-
-    start, log = 0, []
     saved = _read_resume(out) if resume else None
     if saved is not None:
         _check_same(saved["config"], config)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        model.load_state_dict(saved["model"])                     # whole weights, before any sharding
+    if shard:
+        _fully_shard(model)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)   # over the shards, if sharded
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
+
+    start, log = 0, []
+    if saved is not None:
+        _load_optimizer(model, optimizer, saved["optimizer"], shard)
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         sampler = _empty_sampler(intervention, model, seed, noise_mean, noise_std, pass_conv)
@@ -180,7 +190,7 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "
             sampler.save(out / FITTED)
 
     trained = model
-    if distributed.active():
+    if distributed.active() and not shard:
         trained = torch.nn.parallel.DistributedDataParallel(model)
     started = time.perf_counter()
     model.train()
@@ -206,13 +216,16 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "
                 if isinstance(sampler, StatePassing):
                     sampler.update(final)
                 step_loss, state_norm = distributed.mean([loss.item(), mean_state_norm(model, final)])
+                if hasattr(grad_norm, "full_tensor"):                  # sharded: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 log.append({"step": step + 1, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
                             "mean_state_norm": state_norm})
                 stopping = distributed.any_rank(stop.signum is not None)
                 if (step + 1) % save_every == 0 or step + 1 == steps or stopping:
                     sampler_state = _whole_batch(sampler)
+                    weights, optimizer_state = _whole_training_state(model, optimizer, shard)
                     if main:
-                        _save(ckpt, out, config, step + 1, optimizer, scheduler, sampler_state, log)
+                        _save(ckpt, out, config, step + 1, weights, optimizer_state, scheduler, sampler_state, log)
                 if stopping and step + 1 < steps:
                     raise Interrupted(stop.signum or signal.SIGTERM)
                 if progress is not None:
@@ -267,17 +280,47 @@ def _empty_sampler(intervention, model, seed, noise_mean, noise_std, pass_conv):
                         noise_mean=noise_mean, noise_std=noise_std, pass_conv=pass_conv)
 
 
-def _save(ckpt, out: Path, config: dict, step: int, optimizer, scheduler, sampler_state: dict,
-          log: list[dict]) -> None:
+def _fully_shard(model: torch.nn.Module) -> None:
+    """FSDP2: every block its own unit (its parameters gathered only while it runs), then the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _whole_training_state(model, optimizer, shard: bool) -> tuple[dict, dict]:
+    """The weights (on the CPU) and the optimizer's state_dict, whole. Sharded, this gathers them to
+    rank 0 (a collective: every rank calls it; the others get empty dicts)."""
+    if not shard:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, optimizer, options=whole)
+
+
+def _load_optimizer(model, optimizer, state: dict, shard: bool) -> None:
+    """Loads a whole optimizer state_dict (as :func:`_whole_training_state` gives), onto the shards if sharded."""
+    if not shard:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _save(ckpt, out: Path, config: dict, step: int, weights: dict, optimizer_state: dict, scheduler,
+          sampler_state: dict, log: list[dict]) -> None:
     """Checkpoint, metadata and log first, resume.pt last: a save interrupted midway resumes from the
     previous complete one."""
-    save_checkpoint(ckpt, out)
+    save_checkpoint(ckpt, out, weights)
     write_json({"train_len": config["seq_len"], "intervention": config["intervention"], "steps": step,
                 "pass_conv": config["pass_conv"]}, out / METADATA)
     write_table(pd.DataFrame(log, columns=LOG_COLUMNS), out / "train_log.csv")
-    model = ckpt.model
-    payload = {"step": step, "config": config, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    payload = {"step": step, "config": config, "model": weights,
+               "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                "sampler": sampler_state, "rng": torch.get_rng_state(), "log": log}
     atomic_write(out / RESUME, lambda f: torch.save(payload, f))
 
@@ -294,5 +337,5 @@ def _read_resume(out: Path) -> dict | None:
 
 def _check_same(saved: dict, config: dict) -> None:
     for key in _RESUME_KEYS:
-        if saved.get(key) != config[key]:
+        if saved.get(key, False if key == "fsdp" else None) != config[key]:  # runs saved before --fsdp: unsharded
             raise BadInput(f"--resume: {key} was {saved.get(key)!r} in the saved run, now {config[key]!r}")
