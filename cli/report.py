@@ -6,16 +6,14 @@ what is missing is computed when a ``--ckpt`` is given, and written under ``--ou
 exactly as the commands write it, so that folder can be passed to ``--from`` later."""
 from __future__ import annotations
 
-import dataclasses
 import re
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import (Backend, BackendName, Chunk, Data, Device, DType, Dtype, Length, MitigationSpec,
-                                   NumSeqs, Out, Resume, Seed, TrainLen)
+from statelens.cli.options import (Backend, BackendName, Chunk, Data, Device, DType, Dtype, Group, Length,
+                                   MitigationSpec, NumSeqs, Out, Resume, Seed, TrainLen)
 
 Ckpts = Annotated[Optional[list[Path]], typer.Option(
     "--ckpt", help="Checkpoint directory; repeat for a second checkpoint.", show_default=False)]
@@ -49,6 +47,7 @@ def report(
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    group: Group = 1,
     resume: Resume = False,
 ) -> None:
     """The HTML report of one or two checkpoints: summary cards with verdicts, every figure (two
@@ -57,7 +56,7 @@ def report(
     build(list(ckpt or []), list(label or []), list(from_ or []), out or Path("runs") / "report",
           dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
                chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend, mitigation=mitigation,
-               resume=resume))
+               group=group, resume=resume))
 
 
 def compare(
@@ -78,19 +77,21 @@ def compare(
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    group: Group = 1,
     resume: Resume = False,
 ) -> None:
     """The report of two checkpoints, A and B, side by side (as `report --ckpt A --ckpt B`)."""
     build([a, b], list(label or []), list(from_ or []), out or Path("runs") / "compare",
           dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
                chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend, mitigation=mitigation,
-               resume=resume))
+               group=group, resume=resume))
 
 
 def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, options: dict) -> None:
     """Loads or computes each checkpoint's results, renders the page and writes it."""
     from rich.console import Console
 
+    from statelens import distributed
     from statelens.cli.common import check_writable
     from statelens.errors import BadInput
     from statelens.reports.html import load_results, render, write_report
@@ -126,6 +127,8 @@ def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, op
             tl = options["train_len"] or loaded.train_len or 2048
         results.append(loaded)
         train_lens.append(tl)
+    if not distributed.is_main():  # under torchrun, rank 0 renders
+        return
     path = write_report(render(results, labels, train_lens), out)
     Console(highlight=False).print(f"[bold]report[/] {' vs '.join(labels)}: wrote {path}")
 
@@ -136,26 +139,26 @@ def folder_name(label: str, index: int) -> str:
     return f"{index + 1}-{slug[:60]}"
 
 
+COMMAND_TABLES = {"remembrance": "remembrance", "perplexity": "positionwise", "states": "state_stats",
+                  "decay": "decay", "coverage": "coverage"}  # each analysis command, and the table that shows it ran
+
+
 def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
-    """Computes the analyses whose tables ``loaded`` lacks (all when None), writing each as its command
-    does under ``folder/<command>/``; returns the results and the training length."""
-    from statelens.analysis.collapse import collapse
-    from statelens.analysis.coverage import CoverageInputError
-    from statelens.analysis.coverage import coverage as coverage_analysis
-    from statelens.analysis.decay import decay as decay_analysis
-    from statelens.analysis.positionwise import positionwise
-    from statelens.analysis.remembrance import remembrance
-    from statelens.analysis.states import state_stats
-    from statelens.cli.common import progress, start
-    from statelens.cli.coverage import default_regime, draw
+    """Runs each analysis command whose tables ``loaded`` lacks (all when None), in this process, writing
+    under ``folder/<command>/`` exactly as the command does: so under torchrun the commands share their
+    groups over the ranks, and an interrupted report continues with --resume. Returns the results (None
+    on torchrun ranks other than 0) and the training length."""
+    from statelens import distributed
+    from statelens.cli import coverage, decay, perplexity, remembrance, states
+    from statelens.cli.common import start
+    from statelens.cli.coverage import default_regime
     from statelens.errors import BadInput
     from statelens.models.checkpoint import content_hash
-    from statelens.reports.html import Results, in_context_length, in_context_loss
+    from statelens.reports.html import Results, load_results
 
     o = options
     base = start("report", ckpt=ckpt, device=o["device"], dtype=o["dtype"], backend=o["backend"], seed=o["seed"],
-                 out=folder, mitigation=o.get("mitigation"),
-                 train_len=o["train_len"], config={"data": str(o["data"]) if o["data"] else None})
+                 out=folder, train_len=o["train_len"], config={"data": str(o["data"]) if o["data"] else None})
     tl = base.train_len
     length = o["length"] or o.get("length_factor", 4) * tl
     stride = o["stride"] or max(1, tl // 16)
@@ -164,61 +167,32 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
     if stride > tl:
         raise BadInput(f"--stride {stride} exceeds the training length {tl}: no state would be recorded within it")
     regime = default_regime(ckpt)  # coverage's reference: the states the model was trained on
-    sequences, reference_sequences = draw(base, o["data"], o["num_seqs"], length, regime, CHAIN)
-    results = loaded or Results(folder=folder)
-    common = base.config | {"train_len": o["train_len"], "length": length, "num_seqs": o["num_seqs"],
-                            "chunk": o["chunk"]}
-    runs = []
-
-    def run(command: str, extra: dict):
-        r = dataclasses.replace(base, command=command, out=folder / command, config=common | extra,
-                                started=time.perf_counter(), timings={})
-        runs.append(r)
-        return r
-
+    common = {"data": o["data"], "train_len": o["train_len"], "num_seqs": o["num_seqs"], "chunk": o["chunk"],
+              "device": o["device"], "backend": o["backend"], "dtype": o["dtype"], "seed": o["seed"],
+              "mitigation": o.get("mitigation"), "resume": bool(o.get("resume")), "group": o.get("group", 1)}
     if loaded is not None and loaded.folder == folder:
-        check_resumed(loaded, common, content_hash(ckpt))
-    n_tokens = o["num_seqs"] * length
-    have = results.tables
-    if "remembrance" not in have:
-        r = run("remembrance", {"T": length, "points": 32})
-        with progress(o["num_seqs"] * 32 * length, f"EffRem T={length}") as advance:
-            df = remembrance(r.model, sequences, T=length, chunk=o["chunk"], progress=advance)
-        half = df.iloc[(df.t - length // 2).abs().argmin()]
-        finish(r, results, {"remembrance": df},
-               {"effrem_at_half_T": {"t": int(half.t), "effrem": float(half.effrem)}})
-    if "positionwise" not in have:
-        r = run("perplexity", {"buckets": o["buckets"], "scale": "log"})
-        with progress(n_tokens, f"loss over {length} tokens") as advance:
-            df = positionwise(r.model, sequences, buckets=o["buckets"], chunk=o["chunk"], progress=advance)
-        loss = in_context_loss(df, tl)
-        finish(r, results, {"positionwise": df},
-               {"in_context_loss": loss, "length_generalizes_to": in_context_length(df, loss)})
-    if "state_stats" not in have:
-        r = run("states", {"stride": stride, "k": 2.0})
-        with progress(n_tokens, f"states L={length}") as advance:
-            stats = state_stats(r.model, sequences, positions=stride, chunk=o["chunk"], progress=advance)
-        heads = collapse(stats, tl)
-        finish(r, results, {"state_stats": stats, "collapse": heads},
-               {"collapsed_heads": int(heads.collapsed.sum()), "heads": len(heads)})
-    if "decay" not in have:
-        r = run("decay", {"buckets": o["buckets"], "scale": "log"})
-        with progress(n_tokens, f"decay L={length}") as advance:
-            df = decay_analysis(r.model, sequences, buckets=o["buckets"], chunk=o["chunk"], progress=advance)
-        finish(r, results, {"decay": df}, {})
-    if "coverage" not in have:
-        r = run("coverage", {"stride": stride, "buckets": 8, "regime": regime.value, "chain": CHAIN})
-        extra = 0 if reference_sequences is None else reference_sequences.size
+        check_resumed(loaded, {"train_len": o["train_len"], "length": length, "num_seqs": o["num_seqs"],
+                               "chunk": o["chunk"], "seed": o["seed"], "group": o.get("group", 1)}, content_hash(ckpt))
+    have = loaded.tables if loaded is not None else {}
+    commands = {
+        "remembrance": (remembrance.remembrance, {"T": length, "points": 32}),
+        "perplexity": (perplexity.perplexity, {"length": length, "buckets": o["buckets"]}),
+        "states": (states.states, {"length": length, "stride": stride}),
+        "decay": (decay.decay, {"length": length, "buckets": o["buckets"]}),
+        "coverage": (coverage.coverage, {"length": length, "stride": stride, "buckets": 8, "regime": regime,
+                                         "chain": CHAIN}),
+    }
+    for command, (run_command, extra) in commands.items():
+        if COMMAND_TABLES[command] in have:
+            continue
         try:
-            with progress(n_tokens + extra, f"coverage L={length}") as advance:
-                per_head, per_bucket, found = coverage_analysis(
-                    r.model, sequences, train_len=tl, stride=stride, chunk=o["chunk"], seed=o["seed"],
-                    progress=advance, regime=regime.value, chain=CHAIN, reference_sequences=reference_sequences)
-        except (CoverageInputError, ValueError) as e:
-            raise BadInput(f"--num-seqs/--stride/--length (coverage): {e}") from None
-        finish(r, results, {"coverage": per_head, "coverage_buckets": per_bucket},
-               {k: None if isinstance(v, float) and v != v else v for k, v in found.items()})  # JSON has no NaN
-    return results, tl
+            run_command(ckpt=ckpt, out=folder / command, **common, **extra)
+        except SystemExit as e:  # torchrun ranks other than 0 leave a command once their groups are sent
+            if e.code or distributed.is_main():
+                raise
+    if not distributed.is_main():
+        return None, tl
+    return (load_results(folder) if any(folder.glob("*/run.json")) else Results(folder=folder)), tl
 
 
 def check_resumed(results, config: dict, sha256: str) -> None:
@@ -235,13 +209,3 @@ def check_resumed(results, config: dict, sha256: str) -> None:
             if key in saved and saved[key] != value:
                 raise BadInput(f"--resume: {results.folder / command} was computed with {key} {saved[key]!r}, now "
                                f"{value!r}; rerun without --resume (or with another --out)")
-
-
-def finish(run, results, tables: dict, found: dict) -> None:
-    """Writes one command's outputs as the command does, and adds them to ``results``."""
-    import json
-
-    written = run.finish(tables, results=found)
-    results.tables.update(tables)
-    manifest = next(p for p in written if p.name == "run.json")
-    results.manifests[run.command] = json.loads(manifest.read_text())

@@ -22,6 +22,7 @@ ANALYSES = {
                  "--regime", "state-passing", "--chain", 2],
 }
 OUTPUTS = {"perplexity": ["positionwise.csv"], "coverage": ["coverage.csv", "coverage_buckets.csv"]}
+REPORT = ["--train-len", 32, "--length", 96, "--num-seqs", 3, "--stride", 8, "--buckets", 4]
 POSTTRAIN = ["--steps", 3, "--seq-len", 16, "--batch", 2, "--warmup", 1, "--intervention", "state-passing"]
 # Post-training runs under torchrun (output folder: arguments after POSTTRAIN): DDP; FSDP; FSDP saved after
 # 2 steps and resumed to 3 (through the gathered optimizer state).
@@ -48,6 +49,7 @@ def torchrun(byte_vocab_ckpt, tmp_path_factory):
     folder = tmp_path_factory.mktemp("torchrun")
     commands = [[name, "--ckpt", str(byte_vocab_ckpt), *map(str, args), "--out", str(folder / name)]
                 for name, args in ANALYSES.items()]
+    commands.append(["report", "--ckpt", str(byte_vocab_ckpt), *map(str, REPORT), "--out", str(folder / "report")])
     commands += [["posttrain", "--ckpt", str(byte_vocab_ckpt), *map(str, POSTTRAIN + extra), "--out", str(folder / name)]
                  for name, runs in POSTTRAIN_RUNS.items() for extra in runs]
     (folder / "commands.json").write_text(json.dumps(commands))
@@ -78,6 +80,19 @@ def test_torchrun_analysis_equals_single_process(torchrun, byte_vocab_ckpt, tmp_
         assert (torchrun / command / name).read_bytes() == (out / name).read_bytes()
     # Rank 0 alone wrote, and the same files; no partials are left.
     assert sorted(p.name for p in (torchrun / command).iterdir()) == sorted(p.name for p in out.iterdir())
+
+
+def test_torchrun_report_equals_single_process(torchrun, byte_vocab_ckpt, tmp_path, monkeypatch, capsys, one_thread):
+    """The report runs its five analyses as the commands do, so their groups are shared too: every CSV
+    equals a single process's, byte for byte, and rank 0 alone wrote the page."""
+    out = tmp_path / "report"
+    code, _, err = run_cli(monkeypatch, capsys, "report", "--ckpt", byte_vocab_ckpt, *REPORT, "--out", out)
+    assert code == 0, err
+    csvs = sorted(p.relative_to(out) for p in out.rglob("*.csv"))
+    assert len(csvs) >= 7 and csvs == sorted(p.relative_to(torchrun / "report") for p in (torchrun / "report").rglob("*.csv"))
+    for name in csvs:
+        assert (torchrun / "report" / name).read_bytes() == (out / name).read_bytes(), name
+    assert (torchrun / "report" / "index.html").is_file()
 
 
 @pytest.mark.parametrize("name", list(POSTTRAIN_RUNS))
