@@ -1,6 +1,6 @@
 """Reproduce the demo's two built-in checkpoints from the Python standard library's sources.
 
-    python examples/demo_checkpoints.py [OUT] [--baseline-steps 4000] [--posttrain-steps 600]
+    python examples/demo_checkpoints.py [OUT] [--baseline-steps 4000] [--posttrain-steps 4000]
 
 OUT (default: the package's ``statelens/demo/``) receives:
 
@@ -12,7 +12,7 @@ OUT (default: the package's ``statelens/demo/``) receives:
 Files are split by a hash of their path: one in 16 is held out, never trained on. Both training runs go
 through :func:`statelens.train.posttrain` (the baseline is that loop with ``intervention="none"`` from a
 freshly initialised model), so each folder carries ``statelens.json`` (train_len, intervention) and
-``train_log.csv``. On 2 CPU cores the defaults take about 6 minutes (one thread: the same bytes on
+``train_log.csv``. On 2 CPU cores the defaults take about 10 minutes (one thread: the same bytes on
 every run of the same machine).
 
 Why the baseline fails past T: in half of the training chunks the second half repeats the first, so
@@ -110,10 +110,10 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="?", default=DEMO)
     parser.add_argument("--train-len", type=int, default=64)
     parser.add_argument("--baseline-steps", type=int, default=4000)
-    parser.add_argument("--posttrain-steps", type=int, default=600)
+    parser.add_argument("--posttrain-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--posttrain-lr", type=float, default=1e-4)
+    parser.add_argument("--posttrain-lr", type=float, default=2e-4)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=128)

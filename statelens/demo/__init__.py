@@ -4,7 +4,7 @@ Made by ``examples/demo_checkpoints.py`` from the Python standard library's sour
 
 - :data:`BASELINE`: a tiny Mamba-2 trained from the zero state on 64-byte chunks (half of them
   repeating their first 32 bytes in their second 32);
-- :data:`POSTTRAINED`: the baseline after 600 steps of state-passing post-training at the same length;
+- :data:`POSTTRAINED`: the baseline after 4000 steps of state-passing post-training at the same length;
 - :data:`HELDOUT`: [rows, length] bytes of standard-library files neither run trained on.
 
 :func:`findings` states the length-generalization story the demo must show, as numbers with the
