@@ -198,6 +198,14 @@ def _train_len_line(ax: Axes, train_len: int | None, x: float | None = None) -> 
                path_effects=[withStroke(linewidth=2.5, foreground="white")])
 
 
+def _legend_label(label: str | None) -> str:
+    """``label`` as matplotlib will show it: none is hidden; one starting with "_", which matplotlib
+    would hide too (its convention for internal artists), gets a leading space."""
+    if not label:
+        return "_nolegend_"
+    return f" {label}" if label.startswith("_") else label
+
+
 def _plot_line(ax: Axes, x, y, *, color, label: str | None, gid: str, logx: bool, logy: bool,
                floor: float | None = None, lw: float = 1.6, alpha: float = 1.0, ls: str = "-",
                zorder: float = 2) -> float | None:
@@ -216,7 +224,7 @@ def _plot_line(ax: Axes, x, y, *, color, label: str | None, gid: str, logx: bool
         y = np.where(finite, np.maximum(y, floor), y)
     drawable = finite & (y > 0) if logy else finite
     ax.plot(x[drawable], y[drawable], color=color, lw=lw, alpha=alpha, ls=ls, zorder=zorder, gid=gid,
-            label=label if label else "_nolegend_")
+            label=_legend_label(label))
     edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
     nonpositive = finite & ~drawable
     if nonpositive.any():

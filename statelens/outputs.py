@@ -1,6 +1,7 @@
 """Writing results: every file under a temporary name, then renamed; and the run manifest.
 
-A reader never sees a half-written CSV under its final name, whatever moment the process dies at.
+A reader never sees a half-written CSV under its final name, whatever moment the process dies at. A
+temporary file left by a killed process is removed by the next write of the same file.
 """
 from __future__ import annotations
 
@@ -19,13 +20,40 @@ import pandas as pd
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Calls ``write(tmp_path)``, then renames the temporary file onto ``target``."""
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(target)
+    tmp = temporary_name(target)
     try:
         write(str(tmp))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def temporary_name(target: Path) -> Path:
+    """Where ``target`` is written before its rename: ``.NAME.tmp-PID`` beside it."""
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Removes ``target``'s temporary files whose process has died (killed mid-write)."""
+    prefix = f".{target.name}.tmp-"
+    if not target.parent.is_dir():
+        return
+    for tmp in target.parent.iterdir():
+        pid = tmp.name[len(prefix):] if tmp.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_table(df: pd.DataFrame, target: str | os.PathLike, *, parquet: bool = False) -> list[Path]:

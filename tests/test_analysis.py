@@ -1,6 +1,8 @@
 """Effective Remembrance, position-wise loss and the recorder, against numbers computed another way."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -136,10 +138,18 @@ def test_recording_on_ssd_block_boundaries_reads_states_inside_a_call(tmp_path):
     hf_mamba2(tmp_path)  # chunk_size 16: SSD blocks of 16 tokens
     model = load_checkpoint(tmp_path).model
     seqs = sequences(n=2, length=150)
-    calls = []
+    calls, during = [], []
+
+    def on_chunk(c):
+        calls.append(c.end)
+        during.append(sorted(p.name for p in (tmp_path / "raw").iterdir()))
+
     rec = record(model, seqs, names=["blocks.*.hook_state", "blocks.*.hook_dt"], positions=32, chunk=64,
-                 raw="blocks.0.hook_state", raw_dir=tmp_path / "raw", on_chunk=lambda c: calls.append(c.end))
+                 raw="blocks.0.hook_state", raw_dir=tmp_path / "raw", on_chunk=on_chunk)
     assert calls == [64, 128, 150]
+    # The raw array fills under a temporary name and takes its own only when complete.
+    assert all(names == [f".blocks.0.hook_state.npy.tmp-{os.getpid()}"] for names in during), during
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["blocks.0.hook_state.npy"]
     assert rec.positions == [32, 64, 96, 128]
     for p in rec.positions:
         with torch.no_grad():

@@ -11,6 +11,7 @@ file must be one that no reader takes for an output (a dotted name ending in ``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -104,10 +105,12 @@ def test_killed_perplexity_leaves_only_complete_files(byte_vocab_ckpt, tmp_path)
     delays = random.Random(0)
     triggers = ["positionwise.csv", "perplexity.png", "perplexity.svg", "run.json"]
 
-    def one(trigger: str, delay: float) -> bool:
-        args = ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 64, "--length", length, "--num-seqs", 2,
+    def args(trigger: str) -> list:
+        return ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 64, "--length", length, "--num-seqs", 2,
                 "--buckets", buckets, "--out", tmp_path / trigger]
-        return kill_when(args, tmp_path / trigger, trigger, delay, tmp_path)
+
+    def one(trigger: str, delay: float) -> bool:
+        return kill_when(args(trigger), tmp_path / trigger, trigger, delay, tmp_path)
 
     # side by side, each process with its own watcher thread
     with ThreadPoolExecutor(len(triggers)) as pool:
@@ -115,6 +118,23 @@ def test_killed_perplexity_leaves_only_complete_files(byte_vocab_ckpt, tmp_path)
     for trigger in triggers:
         assert_no_truncated_output(tmp_path / trigger, rows, finals)
     assert sum(killed) >= 3  # the kills landed: the run did not finish first
+
+    # Rerun to completion: the temporary files the killed runs left (and one planted under the name a
+    # dead process would leave) are gone; a live process's temporary file is not touched.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    folder = tmp_path / triggers[0]
+    (folder / f".positionwise.csv.tmp-{dead}").write_text("half a table")
+    live = folder / f".positionwise.csv.tmp-{os.getpid()}"   # this test's process: alive
+    live.write_text("not ours to remove")
+    with ThreadPoolExecutor(len(triggers)) as pool:
+        done = list(pool.map(lambda t: subprocess.run([*statelens_command(), *map(str, args(t))], cwd=tmp_path,
+                                                      capture_output=True).returncode, triggers))
+    assert done == [0] * len(triggers)
+    for trigger in triggers:
+        left = [p.name for p in (tmp_path / trigger).rglob("*") if TEMP.match(p.name) and p != live]
+        assert not left, left
+    assert live.exists()
 
 
 def test_killed_report_leaves_no_partial_page(tmp_path):

@@ -464,3 +464,10 @@ def test_save_writes_png_and_svg(tmp_path):
     assert svg.lstrip().startswith(b"<?xml") and b"<svg" in svg
     F.save(fig, tmp_path / "again")
     assert (tmp_path / "again.svg").read_bytes() == svg  # no date, fixed ids: reproducible
+
+
+def test_a_label_starting_with_underscore_stays_in_the_legend():
+    """matplotlib hides artists whose label starts with "_"; a checkpoint named so must still be shown."""
+    ax = F.perplexity_figure(_ppl_df(np.full(5, 10.0)), label="_base").axes[0]
+    F.perplexity_figure(_ppl_df(np.full(5, 12.0)), label="post", ax=ax)
+    assert [t.strip() for t in _legend_texts(ax)][:2] == ["_base", "post"]

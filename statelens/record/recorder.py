@@ -16,6 +16,7 @@ so a 1M-token rollout never holds more than one chunk of activations.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 
 from statelens.models.base import RecurrentLM, State
 from statelens.models.hooks import HookPoint, NamesFilter, hooks, name_hook_points, names_matcher
+from statelens.outputs import remove_stale_temporaries, temporary_name
 from statelens.record.rollout import Chunk, as_batch, rollout
 
 STATS = ("norm", "mean", "std", "absmax", "finite")
@@ -129,10 +131,14 @@ class Recorder:
         self._context.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
-        for array in self._raw.values():
+    def __exit__(self, exc_type, *exc) -> None:
+        self._context.__exit__(exc_type, *exc)
+        for name, array in self._raw.items():  # raw arrays fill under temporary names: complete, then renamed
             array.flush()
+            if exc_type is None:
+                os.replace(array.filename, self.raw_dir / f"{name}.npy")
+            else:
+                Path(array.filename).unlink(missing_ok=True)
 
     def update(self, chunk: Chunk) -> None:
         """Reads what the hooks saw during ``chunk`` at the recording positions inside it."""
@@ -182,8 +188,9 @@ class Recorder:
     def _write_raw(self, name: str, here: list[int], snapshot: torch.Tensor) -> None:
         if name not in self._raw:
             self.raw_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.raw_dir / f"{name}.npy")
             self._raw[name] = np.lib.format.open_memmap(
-                self.raw_dir / f"{name}.npy", mode="w+", dtype=np.float32,
+                temporary_name(self.raw_dir / f"{name}.npy"), mode="w+", dtype=np.float32,
                 shape=(len(self.positions), *snapshot.shape[1:]))
         rows = [self._index[p] for p in here]
         self._raw[name][rows[0]:rows[-1] + 1] = snapshot.float().cpu().numpy()
