@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from statelens.models import Mamba1Config, Mamba1LM, Mamba2Config, Mamba2LM, kernels
+from statelens.models import GLALM, GLAConfig, Mamba1Config, Mamba1LM, Mamba2Config, Mamba2LM, kernels
 from statelens.models.selective_scan import selective_scan_sequential
 from statelens.record import rollout
 from statelens.record.recorder import record
@@ -29,18 +29,37 @@ def kernel_device(op: str) -> torch.device:
         pytest.skip(f"the {op} kernels do not import: pip install 'statelens[cuda]' on a CUDA machine")
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if op == "ssd" and INTERPRETED:
+    if op in kernels.TRITON and INTERPRETED:
         return torch.device("cpu")
-    pytest.skip(f"the {op} kernels need a CUDA GPU" + (" (or TRITON_INTERPRET=1)" if op == "ssd" else ""))
+    pytest.skip(f"the {op} kernels need a CUDA GPU" + (" (or TRITON_INTERPRET=1)" if op in kernels.TRITON else ""))
 
 
 @pytest.fixture
 def interpreter(monkeypatch):
-    """Lets mamba-ssm's Triton launchers run under the interpreter on CPU tensors: their
+    """Lets the Triton launchers run under the interpreter on CPU tensors: mamba-ssm's
     ``torch.cuda.device(index)`` guard gets a no-op, the device's multiprocessor count (which only
-    sizes a grid) is 1, and the autotuner, which would time configs on a GPU, takes its first config."""
+    sizes a grid) is 1, the autotuner, which would time configs on a GPU, takes its first config, and
+    fla's kernels, which call ``.to`` on a ``range`` loop index (a tensor when compiled, an int when
+    interpreted), get a ``range`` of ints that have it."""
     if INTERPRETED and not torch.cuda.is_available():
+        import sys
+
+        monkeypatch.setenv("STATELENS_KERNELS", "interpret")   # the Triton kernels on CPU tensors
+
+        import triton.language as tl
         from triton.runtime import autotuner
+
+        class Index(int):
+            def to(self, dtype, **kwargs):
+                return tl.full((), int(self), dtype)
+
+        def interpreted_range(*args):
+            return (Index(i) for i in range(*(int(a) for a in args)))
+
+        kernels._ops("gla")   # imports fla's kernel modules, when present, so that they can be patched
+        for name, module in list(sys.modules.items()):
+            if name.startswith("fla.ops."):
+                monkeypatch.setattr(module, "range", interpreted_range, raising=False)
         monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=1))
         monkeypatch.setattr(autotuner.Autotuner, "_bench", lambda self, *args, config, **meta: [1.0, 1.0, 1.0])
@@ -49,9 +68,13 @@ def interpreter(monkeypatch):
 def run_both(model, tokens, monkeypatch, fn):
     """fn(model, tokens) with the kernels, then with STATELENS_KERNELS=off (the reference)."""
     fast = fn(model, tokens)
+    setting = os.environ.get("STATELENS_KERNELS")
     monkeypatch.setenv("STATELENS_KERNELS", "off")
     reference = fn(model, tokens)
-    monkeypatch.delenv("STATELENS_KERNELS")
+    if setting is None:
+        monkeypatch.delenv("STATELENS_KERNELS")
+    else:
+        monkeypatch.setenv("STATELENS_KERNELS", setting)
     return fast, reference
 
 
@@ -144,6 +167,32 @@ def test_mamba2_equals_mamba_ssm_own_model(monkeypatch, interpreter, options):
     torch.testing.assert_close(reference, theirs, rtol=1e-4, atol=1e-4)
 
 
+def gla_model(device) -> GLALM:
+    torch.manual_seed(0)
+    return GLALM(GLAConfig(hidden_size=64, num_hidden_layers=2, vocab_size=64, num_heads=2, hidden_ratio=2,
+                           chunk_size=16)).to(device)
+
+
+def test_gla_kernels_equal_the_reference(monkeypatch, interpreter):
+    device = kernel_device("gla")
+    model = gla_model(device)
+    tokens = torch.randint(0, 64, (2, 150), generator=torch.Generator().manual_seed(1)).to(device)
+    (logits, state), (ref_logits, ref_state) = run_both(model, tokens, monkeypatch, chunked_logits)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(state.ssm, ref_state.ssm):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    def grads(m, t):
+        m.zero_grad()
+        logits, _ = m(t[:, :70], m.zero_state(2).map(lambda s: s + 0.1))   # from a carried state
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), t[:, 1:70].flatten()).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    fast, reference = run_both(model, tokens, monkeypatch, grads)
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_conv_and_selective_scan_kernels_equal_the_reference(monkeypatch):
     device = kernel_device("selective_scan")
     kernel_device("conv")
@@ -180,12 +229,15 @@ def test_selective_scan_adds_the_carried_state_exactly(monkeypatch):
 
 
 def test_kernels_stay_off_where_they_cannot_run(monkeypatch):
-    """CPU tensors (no interpreter), float64, or STATELENS_KERNELS=off: the reference path."""
+    """CPU tensors (unless asked to interpret), float64, or STATELENS_KERNELS=off: the reference path."""
     monkeypatch.setattr(kernels, "_ops", lambda op: object())     # as if every package imported
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("STATELENS_KERNELS", raising=False)
     assert not kernels.ready("ssd", torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels.ready("ssd", torch.zeros(1))
+    assert not kernels.ready("ssd", torch.zeros(1))            # Triton debugging alone changes nothing
+    monkeypatch.setenv("STATELENS_KERNELS", "interpret")
+    assert kernels.ready("ssd", torch.zeros(1)) and kernels.ready("gla", torch.zeros(1))
     assert not kernels.ready("conv", torch.zeros(1))           # CUDA C++: no interpreter
     assert not kernels.ready("ssd", torch.zeros(1, dtype=torch.float64))
     monkeypatch.setenv("STATELENS_KERNELS", "off")

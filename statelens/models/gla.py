@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelens.models import kernels
 from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import RMSNorm
@@ -276,7 +277,10 @@ class GatedLinearAttention(nn.Module):
         if hooks.hook_decay.active:  # round-trip through alpha only when somebody looks or patches
             gk = hooks.hook_decay(gk.exp()).log()
 
-        o, state = (self.scan or gla_chunked)(q.to(wide), k.to(wide), v.to(wide), gk, state, cfg.chunk_size)
+        if self.scan is None and not hooks.hook_decay.active and kernels.ready("gla", gk):
+            o, state = kernels.gla(q.to(wide), k.to(wide), v.to(wide), gk, state)
+        else:
+            o, state = (self.scan or gla_chunked)(q.to(wide), k.to(wide), v.to(wide), gk, state, cfg.chunk_size)
         state = hooks.hook_state(state)
 
         # Per-head RMSNorm over d_v, then the swish output gate (fla: FusedRMSNormGated or RMSNorm * swish).

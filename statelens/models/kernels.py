@@ -6,6 +6,8 @@ own interface; the pure-PyTorch code stays the reference, and the tests compare 
   come from the same kernels' state-passing step.
 - ``conv``: causal-conv1d's CUDA kernel for the depthwise convolution (Mamba-1 and Mamba-2), the conv
   state going in as ``initial_states`` and out as ``final_states``.
+- ``gla``: flash-linear-attention's ``chunk_gla`` Triton kernels for the GLA scan, the carried state
+  going in as ``initial_state`` and out as the final state (training goes through its backward).
 - ``selective_scan``: mamba-ssm's CUDA selective scan for Mamba-1 (forward only: its last state has no
   gradient). The kernel starts from the zero state; the carried state's part is added exactly, by
   linearity: ``h_t = h_t|zero start + exp(A * (dt_1 + ... + dt_t)) h_0``.
@@ -13,8 +15,9 @@ own interface; the pure-PyTorch code stays the reference, and the tests compare 
 Resets need no ``seq_idx``: the rollout cuts its calls at reset positions and restarts those rows from
 their initial state, which may be any state, where ``seq_idx`` restarts from zero.
 
-A path runs when its package imports, its tensors are on a CUDA device (the SSD kernels also on the
-CPU under ``TRITON_INTERPRET=1``, Triton's interpreter, which is how they are checked without a GPU),
+A path runs when its package imports, its tensors are on a CUDA device (the Triton ones, SSD and GLA,
+also on the CPU with ``STATELENS_KERNELS=interpret`` and ``TRITON_INTERPRET=1``: Triton's interpreter,
+which is how the tests check them without a GPU),
 the dtype is not float64 (the kernels have none) and ``STATELENS_KERNELS`` is not ``off``. Anything
 that changes the scan (a patched ``hook_decay``, a mitigation) takes the reference path.
 """
@@ -28,6 +31,7 @@ import torch
 from statelens.models import layers
 
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+TRITON = ("ssd", "gla")  # the paths that are Triton kernels (the others are CUDA C++)
 
 
 @functools.cache
@@ -43,6 +47,9 @@ def _ops(op: str):
         if op == "conv":
             from causal_conv1d import causal_conv1d_fn
             return causal_conv1d_fn
+        if op == "gla":
+            from fla.ops.gla import chunk_gla
+            return chunk_gla
         if op == "selective_scan":
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
             return selective_scan_fn
@@ -52,10 +59,12 @@ def _ops(op: str):
 
 
 def ready(op: str, t: torch.Tensor) -> bool:
-    """Whether the kernel path ``op`` ("ssd", "conv", "selective_scan") runs for tensors like ``t``."""
+    """Whether the kernel path ``op`` ("ssd", "gla", "conv", "selective_scan") runs for tensors like ``t``."""
     if os.environ.get("STATELENS_KERNELS", "on").lower() in ("off", "0", "false", "no") or t.dtype not in SUPPORTED:
         return False
-    on_device = t.is_cuda or (op == "ssd" and t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    interpreted = (op in TRITON and t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+                   and os.environ.get("STATELENS_KERNELS") == "interpret")
+    on_device = t.is_cuda or interpreted
     return on_device and _ops(op) is not None
 
 
@@ -74,6 +83,16 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         return y, final, starts if block_states else None
     y, final = combined(x, dt, A, B, C, block, initial_states=h0, return_final_states=True)
     return y, final, None
+
+
+def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
+        S0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`statelens.models.gla.gla_chunked` on fla's ``chunk_gla``: q, k and gk [b, l, h, k]
+    (gk the log-decay), v [b, l, h, v], S0 [b, h, k, v] -> o [b, l, h, v] (times d_k ** -0.5), final
+    state [b, h, k, v]. The kernels choose their own chunk length."""
+    o, final = _ops("gla")(q, k, v, gk, scale=q.shape[-1] ** -0.5, initial_state=S0.to(q.dtype),
+                           output_final_state=True)
+    return o, final
 
 
 def conv_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
