@@ -15,11 +15,11 @@ own interface; the pure-PyTorch code stays the reference, and the tests compare 
 Resets need no ``seq_idx``: the rollout cuts its calls at reset positions and restarts those rows from
 their initial state, which may be any state, where ``seq_idx`` restarts from zero.
 
-A path runs when its package imports, its tensors are on a CUDA device (the Triton ones, SSD and GLA,
-also on the CPU with ``STATELENS_KERNELS=interpret`` and ``TRITON_INTERPRET=1``: Triton's interpreter,
-which is how the tests check them without a GPU),
-the dtype is not float64 (the kernels have none) and ``STATELENS_KERNELS`` is not ``off``. Anything
-that changes the scan (a patched ``hook_decay``, a mitigation) takes the reference path.
+A path runs when its package imports, its tensors are on a CUDA device, the dtype is not float64 (the
+kernels have none) and ``STATELENS_KERNELS`` is not ``off``. The Triton ones (SSD, GLA) also run on the
+CPU with ``STATELENS_KERNELS=interpret`` and ``TRITON_INTERPRET=1``, in Triton's interpreter: that is
+how the tests check them without a GPU. Anything that changes the scan (a patched ``hook_decay``, a
+mitigation) takes the reference path.
 """
 from __future__ import annotations
 
