@@ -78,14 +78,19 @@ def gather(obj) -> list | None:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (so all ranks take the same branch)."""
+    return bool(max_over_ranks(int(flag)))
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over ranks, on every rank."""
     if not active():
-        return flag
+        return value
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)], device=_device())
+    t = torch.tensor([value], device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def mean(values: list[float]) -> list[float]:

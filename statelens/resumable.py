@@ -178,26 +178,36 @@ def run_groups(work: Sequence[Work], partials: Partials | None = None, *, costs:
     ``partials``: groups saved there are loaded instead of computed (``advance`` is told their
     ``costs[i]``), and each computed group is saved as soon as it finishes. SIGINT/SIGTERM stop the
     work at its next ``advance`` call or group boundary with :class:`Interrupted`; the group in
-    progress is dropped.
+    progress is dropped. Under torchrun an interrupted rank still joins the gather (with what it
+    finished), so a rank already waiting there is released; then every rank raises the interruption
+    of any rank.
     """
     done: dict[int, Partial] = {}
+    interrupted: int | None = None
     with stop_on_signals() as stop:
         def tick(n: int) -> None:
             if advance is not None:
                 advance(n)
             stop.check()
 
-        for i in range(distributed.rank(), len(work), distributed.world_size()):
-            result = partials.load(i) if partials is not None else None
-            if result is None:
-                result = {name: np.asarray(value) for name, value in work[i](tick).items()}
-                if partials is not None:
-                    partials.save(i, result)
-            elif advance is not None and costs is not None:
-                advance(costs[i])
-            done[i] = result
-            stop.check()
-    gathered = distributed.gather(done)
+        try:
+            for i in range(distributed.rank(), len(work), distributed.world_size()):
+                result = partials.load(i) if partials is not None else None
+                if result is None:
+                    result = {name: np.asarray(value) for name, value in work[i](tick).items()}
+                    if partials is not None:
+                        partials.save(i, result)
+                elif advance is not None and costs is not None:
+                    advance(costs[i])
+                done[i] = result
+                stop.check()
+        except Interrupted as e:
+            interrupted = e.signum
+        gathered = distributed.gather(done)
+        # A signal may also come while waiting in the gather. Every rank learns of any rank's.
+        interrupted = distributed.max_over_ranks(interrupted or stop.signum or 0)
+    if interrupted:
+        raise Interrupted(interrupted)
     if gathered is None:
         return None
     merged = {i: result for part in gathered for i, result in part.items()}

@@ -116,3 +116,50 @@ def test_torchrun_posttrain_matches_single_process(torchrun, byte_vocab_ckpt, tm
     assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-4     # it did train
     logs = [pd.read_csv(p / "train_log.csv") for p in (out, torchrun / name)]
     pd.testing.assert_frame_equal(logs[0], logs[1], check_exact=False, rtol=1e-5)
+
+
+def test_an_interrupted_rank_releases_the_rank_waiting_in_the_gather(byte_vocab_ckpt, tmp_path, monkeypatch, capsys,
+                                                                      one_thread):
+    """Two ranks started as torchrun would (env RANK/WORLD_SIZE/MASTER_*). Rank 1's one group is done and
+    it waits in the gather when rank 0 alone gets SIGINT: both leave at once with 130 (no hang), and
+    --resume completes to the single-process CSV."""
+    import signal
+    import socket
+    import time
+
+    out = tmp_path / "ppl"
+    args = ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 32, "--length", 8192, "--num-seqs", 3,
+            "--buckets", 4, "--out", out]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def launch(resume: bool) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, "-m", "statelens.cli.main", *map(str, args),
+                                  *(["--resume"] if resume else [])],
+                                 env=os.environ | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                                   "OMP_NUM_THREADS": "1"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+    ranks = launch(resume=False)
+    try:
+        first = out / ".partial" / "group-00000.npz"       # rank 0's first group: it is now on its second
+        deadline = time.monotonic() + 120
+        while not first.exists() and time.monotonic() < deadline and ranks[0].poll() is None:
+            time.sleep(0.005)
+        assert first.exists() and ranks[0].poll() is None, "rank 0 finished before it could be interrupted"
+        ranks[0].send_signal(signal.SIGINT)
+        codes = [rank.wait(timeout=60) for rank in ranks]   # a hang fails here
+    finally:
+        for rank in ranks:
+            rank.kill() if rank.poll() is None else None
+    assert codes == [130, 130], [rank.stderr.read()[-500:] for rank in ranks]
+    assert not (out / "positionwise.csv").exists()
+
+    ranks = launch(resume=True)
+    assert [rank.wait(timeout=120) for rank in ranks] == [0, 0]
+    single = tmp_path / "single"
+    code, _, err = run_cli(monkeypatch, capsys, *args[:-1], single)
+    assert code == 0, err
+    assert (out / "positionwise.csv").read_bytes() == (single / "positionwise.csv").read_bytes()
