@@ -58,9 +58,15 @@ def init(device: str = "cpu") -> None:
 
 
 def _destroy() -> None:
+    """At exit: wait for the other ranks (so none tears its connections down while another is still
+    finishing a collective with it), then leave the group. A rank already gone only ends the wait."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
 
 
