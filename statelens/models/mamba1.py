@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelens.models import kernels
 from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
-from statelens.models import kernels
 from statelens.models.lm import LMHeadModel
 from statelens.models.selective_scan import selective_scan_chunked
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelens.models import kernels
 from statelens.models.base import backends, check_dims
 from statelens.models.hooks import HookPoint
-from statelens.models import kernels
 from statelens.models.layers import gated_rms_norm
 from statelens.models.lm import LMHeadModel
 from statelens.models.ssd import ssd_chunked, ssd_chunked_with_block_states

@@ -292,7 +292,9 @@ def _fully_shard(model: torch.nn.Module) -> None:
 def _whole_training_state(model, optimizer, shard: bool) -> tuple[dict, dict]:
     """The weights (on the CPU) and the optimizer's state_dict, whole. Sharded, this gathers them to
     rank 0 (a collective: every rank calls it; the others get empty dicts)."""
-    if not shard:
+    if not shard:  # replicated: rank 0's copy is the whole state
+        if not distributed.is_main():
+            return {}, {}
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
