@@ -180,13 +180,7 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
     check_writable(out or Path("runs") / command)
     distributed.init(device)
     loaded = load(ckpt, distributed.device_for(device), dtype, backend)
-    source = "--train-len"
-    if train_len is None:
-        meta = loaded.path / METADATA
-        if meta.is_file():
-            train_len, source = _train_len_from(meta), METADATA
-        else:
-            train_len, source = DEFAULT_TRAIN_LEN, "assumed (pass --train-len)"
+    train_len, source = resolve_train_len(loaded.path, train_len)
     run = Run(command, loaded, train_len, source, seed, out or Path("runs") / command,
               config | {"device": device, "dtype": dtype.value, "seed": seed, "backend": backend.value},
               started=started, resume=resume, mitigation=mitigation)
@@ -219,6 +213,17 @@ def check_writable(out: Path) -> None:
         raise BadInput(f"--out {out}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadInput(f"--out {out}: {existing} is not writable")
+
+
+def resolve_train_len(ckpt: Path, train_len: int | None) -> tuple[int, str]:
+    """The training length and where it came from: --train-len, else the checkpoint's statelens.json,
+    else the default (assumed)."""
+    if train_len is not None:
+        return train_len, "--train-len"
+    meta = Path(ckpt) / METADATA
+    if meta.is_file():
+        return _train_len_from(meta), METADATA
+    return DEFAULT_TRAIN_LEN, "assumed (pass --train-len)"
 
 
 def _train_len_from(meta: Path) -> int:

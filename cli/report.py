@@ -150,16 +150,14 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
     on torchrun ranks other than 0) and the training length."""
     from statelens import distributed
     from statelens.cli import coverage, decay, perplexity, remembrance, states
-    from statelens.cli.common import start
+    from statelens.cli.common import resolve_train_len
     from statelens.cli.coverage import default_regime
     from statelens.errors import BadInput
     from statelens.models.checkpoint import content_hash
     from statelens.reports.html import Results, load_results
 
     o = options
-    base = start("report", ckpt=ckpt, device=o["device"], dtype=o["dtype"], backend=o["backend"], seed=o["seed"],
-                 out=folder, train_len=o["train_len"], config={"data": str(o["data"]) if o["data"] else None})
-    tl = base.train_len
+    tl, _ = resolve_train_len(ckpt, o["train_len"])  # each command loads the checkpoint itself
     length = o["length"] or o.get("length_factor", 4) * tl
     stride = o["stride"] or max(1, tl // 16)
     if length <= tl:
@@ -192,7 +190,11 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
                 raise
     if not distributed.is_main():
         return None, tl
-    return (load_results(folder) if any(folder.glob("*/run.json")) else Results(folder=folder)), tl
+    found = load_results(folder) if any(folder.glob("*/run.json")) else Results(folder=folder)
+    if loaded is not None and loaded.folder != folder:  # what --from gave, beside what was computed here
+        found.tables = loaded.tables | found.tables
+        found.manifests = loaded.manifests | found.manifests
+    return found, tl
 
 
 def check_resumed(results, config: dict, sha256: str) -> None:

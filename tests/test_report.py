@@ -194,6 +194,7 @@ def test_report_computes_only_what_is_missing(ckpts, compared, tmp_path):
     assert {p.name for p in made.iterdir()} == {"remembrance", "states", "decay", "coverage"}
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "comparison" not in Page(html).ids()  # one checkpoint: no comparison
+    assert "fig-perplexity" in Page(html).ids()   # the reused table is on the page, beside the computed ones
     # same checkpoint, data and settings: the recomputed collapse table equals the compare run's
     pd.testing.assert_frame_equal(pd.read_csv(made / "states" / "collapse.csv"),
                                   pd.read_csv(folders(compared[0])[0] / "states" / "collapse.csv"))
