@@ -37,6 +37,17 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def main() -> None:
+    try:
+        _run()
+    except SystemExit as e:
+        if not e.code:  # under torchrun: no rank leaves a command before rank 0 has written its outputs
+            from statelens import distributed
+
+            distributed.barrier()
+        raise
+
+
+def _run() -> None:
     from statelens.errors import StatelensError
 
     args = sys.argv[1:] or ["--help"]

@@ -99,6 +99,11 @@ def max_over_ranks(value: int) -> int:
     return int(t.item())
 
 
+def same_on_all_ranks(value: int) -> bool:
+    """Whether every rank passed the same ``value`` (the answer on every rank)."""
+    return max_over_ranks(value) == -max_over_ranks(-value)
+
+
 def mean(values: list[float]) -> list[float]:
     """The mean over ranks of each value (every rank gets the result), in float64."""
     if not active():

@@ -29,9 +29,15 @@ POSTTRAIN = ["--steps", 3, "--seq-len", 16, "--batch", 2, "--warmup", 1, "--inte
 POSTTRAIN_RUNS = {"posttrain": [[]], "posttrain-fsdp": [["--fsdp"]],
                   "posttrain-fsdp-resumed": [["--fsdp", "--steps", 2], ["--fsdp", "--resume"]]}
 
+# Rank 0 writes each post-training save a second late: a rank that left a command before rank 0's outputs
+# were complete would resume the next one from a different step than rank 0 (a hang before main() waited).
 SCRIPT = """
-import json, sys
+import importlib, json, sys, time
 from statelens.cli.main import main
+
+posttrain = importlib.import_module("statelens.train.posttrain")
+save = posttrain._save
+posttrain._save = lambda *args: (time.sleep(1.0), save(*args))
 
 for args in json.load(open(sys.argv[1])):
     sys.argv = ["statelens", *args]
@@ -57,7 +63,7 @@ def torchrun(byte_vocab_ckpt, tmp_path_factory):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(folder / "run.py"), str(folder / "commands.json")],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+                          capture_output=True, text=True, env=env, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
@@ -124,24 +130,16 @@ def test_an_interrupted_rank_releases_the_rank_waiting_in_the_gather(byte_vocab_
     it waits in the gather when rank 0 alone gets SIGINT: both leave at once with 130 (no hang), and
     --resume completes to the single-process CSV."""
     import signal
-    import socket
     import time
 
     out = tmp_path / "ppl"
     args = ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 32, "--length", 8192, "--num-seqs", 3,
             "--buckets", 4, "--out", out]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
 
     def launch(resume: bool) -> list[subprocess.Popen]:
-        return [subprocess.Popen([sys.executable, "-m", "statelens.cli.main", *map(str, args),
-                                  *(["--resume"] if resume else [])],
-                                 env=os.environ | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                                   "OMP_NUM_THREADS": "1"},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        return launch_ranks([[*args, *(["--resume"] if resume else [])]] * 2, port)
 
+    port = free_port()
     ranks = launch(resume=False)
     try:
         first = out / ".partial" / "group-00000.npz"       # rank 0's first group: it is now on its second
@@ -163,3 +161,43 @@ def test_an_interrupted_rank_releases_the_rank_waiting_in_the_gather(byte_vocab_
     code, _, err = run_cli(monkeypatch, capsys, *args[:-1], single)
     assert code == 0, err
     assert (out / "positionwise.csv").read_bytes() == (single / "positionwise.csv").read_bytes()
+
+
+def test_posttrain_resume_needs_the_same_save_on_every_rank(byte_vocab_ckpt, tmp_path, monkeypatch, capsys):
+    """--out on a folder the ranks do not share (rank 0 sees a save at step 2, rank 1 none): every rank
+    stops with the one-line error, exit 2, instead of training from different steps (a hang)."""
+    args = ["posttrain", "--ckpt", byte_vocab_ckpt, *POSTTRAIN]
+    saved = tmp_path / "saved"
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--steps", 2, "--out", saved)
+    assert code == 0, err
+    before = (saved / "resume.pt").read_bytes()
+    ranks = launch_ranks([[*args, "--resume", "--out", folder] for folder in (saved, tmp_path / "empty")], free_port())
+    try:
+        codes = [rank.wait(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill() if rank.poll() is None else None
+    errors = [rank.stderr.read().strip().splitlines() for rank in ranks]
+    assert codes == [2, 2], errors
+    for lines in errors:
+        assert lines[-1].startswith("statelens: error: --resume: the torchrun ranks see different saves"), lines
+    assert (saved / "resume.pt").read_bytes() == before
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args_per_rank: list[list], port: int) -> list[subprocess.Popen]:
+    """One ``statelens`` process per rank, started as torchrun would (RANK, WORLD_SIZE, MASTER_*)."""
+    world = len(args_per_rank)
+    return [subprocess.Popen([sys.executable, "-m", "statelens.cli.main", *map(str, args)],
+                             env=os.environ | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                               "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for r, args in enumerate(args_per_rank)]
