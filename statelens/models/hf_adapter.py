@@ -185,7 +185,9 @@ class HFRecurrentAdapter(RecurrentLM):
             raise CheckpointError(f"{name} has no recurrent layers")
         backbone = hf_model.base_model
         params = inspect.signature(backbone.forward).parameters
-        self._cache_kw = "cache_params" if "cache_params" in params else "past_key_values"
+        # transformers >= 5.24 takes the cache as ``cache`` (``cache_params`` / ``past_key_values`` before); an
+        # unknown keyword lands in ``**kwargs`` and is silently dropped, so take the first name the signature has.
+        self._cache_kw = next((kw for kw in ("cache", "cache_params") if kw in params), "past_key_values")
         if self.attention_layer_index and not {"attention_mask", "position_ids"} <= set(params):
             raise CheckpointError(f"{name} has attention layers but its forward takes no attention_mask and "
                                   "position_ids; the hf adapter cannot carry their KV cache exactly")
