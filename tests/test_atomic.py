@@ -1,28 +1,30 @@
 """Atomic outputs: a run killed with SIGKILL at any moment leaves no truncated file under a final name.
 
-Real commands run in a subprocess (the installed console script); a watcher polls the output folder and
-sends SIGKILL the moment a given output first shows up, under its temporary name or its final one
-(the kill then lands somewhere in writing it or just after), plus a seeded delay of a few milliseconds
-so the kills spread over the write. Afterwards every file under a final name must be complete -- a CSV
-with every row the run computes (counted from the settings), JSON that parses, a PNG that ends with its
-IEND chunk, an SVG or HTML page that ends with its closing tag, weights that load -- and any temporary
-file must be one that no reader takes for an output (a dotted name ending in ``.tmp-<pid>``).
+Real commands run in a subprocess that pauses at the rename which ends the write of a given output,
+just before it (the whole file under its temporary name, the final name absent) or just after (the
+final name complete), and is SIGKILLed there (``pausing.PausedRun``: the kill lands at that moment
+whatever the machine's load). A final name appears only by that rename, so these two moments bound
+every other: a kill earlier in the write leaves a shorter temporary file and no final name.
+Afterwards every file under a final name must be complete -- a CSV with every row the run computes
+(counted from the settings), JSON that parses, a PNG that ends with its IEND chunk, an SVG or HTML page
+that ends with its closing tag, weights that load -- and any temporary file must be one that no reader
+takes for an output (a dotted name ending in ``.tmp-<pid>``).
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from pausing import PausedRun
 
 TEMP = re.compile(r"^\..+\.tmp-\d+$")  # statelens.outputs.atomic_write's temporary names
 
@@ -32,24 +34,13 @@ def statelens_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "statelens.cli.main"]
 
 
-def kill_when(args: list, out: Path, name: str, delay: float, cwd: Path) -> bool:
-    """Runs ``statelens ARGS``; SIGKILLs it ``delay`` seconds after a file named ``name`` (or its
-    temporary name) first appears under ``out``. True when it was killed, False when it finished first."""
-    proc = subprocess.Popen([*statelens_command(), *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=cwd)
-    try:
-        while proc.poll() is None:
-            if out.exists() and any(p.name == name or p.name.startswith(f".{name}.tmp-") for p in out.rglob("*")):
-                time.sleep(delay)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=30)
-                return proc.returncode == -signal.SIGKILL
-            time.sleep(0.001)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return False
+def kill_at(args: list, out: Path, name: str, when: str) -> bool:
+    """Runs ``statelens ARGS`` and SIGKILLs it just ``before`` or ``after`` the rename that ends the write
+    of its first file ``name`` under ``out``. True when it was killed there, False when it ended first."""
+    run = PausedRun(args, f"{out}*/{name}", when=when)
+    paused = run.paused() is not None
+    done = run.finish(signal.SIGKILL if paused else None)
+    return paused and done.returncode == -signal.SIGKILL
 
 
 def assert_complete(path: Path, rows: dict[str, int]) -> None:
@@ -102,37 +93,44 @@ def test_killed_perplexity_leaves_only_complete_files(byte_vocab_ckpt, tmp_path)
     length, buckets = 256, 8
     rows = {"positionwise.csv": buckets}  # one row per bucket of positions 1 .. length - 1
     finals = {"positionwise.csv", "perplexity.png", "perplexity.svg", "run.json"}
-    delays = random.Random(0)
-    triggers = ["positionwise.csv", "perplexity.png", "perplexity.svg", "run.json"]
+    # each output killed once, just before or just after its rename: every output is written by the same
+    # atomic_write, so the two moments are covered across the files without doubling the processes
+    kills = [("positionwise.csv", "before"), ("perplexity.png", "after"), ("perplexity.svg", "before"),
+             ("run.json", "after")]
 
-    def args(trigger: str) -> list:
+    def args(folder: str) -> list:
         return ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 64, "--length", length, "--num-seqs", 2,
-                "--buckets", buckets, "--out", tmp_path / trigger]
+                "--buckets", buckets, "--out", tmp_path / folder]
 
-    def one(trigger: str, delay: float) -> bool:
-        return kill_when(args(trigger), tmp_path / trigger, trigger, delay, tmp_path)
+    def one(kill: tuple[str, str]) -> bool:
+        name, when = kill
+        return kill_at(args(f"{name}-{when}"), tmp_path / f"{name}-{when}", name, when)
 
-    # side by side, each process with its own watcher thread
-    with ThreadPoolExecutor(len(triggers)) as pool:
-        killed = list(pool.map(one, triggers, [delays.uniform(0, 0.02) for _ in triggers]))
-    for trigger in triggers:
-        assert_no_truncated_output(tmp_path / trigger, rows, finals)
-    assert sum(killed) >= 3  # the kills landed: the run did not finish first
+    with ThreadPoolExecutor(4) as pool:  # side by side, each process with its own watcher thread
+        killed = list(pool.map(one, kills))
+    assert killed == [True] * len(kills)
+    for name, when in kills:
+        found = assert_no_truncated_output(tmp_path / f"{name}-{when}", rows, finals)
+        assert (name in found) == (when == "after"), (name, when, found)
 
-    # Rerun to completion: the temporary files the killed runs left (and one planted under the name a
-    # dead process would leave) are gone; a live process's temporary file is not touched.
+    # Rerun to completion: the temporary files the killed runs left (each "before" kill left its whole
+    # file under a temporary name; one more is planted under the name a dead process would leave) are
+    # gone; a live process's temporary file is not touched.
+    folders = [f"{name}-{when}" for name, when in kills if when == "before"]
+    left = [p for folder in folders for p in (tmp_path / folder).rglob("*") if TEMP.match(p.name)]
+    assert len(left) == len(folders), left
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    folder = tmp_path / triggers[0]
+    folder = tmp_path / folders[0]
     (folder / f".positionwise.csv.tmp-{dead}").write_text("half a table")
     live = folder / f".positionwise.csv.tmp-{os.getpid()}"   # this test's process: alive
     live.write_text("not ours to remove")
-    with ThreadPoolExecutor(len(triggers)) as pool:
-        done = list(pool.map(lambda t: subprocess.run([*statelens_command(), *map(str, args(t))], cwd=tmp_path,
-                                                      capture_output=True).returncode, triggers))
-    assert done == [0] * len(triggers)
-    for trigger in triggers:
-        left = [p.name for p in (tmp_path / trigger).rglob("*") if TEMP.match(p.name) and p != live]
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda f: subprocess.run([*statelens_command(), *map(str, args(f))], cwd=tmp_path,
+                                                      capture_output=True).returncode, folders))
+    assert done == [0] * len(folders)
+    for f in folders:
+        left = [p.name for p in (tmp_path / f).rglob("*") if TEMP.match(p.name) and p != live]
         assert not left, left
     assert live.exists()
 
@@ -144,24 +142,24 @@ def test_killed_report_leaves_no_partial_page(tmp_path):
     pd.DataFrame({"pos_start": edges[:-1], "pos_end": edges[1:], "loss": np.linspace(2, 3, len(edges) - 1),
                   "ppl": np.exp(np.linspace(2, 3, len(edges) - 1)), "n_tokens": 10}).to_csv(
         results / "positionwise.csv", index=False)
-    out = tmp_path / "report"
-    killed = kill_when(["report", "--from", results, "--train-len", 512, "--out", out], out, "index.html", 0.0,
-                       tmp_path)
-    assert killed
-    assert assert_no_truncated_output(out, {}, {"index.html"}) in ([], ["index.html"])
+    for when, page in (("before", []), ("after", ["index.html"])):
+        out = tmp_path / when
+        assert kill_at(["report", "--from", results, "--train-len", 512, "--out", out], out, "index.html", when)
+        assert assert_no_truncated_output(out, {}, {"index.html"}) == page
 
 
 def test_killed_posttrain_leaves_a_loadable_checkpoint(byte_vocab_ckpt, tmp_path):
-    """Killed as the first resume.pt is written: the checkpoint files of the same save are complete
-    (written before it), and resume.pt is absent or loads."""
+    """Killed as the first resume.pt is written (before its rename): the checkpoint files of the same
+    save are complete (written before it), and resume.pt is absent."""
     out = tmp_path / "post"
     args = ["posttrain", "--ckpt", byte_vocab_ckpt, "--intervention", "none", "--steps", 3, "--seq-len", 16,
             "--batch", 1, "--warmup", 1, "--save-every", 1, "--out", out]
-    assert kill_when(args, out, "resume.pt", 0.0, tmp_path)
+    assert kill_at(args, out, "resume.pt", "before")
     finals = {"model.safetensors", "config.json", "generation_config.json", "statelens.json", "train_log.csv",
               "resume.pt", "run.json"}
     found = assert_no_truncated_output(out, {"train_log.csv": None}, finals)
     assert {"model.safetensors", "config.json", "statelens.json", "train_log.csv"} <= set(found)
+    assert "resume.pt" not in found
     from statelens.models import load_checkpoint
 
     load_checkpoint(out)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from pausing import PausedRun
 
 ANALYSES = {
     "perplexity": ["--train-len", 32, "--length", 128, "--num-seqs", 3, "--buckets", 5],
@@ -130,31 +131,29 @@ def test_an_interrupted_rank_releases_the_rank_waiting_in_the_gather(byte_vocab_
     it waits in the gather when rank 0 alone gets SIGINT: both leave at once with 130 (no hang), and
     --resume completes to the single-process CSV."""
     import signal
-    import time
 
     out = tmp_path / "ppl"
-    args = ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 32, "--length", 8192, "--num-seqs", 3,
+    args = ["perplexity", "--ckpt", byte_vocab_ckpt, "--train-len", 32, "--length", 512, "--num-seqs", 3,
             "--buckets", 4, "--out", out]
+    port = free_port()
 
     def launch(resume: bool) -> list[subprocess.Popen]:
         return launch_ranks([[*args, *(["--resume"] if resume else [])]] * 2, port)
 
-    port = free_port()
-    ranks = launch(resume=False)
+    # Rank 0 pauses once its first group is saved (it has a second one to do) and gets SIGINT there; rank 1
+    # runs its one group and waits in the gather.
+    rank0 = PausedRun(args, f"{out}/.partial/group-00000.npz", env=rank_env(0, 2, port))
+    rank1 = launch_rank(args, 1, 2, port)
     try:
-        first = out / ".partial" / "group-00000.npz"       # rank 0's first group: it is now on its second
-        deadline = time.monotonic() + 120
-        while not first.exists() and time.monotonic() < deadline and ranks[0].poll() is None:
-            time.sleep(0.005)
-        assert first.exists() and ranks[0].poll() is None, "rank 0 finished before it could be interrupted"
-        ranks[0].send_signal(signal.SIGINT)
-        codes = [rank.wait(timeout=60) for rank in ranks]   # a hang fails here
+        assert rank0.paused() is not None, "rank 0 ended before its first group was saved"
+        stopped = rank0.finish(signal.SIGINT, timeout=60)    # a hang fails here
+        code1 = rank1.wait(timeout=60)
     finally:
-        for rank in ranks:
-            rank.kill() if rank.poll() is None else None
-    assert codes == [130, 130], [rank.stderr.read()[-3000:] for rank in ranks]
+        rank1.kill() if rank1.poll() is None else None
+    assert [stopped.returncode, code1] == [130, 130], [stopped.stderr[-3000:], rank1.stderr.read()[-3000:]]
     assert not (out / "positionwise.csv").exists()
 
+    port = free_port()
     ranks = launch(resume=True)
     assert [rank.wait(timeout=120) for rank in ranks] == [0, 0]
     single = tmp_path / "single"
@@ -192,12 +191,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives rank ``rank`` of ``world`` (one thread each)."""
+    return os.environ | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+def launch_rank(args: list, rank: int, world: int, port: int) -> subprocess.Popen:
+    """``statelens ARGS`` as rank ``rank`` of ``world``, started as torchrun would (RANK, WORLD_SIZE, MASTER_*)."""
+    return subprocess.Popen([sys.executable, "-m", "statelens.cli.main", *map(str, args)],
+                            env=rank_env(rank, world, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def launch_ranks(args_per_rank: list[list], port: int) -> list[subprocess.Popen]:
-    """One ``statelens`` process per rank, started as torchrun would (RANK, WORLD_SIZE, MASTER_*)."""
-    world = len(args_per_rank)
-    return [subprocess.Popen([sys.executable, "-m", "statelens.cli.main", *map(str, args)],
-                             env=os.environ | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                               "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for r, args in enumerate(args_per_rank)]
+    """One ``statelens`` process per rank."""
+    return [launch_rank(args, r, len(args_per_rank), port) for r, args in enumerate(args_per_rank)]
