@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,3 +91,14 @@ def byte_vocab_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
     hf_mamba2(path, vocab=256)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """One ``statelens demo`` (about a minute on 2 cores) that every test of its outputs reads: its
+    folder and what it printed on stdout. Run as `make demo` runs it, in a process of its own."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    done = subprocess.run([sys.executable, "-m", "statelens.cli.main", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout

@@ -9,7 +9,6 @@ import torch
 from statelens import demo
 from statelens.models import load_checkpoint
 from statelens.record.rollout import rollout
-from conftest import run_cli
 
 
 @pytest.mark.parametrize("folder, intervention", [(demo.BASELINE, "none"), (demo.POSTTRAINED, "state-passing")])
@@ -61,12 +60,11 @@ def test_findings_against_hand_computed_margins():
     assert worse.sum() == 1  # only the baseline's own gap still holds
 
 
-def test_demo_command_writes_both_runs_the_report_and_findings_that_match_its_csvs(monkeypatch, capsys, tmp_path):
+@pytest.mark.timeout(900)  # the session's one demo run is made in this test's set-up
+def test_demo_command_writes_both_runs_the_report_and_findings_that_match_its_csvs(demo_run):
     """The demo as `make demo` runs it (about a minute on 2 cores): its outputs, its findings recomputed
     from its CSVs, and every margin of issue 5 met by the built-in checkpoints."""
-    out = tmp_path / "demo"
-    code, stdout, stderr = run_cli(monkeypatch, capsys, "demo", "--out", str(out))
-    assert code == 0, stderr
+    out, stdout = demo_run
     for label in ("baseline", "state-passing"):
         for csv in ("perplexity/positionwise.csv", "remembrance/remembrance.csv", "states/state_stats.csv",
                     "decay/decay.csv", "coverage/coverage_buckets.csv"):
