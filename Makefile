@@ -4,19 +4,27 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Pinned versions of everything the tests and the demo install (the package's own requirements stay ranges).
+LOCK   := constraints.txt
+LATEST := .venv-latest
+# The tests that hold statelens to other packages' code (transformers, flash-linear-attention) and the
+# property tests (hypothesis): what a new release of those can break.
+ORACLE_TESTS := tests/test_hf_adapter.py tests/test_models.py tests/test_gla.py tests/test_commands.py \
+                tests/test_kernels.py tests/test_scans.py tests/test_rollout_properties.py tests/test_checkpoint.py
 TINY   := runs/tiny-mamba2
 CKPT   ?= $(TINY)
 
-.PHONY: install demo test check bench clean
+.PHONY: install demo test test-latest lock check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned to the CPU build (2.13.0): an unpinned torch pulls several GB of CUDA packages.
-$(STAMP): $(PY) pyproject.toml
+# torch is pinned to the CPU build (2.13.0): an unpinned torch pulls several GB of CUDA packages. The rest
+# comes pinned by $(LOCK), so a fresh clone installs the versions the suite passed with.
+$(STAMP): $(PY) pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c $(LOCK) "torch==2.13.0"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +35,25 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Not part of CI's gate: the newest releases of every dependency (torch stays the CPU 2.13.0) in a venv of
+# their own, against the oracle and adapter tests, so that drift shows here before users meet it.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	echo "torch==2.13.0" > $(LATEST)/torch.txt
+	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch.txt "torch==2.13.0"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt -e ".[test]"
+	$(LATEST)/bin/python -m pip freeze | grep -iE "^(transformers|flash-linear-attention|fla-core|hypothesis|numpy)=="
+	$(LATEST)/bin/python -m pytest $(ORACLE_TESTS)
+
+# After a green `make test-latest` (and `make test` in it): pin the test environment to what it installed.
+lock:
+	test -x $(LATEST)/bin/python || { echo "make lock: run make test-latest first"; exit 2; }
+	{ sed -n '1,3p' $(LOCK); $(LATEST)/bin/python -m pip freeze --all --exclude-editable \
+	  | grep -viE '^(pip|statelens)==' | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 # The built-in default: a tiny random Mamba-2 checkpoint in mamba-ssm's layout.
 $(TINY): | $(STAMP)
@@ -40,4 +67,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(LATEST) build dist *.egg-info

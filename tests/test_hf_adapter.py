@@ -153,9 +153,12 @@ def hybrid(request, tmp_path_factory):
 
 def hf_cache_after(hf, tokens):
     """transformers' own DynamicCache after running ``tokens`` [b, l] in one call."""
+    import inspect
+
     cache = transformers.DynamicCache(config=hf.config)
+    keyword = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # >= 5.24
     with torch.no_grad():
-        hf(tokens, past_key_values=cache, use_cache=True)
+        hf(tokens, use_cache=True, **{keyword: cache})
     return cache
 
 
