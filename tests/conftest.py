@@ -11,6 +11,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+# Property tests: the same examples on every run (a fresh clone reproduces the suite), and no timing checks
+# (hypothesis' per-example deadline and its too-slow health check fail on a busy machine).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("statelens", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("statelens")
+
 
 def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Moves the parameters that transformers initialises to constants (norm weights, D, A_log,
