@@ -110,6 +110,27 @@ def test_wheel_holds_only_the_statelens_package(installed: Installed) -> None:
     assert tops == {"statelens", DIST_INFO}
 
 
+def _requirements(wheel: Path) -> list[str]:
+    """The wheel's ``Requires-Dist`` lines, outside any extra (what ``pip install statelens`` pulls)."""
+    metadata = zipfile.ZipFile(wheel).read(f"{DIST_INFO}/METADATA").decode("utf-8")
+    lines = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    return [line for line in lines if "extra ==" not in line]
+
+
+def test_wheel_requires_a_torch_range_that_holds_the_tested_torch(installed: Installed) -> None:
+    """An exact torch pin makes ``pip install statelens`` replace a user's (CUDA) torch: the metadata must
+    give a range, and the torch the tests run on must be inside it."""
+    from packaging.requirements import Requirement
+
+    import torch
+
+    (torch_requirement,) = [r for r in map(Requirement, _requirements(installed.wheel)) if r.name == "torch"]
+    specifier = torch_requirement.specifier
+    assert not [s for s in specifier if s.operator in ("==", "===", "~=")], f"torch pinned: {torch_requirement}"
+    assert specifier.contains(torch.__version__.split("+")[0]), (str(specifier), torch.__version__)
+    assert not specifier.contains("2.5.0"), "the floor is FSDP2's public fully_shard (torch 2.6)"
+
+
 def test_install_adds_one_top_level_package(installed: Installed) -> None:
     """No ``cli``, ``reports``, ``tests``, ``benchmarks`` or ``examples`` lands in site-packages."""
     assert installed.site_listing == {"statelens", DIST_INFO}
