@@ -135,7 +135,9 @@ class Run:
             "command_line": command_line(),
             "config": self.config,
             "checkpoint": {"path": str(self.ckpt.path.resolve()), "sha256": content_hash(self.ckpt.path),
-                           "format": self.ckpt.format, "arch": model.arch, "parameters": model.num_parameters(),
+                           "hub": self.ckpt.source.to_json() if self.ckpt.source else None,
+                           "backend": self.ckpt.backend, "format": self.ckpt.format, "arch": model.arch,
+                           "parameters": model.num_parameters(),
                            "n_layers": model.n_layers, "n_heads": model.n_heads, "vocab_size": model.config.vocab_size,
                            "state_size": model.zero_state(1, device="meta").numel_per_sequence()},
             "train_len": self.train_len,
@@ -220,7 +222,9 @@ def resolve_train_len(ckpt: Path, train_len: int | None) -> tuple[int, str]:
     else the default (assumed)."""
     if train_len is not None:
         return train_len, "--train-len"
-    meta = Path(ckpt) / METADATA
+    from statelens.models.checkpoint import resolve_checkpoint
+
+    meta = resolve_checkpoint(ckpt)[0] / METADATA  # a hub id: its snapshot in the cache
     if meta.is_file():
         return _train_len_from(meta), METADATA
     return DEFAULT_TRAIN_LEN, "assumed (pass --train-len)"
@@ -266,8 +270,8 @@ def report(run: Run, written: list[Path], lines: list[str]) -> None:
     if not distributed.is_main():
         return
     console = Console(highlight=False)
-    console.print(f"[bold]{run.command}[/] {run.ckpt.path} ({run.model.arch}); training length {run.train_len} "
-                  f"({run.train_len_source}); data: {run.data_description}")
+    console.print(f"[bold]{run.command}[/] {run.ckpt.describe()} ({run.model.arch}, {run.ckpt.backend} backend); "
+                  f"training length {run.train_len} ({run.train_len_source}); data: {run.data_description}")
     for line in lines + [describe(name, found) for name, found in run.nonfinite.items()]:
         console.print(f"  {line}")
     console.print(f"wrote {', '.join(str(p) for p in written)}")

@@ -77,7 +77,7 @@ def coverage(
     group: Group = 1,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,

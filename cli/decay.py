@@ -17,7 +17,7 @@ def decay(
     group: Group = 1,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
