@@ -36,24 +36,38 @@ class Run:
     nonfinite: dict = field(default_factory=dict)  # table -> its first non-finite row (set by finish)
     mitigation: object = None         # --mitigation: the parsed spec (statelens.interventions.mitigations)
     mitigated: object = None          # ... and its Applied handle, once applied (the cap: at the first sequences)
+    tokenizer_spec: str | None = None  # --tokenizer (None: chosen by statelens.data.load_tokenizer)
+    text_field: str = "text"          # --text-field
+    tokenizer_record: dict | None = None  # the tokenizer used, for run.json (statelens.data.Tokenizer.record)
 
     @property
     def model(self):
         return self.ckpt.model
 
+    def tokenizer(self):
+        """The tokenizer text is read with: --tokenizer, else the checkpoint's own, bytes for a byte-sized
+        vocabulary, or its family's (statelens.data.load_tokenizer); recorded for run.json."""
+        from statelens.data import load_tokenizer
+        from statelens.data.tokenizer import family_tokenizer
+
+        found = load_tokenizer(self.ckpt.path, self.model.config.vocab_size, spec=self.tokenizer_spec,
+                               family=family_tokenizer(self.ckpt.raw_config))
+        self.tokenizer_record = found.record()
+        return found
+
     def sequences(self, data: Path | None, n: int, length: int):
         """[n, length] int64 tokens from ``data`` (or seeded random tokens), checked against the vocabulary."""
         import numpy as np
 
-        from statelens.data import load_tokenizer, load_tokens
+        from statelens.data import load_tokens
 
         vocab = self.model.config.vocab_size
         if data is None:
             self.data_description = f"uniformly random tokens over the {vocab}-token vocabulary (seed {self.seed})"
             drawn = np.random.default_rng(self.seed).integers(0, vocab, size=(n, length), dtype=np.int64)
             return self._calibrate(drawn)
-        tokenizer = load_tokenizer(self.ckpt.path, vocab) if not str(data).endswith(".npy") else None
-        tokens = load_tokens(data, tokenizer)
+        tokenizer = self.tokenizer() if not str(data).endswith(".npy") else None
+        tokens = load_tokens(data, tokenizer, text_field=self.text_field)
         tokens.check_vocab(vocab)
         self.data_description = f"{data} ({tokens.kind}; " + (
             f"tokenized with {tokens.tokenizer_name})" if tokens.tokenizer_name else "token ids)")
@@ -143,6 +157,7 @@ class Run:
             "train_len": self.train_len,
             "train_len_source": self.train_len_source,
             "data": self.data_description,
+            "tokenizer": self.tokenizer_record,
             "seed": self.seed,
             "versions": versions(),
             "timings": self.timings,
@@ -158,7 +173,8 @@ class Run:
 
 def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out: Path | None,
           train_len: int | None, config: dict, backend: BackendName = BackendName.native,
-          resume: bool = False, mitigation: str | None = None, draws_sequences: bool = True) -> Run:
+          resume: bool = False, mitigation: str | None = None, draws_sequences: bool = True,
+          tokenizer: str | None = None, text_field: str = "text") -> Run:
     """Loads the checkpoint and settles the training length; nothing is written yet. Under torchrun,
     joins the process group first (statelens.distributed).
 
@@ -185,8 +201,10 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
     train_len, source = resolve_train_len(loaded.path, train_len)
     run = Run(command, loaded, train_len, source, seed, out or Path("runs") / command,
               config | {"device": device, "dtype": dtype.value, "seed": seed, "backend": backend.value},
-              started=started, resume=resume, mitigation=mitigation)
+              started=started, resume=resume, mitigation=mitigation, tokenizer_spec=tokenizer, text_field=text_field)
     run.config["mitigation"] = spec(mitigation) if mitigation is not None else None
+    if tokenizer is not None or text_field != "text":  # only when given, so earlier runs' configs still match
+        run.config |= {"tokenizer": tokenizer, "text_field": text_field}
     if mitigation is not None and not isinstance(mitigation, Cap):
         run.mitigated = apply_mitigation(run.model, mitigation)
     run.lap("load")

@@ -56,8 +56,15 @@ def load(ckpt: Path, device: str, dtype: DType, backend: BackendName = BackendNa
     return load_model(ckpt, backend.value, device=device, dtype=torch_dtype(dtype))
 
 Data = Annotated[Optional[Path], typer.Option(
-    "--data", help="Tokens: .npy (1-D stream or 2-D \\[n, len]), a text file, a .jsonl with a text field, or a "
-                   "directory of them. Default: uniformly random tokens (seeded).", show_default=False)]
+    "--data", help="Tokens: .npy (1-D stream or 2-D \\[n, len]), a text file, a .jsonl with a text field "
+                   "(--text-field), or a directory of them. Default: uniformly random tokens (seeded).", show_default=False)]
+TokenizerOpt = Annotated[Optional[str], typer.Option(
+    "--tokenizer", help="How text is tokenized: a tokenizer.json, a directory with a tokenizer, a hub id ORG/NAME "
+                        "(the local Hugging Face cache first), or bytes. Default: the checkpoint's own; else bytes for "
+                        "byte-sized vocabularies (up to 512 ids); else its family's (mamba-ssm checkpoints: "
+                        "EleutherAI/gpt-neox-20b); else refused.", show_default=False)]
+TextField = Annotated[str, typer.Option(
+    "--text-field", help="The field of each .jsonl record (the column of a .parquet file) that holds the text.")]
 TrainLen = Annotated[Optional[int], typer.Option(
     "--train-len", min=1, help="The length the model was trained on, in tokens. Default: the checkpoint's "
                                "statelens.json, else 2048 (said so in the output).", show_default=False)]

@@ -62,14 +62,14 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-def resolve(spec: str | os.PathLike, files: list[str], choices: tuple[list[str], ...] = (), *,
-            what: str = "checkpoint", required: str = "config.json") -> tuple[Path, HubSource | None]:
+def resolve(spec: str | os.PathLike, files: list[str], choices: tuple[list[str], ...] = (), *, what: str = "checkpoint",
+            required: tuple[str, ...] = ("config.json",)) -> tuple[Path, HubSource | None]:
     """A local directory for ``spec`` and, when it came from the hub, where from.
 
     ``files``: patterns always fetched; ``choices``: alternatives tried in order until one matches a file
     of the repository (e.g. the safetensors weights, else the ``.bin`` ones), so only one is downloaded.
-    ``required``: a file without which a cached snapshot counts as absent. ``what`` names the thing in
-    messages.
+    ``required``: files of which a snapshot must hold one (else a cached one counts as absent). ``what``
+    names the thing in messages.
     """
     path = Path(spec)
     parsed = parse_hub_id(os.fspath(spec))
@@ -83,15 +83,15 @@ def resolve(spec: str | os.PathLike, files: list[str], choices: tuple[list[str],
                            f"HF_HUB_OFFLINE is set, so nothing is downloaded: fetch the {what} where there is "
                            f"network with `{_fetch_command(repo, revision)}` (same HF_HOME), or unset HF_HUB_OFFLINE")
         folder = _download(spec, repo, revision, files, choices)
-    if not (folder / required).is_file():
-        raise BadInput(f"{spec}: the repository has no {required}, so it is not a {what}")
+    if not any((folder / name).is_file() for name in required):
+        raise BadInput(f"{spec}: the repository has no {' or '.join(required)}, so it is not a {what}")
     return folder, HubSource(repo, revision, folder.name)
 
 
 def _cached(repo: str, revision: str, files: list[str], choices: tuple[list[str], ...],
-            required: str) -> Path | None:
-    """The cached snapshot folder of ``repo`` at ``revision`` holding ``required`` and a file of one of
-    ``choices`` (when there are any), else None."""
+            required: tuple[str, ...]) -> Path | None:
+    """The cached snapshot folder of ``repo`` at ``revision`` holding one of ``required`` and a file of
+    one of ``choices`` (when there are any), else None."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -102,7 +102,7 @@ def _cached(repo: str, revision: str, files: list[str], choices: tuple[list[str]
         return None
     names = [p.name for p in folder.iterdir()]
     chosen = not choices or any(_matches(names, choice) for choice in choices)
-    return folder if (folder / required).is_file() and chosen else None
+    return folder if _matches(names, list(required)) and chosen else None
 
 
 def _download(spec, repo: str, revision: str, files: list[str], choices: tuple[list[str], ...]) -> Path:

@@ -7,10 +7,8 @@ touches the network.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import socket
 import types
 from pathlib import Path
 
@@ -18,47 +16,9 @@ import pytest
 import torch
 
 from conftest import hf_mamba2, run_cli
+from hubcache import cache, no_network, publish  # noqa: F401  (fixtures)
 from statelens.errors import BadInput
 from statelens.models import load_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("test_hub: the network is off limits")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """An empty hub cache that huggingface_hub and statelens see, offline."""
-    root = tmp_path / "hf-home" / "hub"
-    root.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return root
-
-
-def publish(cache: Path, repo_id: str, source: Path, *, revision: str = "main") -> str:
-    """Puts the files of ``source`` in ``cache`` as huggingface_hub stores a download of ``repo_id`` at
-    ``revision``; returns the commit hash (derived from the content)."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    files = sorted(p for p in source.iterdir() if p.is_file())
-    commit = hashlib.sha1(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for file in files:
-        blob = hashlib.sha256(file.read_bytes()).hexdigest()
-        (repo / "blobs" / blob).write_bytes(file.read_bytes())
-        if not (snapshot / file.name).is_symlink():
-            (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)  # no newline, as huggingface_hub writes it
-    return commit
 
 
 def logits(model, seed: int = 0) -> torch.Tensor:
@@ -225,3 +185,11 @@ def test_hub_id_grammar(spec, parsed):
     from statelens.hub import parse_hub_id
 
     assert parse_hub_id(spec) == parsed
+
+
+def test_the_network_is_off_limits():
+    """The guard these tests rely on (hubcache.no_network) is in force."""
+    import socket
+
+    with pytest.raises(OSError, match="off limits"):
+        socket.create_connection(("huggingface.co", 443))
