@@ -1,4 +1,5 @@
-"""Which backend runs a checkpoint, chosen from its config: start with :func:`load_model`.
+"""Which backend runs a checkpoint, chosen from its config: start with :func:`load_model` (a directory or
+hub id) or :func:`wrap` (a model object in memory).
 
 - ``native``: statelens' own backends, exact and with every hook point: mamba-ssm layouts (Mamba-1,
   Mamba-2) and the ``model_type`` s ``mamba``, ``mamba2`` and ``gla``.
@@ -9,13 +10,16 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from statelens.errors import CheckpointError
-from statelens.models.checkpoint import Checkpoint, _read_json, load_checkpoint, load_hf_adapter, resolve_checkpoint
+from statelens.errors import BadInput, CheckpointError
+from statelens.models.base import RecurrentLM
+from statelens.models.checkpoint import (Checkpoint, _read_json, assemble, load_checkpoint, load_hf_adapter,
+                                         parse_config, resolve_checkpoint)
 
 BACKENDS = ("auto", "native", "hf")
 NATIVE_MODEL_TYPES = ("mamba", "mamba2", "gla")
@@ -80,3 +84,37 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
     if not any(kind in ("recurrent", "hybrid") for kind in kinds):
         return "its transformers cache keeps no recurrent state (an attention-only model)"
     return None
+
+
+def wrap(model, *, check: bool = True) -> RecurrentLM:
+    """A model object in memory as the :class:`RecurrentLM` every analysis takes.
+
+    - a statelens model: returned as it is;
+    - a transformers or flash-linear-attention model of a native family (``model_type`` mamba, mamba2,
+      gla): the native backend holding the same tensors (shared, not copied), as ``--backend auto``
+      would load it from disk, so the numbers equal the CLI's on the saved model;
+    - any other transformers causal LM whose cache holds recurrent states: the
+      :class:`~statelens.models.hf_adapter.HFRecurrentAdapter` around it (``check``: compare chunked
+      with one-shot logits first).
+    """
+    if isinstance(model, RecurrentLM):
+        return model
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if not hasattr(config, "to_dict") or not hasattr(model, "state_dict"):
+        raise BadInput(f"{name}: not a model statelens can wrap (a statelens model, or a transformers or "
+                       "flash-linear-attention causal LM)")
+    raw = json.loads(json.dumps(config.to_dict(), default=str))  # as config.json would hold it
+    if raw.get("model_type") not in NATIVE_MODEL_TYPES:
+        from statelens.models.hf_adapter import HFRecurrentAdapter
+
+        return HFRecurrentAdapter(model, check=check)
+    fmt, arch, native_config = parse_config(raw, name)
+    first = next(model.parameters())
+    return assemble(arch, native_config, model.state_dict(), fmt, name, device=first.device, dtype=first.dtype)
+
+
+def load(spec: str | os.PathLike, backend: str = "auto", *, device: str | torch.device = "cpu",
+         dtype: torch.dtype = torch.float32) -> RecurrentLM:
+    """The :class:`RecurrentLM` of a checkpoint directory or hub id (:func:`load_model`'s model)."""
+    return load_model(spec, backend, device=device, dtype=dtype).model

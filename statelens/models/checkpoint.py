@@ -293,7 +293,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     raw = _read_json(path / "config.json")
     fmt, arch, config = parse_config(raw, path / "config.json")
     kind, tensors = read_weights(path)
+    model = assemble(arch, config, tensors, fmt, path, device=device, dtype=dtype)
+    return Checkpoint(model, path, fmt, kind, raw, source)
 
+
+def assemble(arch: str, config, tensors: dict[str, torch.Tensor], fmt: str, where, *,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> RecurrentLM:
+    """The backend ``arch`` with ``config``, holding ``tensors`` (named as in a file of format ``fmt``),
+    built on the meta device and assigned the tensors (no copy when device and dtype already match).
+    Raises CheckpointError naming ``where`` when names or shapes disagree with the config."""
     with torch.device("meta"):
         model = backends.get(arch)(config)
     expected = model.state_dict()
@@ -308,15 +316,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     if missing or unexpected:
         detail = (f"missing {_external_name(missing[0], fmt, arch)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                   if missing else f"unexpected {file_names[unexpected[0]]}")
-        raise CheckpointError(f"{path}: weights do not match config.json ({arch}): {detail}")
+        raise CheckpointError(f"{where}: weights do not match config.json ({arch}): {detail}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: {_external_name(name, fmt, arch)} has shape {tuple(tensor.shape)} in the weights "
+            raise CheckpointError(f"{where}: {_external_name(name, fmt, arch)} has shape {tuple(tensor.shape)} in the weights "
                                   f"but config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
-    return Checkpoint(model.eval(), path, fmt, kind, raw, source)
+    return model.eval()
 
 
 def load_hf_adapter(path: str | os.PathLike, *, device: str | torch.device = "cpu",
