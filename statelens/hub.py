@@ -63,59 +63,59 @@ def offline() -> bool:
 
 
 def resolve(spec: str | os.PathLike, files: list[str], choices: tuple[list[str], ...] = (), *, what: str = "checkpoint",
-            required: tuple[str, ...] = ("config.json",)) -> tuple[Path, HubSource | None]:
+            required: tuple[str, ...] = ("config.json",), repo_type: str = "model") -> tuple[Path, HubSource | None]:
     """A local directory for ``spec`` and, when it came from the hub, where from.
 
     ``files``: patterns always fetched; ``choices``: alternatives tried in order until one matches a file
     of the repository (e.g. the safetensors weights, else the ``.bin`` ones), so only one is downloaded.
-    ``required``: files of which a snapshot must hold one (else a cached one counts as absent). ``what``
-    names the thing in messages.
+    ``required``: files of which a snapshot must hold one (else a cached one counts as absent; none: any
+    snapshot will do). ``what`` names the thing in messages; ``repo_type`` is "model" or "dataset".
     """
     path = Path(spec)
     parsed = parse_hub_id(os.fspath(spec))
     if path.exists() or parsed is None:
         return path, None
     repo, revision = parsed
-    folder = _cached(repo, revision, files, choices, required)
+    kind = {"repo_type": repo_type, "cache_dir": cache_dir()}
+    folder = _cached(repo, revision, files, choices, required, kind)
     if folder is None:
         if offline():
             raise BadInput(f"{spec}: not a local directory, and not in the Hugging Face cache ({cache_dir()}); "
                            f"HF_HUB_OFFLINE is set, so nothing is downloaded: fetch the {what} where there is "
-                           f"network with `{_fetch_command(repo, revision)}` (same HF_HOME), or unset HF_HUB_OFFLINE")
-        folder = _download(spec, repo, revision, files, choices)
-    if not any((folder / name).is_file() for name in required):
+                           f"network with `{_fetch_command(repo, revision, repo_type)}` (same HF_HOME), or unset HF_HUB_OFFLINE")
+        folder = _download(spec, repo, revision, files, choices, kind)
+    if required and not any((folder / name).is_file() for name in required):
         raise BadInput(f"{spec}: the repository has no {' or '.join(required)}, so it is not a {what}")
     return folder, HubSource(repo, revision, folder.name)
 
 
 def _cached(repo: str, revision: str, files: list[str], choices: tuple[list[str], ...],
-            required: tuple[str, ...]) -> Path | None:
+            required: tuple[str, ...], kind: dict) -> Path | None:
     """The cached snapshot folder of ``repo`` at ``revision`` holding one of ``required`` and a file of
     one of ``choices`` (when there are any), else None."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(), local_files_only=True,
-                                        allow_patterns=files))
+        folder = Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=files, **kind))
     except (LocalEntryNotFoundError, OSError, ValueError):  # IncompleteSnapshotError is an OSError
         return None
     names = [p.name for p in folder.iterdir()]
     chosen = not choices or any(_matches(names, choice) for choice in choices)
-    return folder if _matches(names, list(required)) and chosen else None
+    return folder if (not required or _matches(names, list(required))) and chosen else None
 
 
-def _download(spec, repo: str, revision: str, files: list[str], choices: tuple[list[str], ...]) -> Path:
+def _download(spec, repo: str, revision: str, files: list[str], choices: tuple[list[str], ...], kind: dict) -> Path:
     """Downloads ``files`` (huggingface_hub turns a failed connection into LocalEntryNotFoundError), then
     the first of ``choices`` that matches a file the repository lists."""
     from huggingface_hub import HfApi, errors, snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(), allow_patterns=files))
-        names = HfApi().list_repo_files(repo, revision=folder.name) if choices else []
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=files, **kind))
+        names = HfApi().list_repo_files(repo, revision=folder.name, repo_type=kind["repo_type"]) if choices else []
         chosen = next((choice for choice in choices if _matches(names, choice)), None)
         if chosen is not None:
-            folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(), allow_patterns=chosen))
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=chosen, **kind))
     except errors.RevisionNotFoundError:
         raise BadInput(f"{spec}: {repo} has no revision {revision!r} on the Hugging Face Hub") from None
     except errors.GatedRepoError:
@@ -136,5 +136,6 @@ def _matches(names: list[str], patterns: list[str]) -> bool:
     return any(fnmatch(name, pattern) for name in names for pattern in patterns)
 
 
-def _fetch_command(repo: str, revision: str) -> str:
-    return f"hf download {repo}" + (f" --revision {revision}" if revision != "main" else "")
+def _fetch_command(repo: str, revision: str, repo_type: str) -> str:
+    return (f"hf download {repo}" + (f" --repo-type {repo_type}" if repo_type != "model" else "")
+            + (f" --revision {revision}" if revision != "main" else ""))

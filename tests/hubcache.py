@@ -7,6 +7,7 @@ dir and sets ``HF_HUB_OFFLINE=1``; ``no_network`` makes every socket refuse to c
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
 
@@ -33,20 +34,22 @@ def cache(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def publish(cache: Path, repo_id: str, source: Path, *, revision: str = "main") -> str:
-    """Puts the files of ``source`` in ``cache`` as huggingface_hub stores a download of ``repo_id`` at
-    ``revision``; returns the commit hash (derived from the content)."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    files = sorted(p for p in source.iterdir() if p.is_file())
-    commit = hashlib.sha1(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+def publish(cache: Path, repo_id: str, source: Path, *, revision: str = "main", repo_type: str = "model") -> str:
+    """Puts the files under ``source`` (subfolders kept) in ``cache`` as huggingface_hub stores a download
+    of ``repo_id`` at ``revision``; returns the commit hash (derived from the content)."""
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
+    commit = hashlib.sha1(b"".join(str(f).encode() + (source / f).read_bytes() for f in files)).hexdigest()
     snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo / "blobs").mkdir(exist_ok=True)
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
     for file in files:
-        blob = hashlib.sha256(file.read_bytes()).hexdigest()
-        (repo / "blobs" / blob).write_bytes(file.read_bytes())
-        if not (snapshot / file.name).is_symlink():
-            (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+        content = (source / file).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.write_bytes(content)
+        link = snapshot / file
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)  # no newline, as huggingface_hub writes it
     return commit

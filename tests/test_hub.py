@@ -124,7 +124,7 @@ def test_online_downloads_only_config_tokenizer_and_one_kind_of_weights(cache, t
     hf_mamba2(tmp_path / "src")
     asked = []
 
-    def fake_download(repo_id, *, revision, cache_dir, local_files_only=False, allow_patterns=None):
+    def fake_download(repo_id, *, revision, cache_dir, repo_type, local_files_only=False, allow_patterns=None):
         asked.append(None if local_files_only else list(allow_patterns))
         if local_files_only:
             from huggingface_hub.errors import LocalEntryNotFoundError
@@ -134,7 +134,7 @@ def test_online_downloads_only_config_tokenizer_and_one_kind_of_weights(cache, t
         return str(Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit)
 
     class FakeApi:
-        def list_repo_files(self, repo_id, revision):
+        def list_repo_files(self, repo_id, revision, repo_type):
             return ["config.json", "model.safetensors", "pytorch_model.bin", "README.md"]
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
