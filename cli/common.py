@@ -39,6 +39,7 @@ class Run:
     tokenizer_spec: str | None = None  # --tokenizer (None: chosen by statelens.data.load_tokenizer)
     text_field: str = "text"          # --text-field
     tokenizer_record: dict | None = None  # the tokenizer used, for run.json (statelens.data.Tokenizer.record)
+    data_hub: dict | None = None      # --data hf:ORG/NAME: the dataset's id, revision, commit and split
 
     @property
     def model(self):
@@ -69,6 +70,7 @@ class Run:
         tokenizer = self.tokenizer() if not str(data).endswith(".npy") else None
         tokens = load_tokens(data, tokenizer, text_field=self.text_field)
         tokens.check_vocab(vocab)
+        self.data_hub = tokens.hub
         self.data_description = f"{data} ({tokens.kind}; " + (
             f"tokenized with {tokens.tokenizer_name})" if tokens.tokenizer_name else "token ids)")
         return self._calibrate(tokens.sequences(n, length, seed=self.seed))
@@ -157,6 +159,7 @@ class Run:
             "train_len": self.train_len,
             "train_len_source": self.train_len_source,
             "data": self.data_description,
+            "data_hub": self.data_hub,
             "tokenizer": self.tokenizer_record,
             "seed": self.seed,
             "versions": versions(),

@@ -38,7 +38,7 @@ def write_datasets_folder(path, values=DOCS, column="text"):
 
 @pytest.fixture
 def corpora(tmp_path, cache):
-    """name -> the --data value holding DOCS in that format."""
+    """The hub dataset's commit, and name -> the --data value holding DOCS in that format."""
     (tmp_path / "txt").mkdir()
     for i, doc in enumerate(DOCS):
         (tmp_path / "txt" / f"{i}.txt").write_text(doc)
@@ -47,8 +47,8 @@ def corpora(tmp_path, cache):
     write_datasets_folder(tmp_path / "saved")
     write_parquet(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
     write_parquet(tmp_path / "repo" / "data" / "test-00000-of-00001.parquet", values=["other"])
-    publish(cache, "org/corpus", tmp_path / "repo", repo_type="dataset")
-    return {"txt": tmp_path / "txt", "jsonl": tmp_path / "docs.jsonl", "parquet": tmp_path / "docs.parquet",
+    commit = publish(cache, "org/corpus", tmp_path / "repo", repo_type="dataset")
+    return commit, {"txt": tmp_path / "txt", "jsonl": tmp_path / "docs.jsonl", "parquet": tmp_path / "docs.parquet",
             "datasets": tmp_path / "saved", "hub": "hf:org/corpus:train"}
 
 
@@ -57,12 +57,15 @@ def test_every_format_gives_the_same_documents_and_the_same_csv(corpora, byte_vo
     tok = ByteTokenizer(256)
     want = [tok.encode(d).tolist() for d in DOCS]
     csvs = {}
+    commit, corpora = corpora
     for name, data in corpora.items():
         assert [d.tolist() for d in load_tokens(data, tok).documents] == want, name
         code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", byte_vocab_ckpt, "--data", data, *OPTIONS,
                                "--out", tmp_path / "out" / name)
         assert code == 0, (name, err)
         csvs[name] = (tmp_path / "out" / name / "positionwise.csv").read_bytes()
+    run = json.loads((tmp_path / "out" / "hub" / "run.json").read_text())
+    assert run["data_hub"] == {"id": "org/corpus", "revision": "main", "commit": commit, "split": "train"}
     assert len(set(csvs.values())) == 1, {k: len(v) for k, v in csvs.items()}
 
 

@@ -43,6 +43,7 @@ class TokenData:
         documents: 1-D integer arrays, each ``[doc_len]``. One memmap for a stream, row views of the
             memmap for a matrix, int64 arrays for text.
         matrix: the ``[n, len]`` memmap for ``kind="matrix"``, else None.
+        hub: for ``hf:ORG/NAME[:SPLIT]``, the dataset's id, revision, resolved commit and split; else None.
     """
 
     source: Path
@@ -50,6 +51,7 @@ class TokenData:
     tokenizer_name: str | None
     documents: list[np.ndarray] = field(repr=False)
     matrix: np.ndarray | None = field(default=None, repr=False)
+    hub: dict | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -165,11 +167,12 @@ def load_tokens(path: str | Path, tokenizer: Tokenizer | None, *, text_field: st
         DataError: the path is missing, unreadable, empty, of the wrong dtype or shape, or holds text
             while ``tokenizer`` is None.
     """
-    spec, path = str(path), Path(path)
+    spec, path, hub = str(path), Path(path), None
     if spec.startswith("hf:"):
         from statelens.data.tables import hub_dataset_files
 
-        texts = _texts_of_files(hub_dataset_files(spec)[0], text_field)
+        files, hub = hub_dataset_files(spec)
+        texts = _texts_of_files(files, text_field)
     elif not path.exists():
         raise DataError(f"{path}: no such file or directory")
     elif path.is_file() and path.suffix == ".npy":
@@ -188,7 +191,7 @@ def load_tokens(path: str | Path, tokenizer: Tokenizer | None, *, text_field: st
             documents.append(ids)
     if not documents:
         raise DataError(f"{path}: no text (no document holds any token)")
-    return TokenData(source=path, kind="documents", tokenizer_name=tokenizer.name, documents=documents)
+    return TokenData(source=path, kind="documents", tokenizer_name=tokenizer.name, documents=documents, hub=hub)
 
 
 def _texts_of(path: Path, text_field: str) -> Iterator[tuple[Path, str]]:
