@@ -57,7 +57,9 @@ def load(ckpt: Path, device: str, dtype: DType, backend: BackendName = BackendNa
 
 Data = Annotated[Optional[Path], typer.Option(
     "--data", help="Tokens: .npy (1-D stream or 2-D \\[n, len]), a text file, a .jsonl with a text field "
-                   "(--text-field), or a directory of them. Default: uniformly random tokens (seeded).", show_default=False)]
+                   "(--text-field), a directory of them, a .parquet (its --text-field column), a folder written by "
+                   "datasets' save_to_disk, or a hub dataset hf:ORG/NAME\\[:SPLIT]. Default: uniformly random tokens "
+                   "(seeded).", show_default=False)]
 TokenizerOpt = Annotated[Optional[str], typer.Option(
     "--tokenizer", help="How text is tokenized: a tokenizer.json, a directory with a tokenizer, a hub id ORG/NAME "
                         "(the local Hugging Face cache first), or bytes. Default: the checkpoint's own; else bytes for "

@@ -80,10 +80,11 @@ def resolve(spec: str | os.PathLike, files: list[str], choices: tuple[list[str],
     folder = _cached(repo, revision, files, choices, required, kind)
     if folder is None:
         if offline():
+            fetch = _fetch_command(repo, revision, repo_type)
             raise BadInput(f"{spec}: not a local directory, and not in the Hugging Face cache ({cache_dir()}); "
                            f"HF_HUB_OFFLINE is set, so nothing is downloaded: fetch the {what} where there is "
-                           f"network with `{_fetch_command(repo, revision, repo_type)}` (same HF_HOME), or unset HF_HUB_OFFLINE")
-        folder = _download(spec, repo, revision, files, choices, kind)
+                           f"network with `{fetch}` (same HF_HOME), or unset HF_HUB_OFFLINE")
+        folder = _download(spec, repo, revision, files, choices, kind, what)
     if required and not any((folder / name).is_file() for name in required):
         raise BadInput(f"{spec}: the repository has no {' or '.join(required)}, so it is not a {what}")
     return folder, HubSource(repo, revision, folder.name)
@@ -105,7 +106,8 @@ def _cached(repo: str, revision: str, files: list[str], choices: tuple[list[str]
     return folder if (not required or _matches(names, list(required))) and chosen else None
 
 
-def _download(spec, repo: str, revision: str, files: list[str], choices: tuple[list[str], ...], kind: dict) -> Path:
+def _download(spec, repo: str, revision: str, files: list[str], choices: tuple[list[str], ...], kind: dict,
+              what: str) -> Path:
     """Downloads ``files`` (huggingface_hub turns a failed connection into LocalEntryNotFoundError), then
     the first of ``choices`` that matches a file the repository lists."""
     from huggingface_hub import HfApi, errors, snapshot_download
@@ -127,7 +129,8 @@ def _download(spec, repo: str, revision: str, files: list[str], choices: tuple[l
     except (errors.LocalEntryNotFoundError, errors.HfHubHTTPError, OSError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BadInput(f"{spec}: not a local directory, not in the Hugging Face cache ({cache_dir()}), and the "
-                       f"Hub cannot be reached ({first})") from None
+                       f"Hub cannot be reached ({first}); fetch the {what} where there is network with "
+                       f"`{_fetch_command(repo, revision, kind['repo_type'])}` (same HF_HOME)") from None
     return folder
 
 

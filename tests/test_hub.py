@@ -115,6 +115,25 @@ def test_online_hub_errors_are_one_line(error, needle, cache, tmp_path, monkeypa
     assert calls == [True, False]  # the cache first, then the download
 
 
+def test_no_network_and_nothing_cached_names_how_to_fetch(cache, monkeypatch):
+    """HF_HUB_OFFLINE unset, but the Hub cannot be reached (huggingface_hub then raises
+    LocalEntryNotFoundError): one line naming the id, the cache and the command that fetches it."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub\nmore")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(BadInput) as raised:
+        load_checkpoint("org/tiny@v2")
+    message = str(raised.value)
+    assert "\n" not in message and "the Hub cannot be reached" in message and str(cache) in message
+    assert "`hf download org/tiny --revision v2`" in message
+
+
 def test_online_downloads_only_config_tokenizer_and_one_kind_of_weights(cache, tmp_path, monkeypatch):
     """The download asks for the config, metadata and tokenizer files, then the safetensors weights
     only (the repository also lists .bin weights); what it fetched then loads."""

@@ -60,7 +60,8 @@ def test_the_family_tokenizer_comes_from_the_hub_cache(mamba_ssm_ckpt, cache, tm
     assert record["hub"] == {"id": GPT_NEOX, "revision": "main", "commit": commit}
     import hashlib
 
-    assert record["sha256"] == hashlib.sha256(b"tokenizer.json" + (tmp_path / "neox" / "tokenizer.json").read_bytes()).hexdigest()
+    content = (tmp_path / "neox" / "tokenizer.json").read_bytes()
+    assert record["sha256"] == hashlib.sha256(b"tokenizer.json" + content).hexdigest()
     assert GPT_NEOX in tok.name
 
 
