@@ -14,7 +14,7 @@ def check(
     chunk: Annotated[int, typer.Option(help="Chunk length for the chunked run (best not dividing --length).",
                                        min=1)] = 37,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
 ) -> None:
@@ -28,7 +28,8 @@ def check(
     loaded = load(ckpt, device, dtype, backend)
     model = loaded.model
     out = Console(highlight=False)
-    out.print(f"[bold]{loaded.path}[/] ({loaded.format} layout, {loaded.weights_kind} weights)")
+    out.print(f"[bold]{loaded.describe()}[/] ({loaded.format} layout, {loaded.weights_kind} weights, "
+              f"{loaded.backend} backend)")
     width = getattr(model.config, "d_model", None) or getattr(model.config, "hidden_size", "?")
     kind = f" ({model.config.model_type} through transformers)" if model.arch == "hf" else ""
     out.print(f"architecture  {model.arch}{kind}, {model.n_layers} recurrent layers, d_model {width}, "

@@ -36,25 +36,41 @@ class Run:
     nonfinite: dict = field(default_factory=dict)  # table -> its first non-finite row (set by finish)
     mitigation: object = None         # --mitigation: the parsed spec (statelens.interventions.mitigations)
     mitigated: object = None          # ... and its Applied handle, once applied (the cap: at the first sequences)
+    tokenizer_spec: str | None = None  # --tokenizer (None: chosen by statelens.data.load_tokenizer)
+    text_field: str = "text"          # --text-field
+    tokenizer_record: dict | None = None  # the tokenizer used, for run.json (statelens.data.Tokenizer.record)
+    data_hub: dict | None = None      # --data hf:ORG/NAME: the dataset's id, revision, commit and split
 
     @property
     def model(self):
         return self.ckpt.model
 
+    def tokenizer(self):
+        """The tokenizer text is read with: --tokenizer, else the checkpoint's own, bytes for a byte-sized
+        vocabulary, or its family's (statelens.data.load_tokenizer); recorded for run.json."""
+        from statelens.data import load_tokenizer
+        from statelens.data.tokenizer import family_tokenizer
+
+        found = load_tokenizer(self.ckpt.path, self.model.config.vocab_size, spec=self.tokenizer_spec,
+                               family=family_tokenizer(self.ckpt.raw_config))
+        self.tokenizer_record = found.record()
+        return found
+
     def sequences(self, data: Path | None, n: int, length: int):
         """[n, length] int64 tokens from ``data`` (or seeded random tokens), checked against the vocabulary."""
         import numpy as np
 
-        from statelens.data import load_tokenizer, load_tokens
+        from statelens.data import load_tokens
 
         vocab = self.model.config.vocab_size
         if data is None:
             self.data_description = f"uniformly random tokens over the {vocab}-token vocabulary (seed {self.seed})"
             drawn = np.random.default_rng(self.seed).integers(0, vocab, size=(n, length), dtype=np.int64)
             return self._calibrate(drawn)
-        tokenizer = load_tokenizer(self.ckpt.path, vocab) if not str(data).endswith(".npy") else None
-        tokens = load_tokens(data, tokenizer)
+        tokenizer = self.tokenizer() if not str(data).endswith(".npy") else None
+        tokens = load_tokens(data, tokenizer, text_field=self.text_field)
         tokens.check_vocab(vocab)
+        self.data_hub = tokens.hub
         self.data_description = f"{data} ({tokens.kind}; " + (
             f"tokenized with {tokens.tokenizer_name})" if tokens.tokenizer_name else "token ids)")
         return self._calibrate(tokens.sequences(n, length, seed=self.seed))
@@ -135,12 +151,16 @@ class Run:
             "command_line": command_line(),
             "config": self.config,
             "checkpoint": {"path": str(self.ckpt.path.resolve()), "sha256": content_hash(self.ckpt.path),
-                           "format": self.ckpt.format, "arch": model.arch, "parameters": model.num_parameters(),
+                           "hub": self.ckpt.source.to_json() if self.ckpt.source else None,
+                           "backend": self.ckpt.backend, "format": self.ckpt.format, "arch": model.arch,
+                           "parameters": model.num_parameters(),
                            "n_layers": model.n_layers, "n_heads": model.n_heads, "vocab_size": model.config.vocab_size,
                            "state_size": model.zero_state(1, device="meta").numel_per_sequence()},
             "train_len": self.train_len,
             "train_len_source": self.train_len_source,
             "data": self.data_description,
+            "data_hub": self.data_hub,
+            "tokenizer": self.tokenizer_record,
             "seed": self.seed,
             "versions": versions(),
             "timings": self.timings,
@@ -156,7 +176,8 @@ class Run:
 
 def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out: Path | None,
           train_len: int | None, config: dict, backend: BackendName = BackendName.native,
-          resume: bool = False, mitigation: str | None = None, draws_sequences: bool = True) -> Run:
+          resume: bool = False, mitigation: str | None = None, draws_sequences: bool = True,
+          tokenizer: str | None = None, text_field: str = "text") -> Run:
     """Loads the checkpoint and settles the training length; nothing is written yet. Under torchrun,
     joins the process group first (statelens.distributed).
 
@@ -183,8 +204,10 @@ def start(command: str, *, ckpt: Path, device: str, dtype: DType, seed: int, out
     train_len, source = resolve_train_len(loaded.path, train_len)
     run = Run(command, loaded, train_len, source, seed, out or Path("runs") / command,
               config | {"device": device, "dtype": dtype.value, "seed": seed, "backend": backend.value},
-              started=started, resume=resume, mitigation=mitigation)
+              started=started, resume=resume, mitigation=mitigation, tokenizer_spec=tokenizer, text_field=text_field)
     run.config["mitigation"] = spec(mitigation) if mitigation is not None else None
+    if tokenizer is not None or text_field != "text":  # only when given, so earlier runs' configs still match
+        run.config |= {"tokenizer": tokenizer, "text_field": text_field}
     if mitigation is not None and not isinstance(mitigation, Cap):
         run.mitigated = apply_mitigation(run.model, mitigation)
     run.lap("load")
@@ -220,7 +243,9 @@ def resolve_train_len(ckpt: Path, train_len: int | None) -> tuple[int, str]:
     else the default (assumed)."""
     if train_len is not None:
         return train_len, "--train-len"
-    meta = Path(ckpt) / METADATA
+    from statelens.models.checkpoint import resolve_checkpoint
+
+    meta = resolve_checkpoint(ckpt)[0] / METADATA  # a hub id: its snapshot in the cache
     if meta.is_file():
         return _train_len_from(meta), METADATA
     return DEFAULT_TRAIN_LEN, "assumed (pass --train-len)"
@@ -266,8 +291,8 @@ def report(run: Run, written: list[Path], lines: list[str]) -> None:
     if not distributed.is_main():
         return
     console = Console(highlight=False)
-    console.print(f"[bold]{run.command}[/] {run.ckpt.path} ({run.model.arch}); training length {run.train_len} "
-                  f"({run.train_len_source}); data: {run.data_description}")
+    console.print(f"[bold]{run.command}[/] {run.ckpt.describe()} ({run.model.arch}, {run.ckpt.backend} backend); "
+                  f"training length {run.train_len} ({run.train_len_source}); data: {run.data_description}")
     for line in lines + [describe(name, found) for name, found in run.nonfinite.items()]:
         console.print(f"  {line}")
     console.print(f"wrote {', '.join(str(p) for p in written)}")

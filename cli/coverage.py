@@ -8,6 +8,7 @@ import typer
 
 from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Group, Length,
                                    MitigationSpec, NumSeqs, Out, Resume, Seed, TrainLen)
+from statelens.cli.options import TextField, TokenizerOpt
 
 
 class Regime(str, Enum):
@@ -77,11 +78,13 @@ def coverage(
     group: Group = 1,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
 ) -> None:
     """State coverage: the share of each head's states past the training length that fall outside the
     states it met within it (k-NN in PCA space), per position bucket, and its Spearman correlation with
@@ -97,7 +100,7 @@ def coverage(
     from statelens.errors import BadInput
     from statelens.reports.figures import coverage_figure
 
-    run = start("coverage", ckpt=ckpt, device=device, dtype=dtype,
+    run = start("coverage", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype,
                 backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "stride": stride, "k_nn": k_nn,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from statelens.cli.options import (Backend, BackendName, BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType,
                                    Dtype, Group, Length, MitigationSpec, NumSeqs, Out, Resume, Scale, Seed, TrainLen)
+from statelens.cli.options import TextField, TokenizerOpt
 
 
 def decay(
@@ -17,11 +18,13 @@ def decay(
     group: Group = 1,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
 ) -> None:
     """Decay per layer and head: mean alpha = exp(dt * A) per position bucket, its horizon -1 / log(alpha)
     in tokens, and the retention of the initial state; writes decay.csv, decay.png and run.json."""
@@ -31,7 +34,7 @@ def decay(
     from statelens.cli.common import report, start
     from statelens.reports.figures import decay_figure
 
-    run = start("decay", ckpt=ckpt, device=device, dtype=dtype,
+    run = start("decay", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype,
                 backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk,

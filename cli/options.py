@@ -14,15 +14,20 @@ class DType(str, Enum):
 
 
 class BackendName(str, Enum):
+    auto = "auto"
     native = "native"
     hf = "hf"
 
 
 Backend = Annotated[BackendName, typer.Option(
-    "--backend", help="native: statelens' own exact implementation (mamba, mamba2); hf: run the checkpoint's own "
-                      "transformers modules (any local model whose cache holds recurrent states; the KV cache of a "
-                      "hybrid's attention layers is carried, not analysed).")]
-Ckpt = Annotated[Path, typer.Option("--ckpt", help="Checkpoint directory (mamba-ssm or Hugging Face layout).",
+    "--backend", help="auto: native where statelens has a backend for the checkpoint, else hf where transformers "
+                      "runs it with recurrent states; native: statelens' own exact implementation (mamba, mamba2, "
+                      "gla); hf: run the checkpoint's own transformers modules (any model whose cache holds "
+                      "recurrent states; the KV cache of a hybrid's attention layers is carried, not analysed). "
+                      "The output and run.json say which ran.")]
+Ckpt = Annotated[Path, typer.Option("--ckpt", help="Checkpoint directory (mamba-ssm or Hugging Face layout), or a "
+                                                   "hub id ORG/NAME[@REVISION] (the local Hugging Face cache first; "
+                                                   "a local directory of the same name wins).",
                                     show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda:0.")]
 Dtype = Annotated[DType, typer.Option("--dtype", help="Compute dtype; float64 for verification.")]
@@ -35,12 +40,12 @@ def torch_dtype(dtype: DType):
     return {DType.float32: torch.float32, DType.float64: torch.float64}[dtype]
 
 
-def load(ckpt: Path, device: str, dtype: DType, backend: BackendName = BackendName.native):
-    """Loads a checkpoint for a command; a bad device is bad input."""
+def load(ckpt: Path, device: str, dtype: DType, backend: BackendName = BackendName.auto):
+    """Loads a checkpoint (a directory or a hub id) for a command with ``backend``; a bad device is bad input."""
     import torch
 
     from statelens.errors import BadInput
-    from statelens.models import load_checkpoint
+    from statelens.models.auto import load_model
 
     try:
         usable = torch.empty(0, device=device).device.type != "meta"
@@ -48,16 +53,20 @@ def load(ckpt: Path, device: str, dtype: DType, backend: BackendName = BackendNa
         raise BadInput(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
     if not usable:
         raise BadInput(f"--device {device}: the meta device holds no data; use cpu or cuda")
-    if backend == BackendName.hf:
-        from statelens.models import Checkpoint, load_hf_adapter
-
-        model = load_hf_adapter(ckpt, device=device, dtype=torch_dtype(dtype))
-        return Checkpoint(model, Path(ckpt), "hf", "transformers", model.config.to_dict())
-    return load_checkpoint(ckpt, device=device, dtype=torch_dtype(dtype))
+    return load_model(ckpt, backend.value, device=device, dtype=torch_dtype(dtype))
 
 Data = Annotated[Optional[Path], typer.Option(
-    "--data", help="Tokens: .npy (1-D stream or 2-D \\[n, len]), a text file, a .jsonl with a text field, or a "
-                   "directory of them. Default: uniformly random tokens (seeded).", show_default=False)]
+    "--data", help="Tokens: .npy (1-D stream or 2-D \\[n, len]), a text file, a .jsonl with a text field "
+                   "(--text-field), a directory of them, a .parquet (its --text-field column), a folder written by "
+                   "datasets' save_to_disk, or a hub dataset hf:ORG/NAME\\[:SPLIT]. Default: uniformly random tokens "
+                   "(seeded).", show_default=False)]
+TokenizerOpt = Annotated[Optional[str], typer.Option(
+    "--tokenizer", help="How text is tokenized: a tokenizer.json, a directory with a tokenizer, a hub id ORG/NAME "
+                        "(the local Hugging Face cache first), or bytes. Default: the checkpoint's own; else bytes for "
+                        "byte-sized vocabularies (up to 512 ids); else its family's (mamba-ssm checkpoints: "
+                        "EleutherAI/gpt-neox-20b); else refused.", show_default=False)]
+TextField = Annotated[str, typer.Option(
+    "--text-field", help="The field of each .jsonl record (the column of a .parquet file) that holds the text.")]
 TrainLen = Annotated[Optional[int], typer.Option(
     "--train-len", min=1, help="The length the model was trained on, in tokens. Default: the checkpoint's "
                                "statelens.json, else 2048 (said so in the output).", show_default=False)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from statelens.cli.options import (Backend, BackendName, BucketScale, Buckets, Chunk, Ckpt, Data, Device, DType,
                                    Dtype, Group, Length, MitigationSpec, NumSeqs, Out, Resume, Scale, Seed, TrainLen)
+from statelens.cli.options import TextField, TokenizerOpt
 
 
 def perplexity(
@@ -17,11 +18,13 @@ def perplexity(
     group: Group = 1,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
 ) -> None:
     """Position-wise loss: next-token NLL at each position averaged over documents, in position
     buckets; writes positionwise.csv, perplexity.png and run.json."""
@@ -32,7 +35,7 @@ def perplexity(
     from statelens.resumable import sum_in_order
     from statelens.reports.figures import perplexity_figure
 
-    run = start("perplexity", ckpt=ckpt, device=device, dtype=dtype,
+    run = start("perplexity", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype,
                 backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "buckets": buckets, "scale": scale.value, "chunk": chunk,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from statelens.cli.options import Ckpt, Data, Device, DType, Dtype, Resume, Seed
+from statelens.cli.options import TextField, TokenizerOpt
 
 
 class Intervention(str, Enum):
@@ -43,6 +44,8 @@ def posttrain(
     ckpt: Ckpt,
     out: RequiredOut,
     data: Data = None,
+    text_field: TextField = "text",
+    tokenizer: TokenizerOpt = None,
     intervention: InterventionOption = Intervention.state_passing,
     steps: Steps = 500,
     seq_len: SeqLen = 2048,
@@ -66,7 +69,7 @@ def posttrain(
     from statelens.train.posttrain import check_settings
 
     check_settings(intervention.value, steps, seq_len, batch, lr, warmup, clip, save_every)
-    run = start("posttrain", ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=seq_len,
+    run = start("posttrain", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=seq_len,
                 config={"data": str(data) if data else None, "intervention": intervention.value, "steps": steps,
                         "seq_len": seq_len, "batch": batch, "lr": lr, "warmup": warmup, "clip": clip,
                         "save_every": save_every, "resume": resume, "fsdp": fsdp})

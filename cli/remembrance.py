@@ -7,6 +7,7 @@ import typer
 
 from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Group, Length,
                                    MitigationSpec, NumSeqs, Out, Resume, Seed, TOption, TrainLen)
+from statelens.cli.options import TextField, TokenizerOpt
 
 
 def remembrance(
@@ -25,11 +26,13 @@ def remembrance(
     group: Group = 1,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
 ) -> None:
     """Effective Remembrance: TV distance between the next-token distributions after x[0:T] and after
     x[t:T], for t on a grid; writes remembrance.csv, remembrance.png and run.json."""
@@ -46,7 +49,7 @@ def remembrance(
             ts = [int(v) for v in t.split(",") if v.strip()]
         except ValueError:
             raise BadInput(f"--t {t!r}: expected comma-separated integers") from None
-    run = start("remembrance", ckpt=ckpt, device=device, dtype=dtype,
+    run = start("remembrance", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype,
                 backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "T": T, "num_seqs": num_seqs,
                         "points": points, "t": ts, "batch": batch, "chunk": chunk, "group": group})

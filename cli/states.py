@@ -8,6 +8,7 @@ import typer
 
 from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Group, Length,
                                    MitigationSpec, NumSeqs, Out, Resume, Seed, TrainLen)
+from statelens.cli.options import TextField, TokenizerOpt
 
 
 def states(
@@ -25,11 +26,13 @@ def states(
     group: Group = 1,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
 ) -> None:
     """State statistics (norm, mean, std, absmax per layer and head) by position, and state collapse:
     heads whose statistics past the training length exceed k x their in-training maximum or turn
@@ -42,7 +45,7 @@ def states(
 
     if not k > 0:
         raise BadInput(f"--k {k}: must be positive")
-    run = start("states", ckpt=ckpt, device=device, dtype=dtype,
+    run = start("states", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype,
                 backend=backend, seed=seed, out=out, train_len=train_len, resume=resume, mitigation=mitigation,
                 config={"data": str(data) if data else None, "train_len": train_len, "length": length,
                         "num_seqs": num_seqs, "stride": stride, "k": k, "chunk": chunk, "group": group})

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from statelens.cli.options import TokenizerOpt
 from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Device, DType, Dtype, MitigationSpec, Out,
                                    Resume, Seed, TrainLen)
 
@@ -54,11 +55,12 @@ def passkey(
     chunk: Chunk = 2048,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    tokenizer: TokenizerOpt = None,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden at each depth of filler text of each length; writes
     passkey.csv, passkey.png and run.json (with the passkey capacity and the state size). One
@@ -68,17 +70,16 @@ def passkey(
     from statelens.cli.common import report, start
     from statelens.reports.figures import passkey_figure
 
-    from statelens.data import load_tokenizer
     from statelens.tasks.passkey import COLUMNS, capacity, check_depths, make_passkey, passkey_cell, sample_seeds
 
     sizes, fractions = parse_lengths(lengths), parse_depths(depths)
     check_depths(fractions)
-    run = start("passkey", mitigation=mitigation, draws_sequences=False,
+    run = start("passkey", mitigation=mitigation, tokenizer=tokenizer, draws_sequences=False,
                 ckpt=ckpt, device=device, dtype=dtype,
                 backend=backend, seed=seed, out=out, train_len=train_len, resume=resume,
                 config={"lengths": sizes, "depths": fractions, "samples": samples, "train_len": train_len,
                         "chunk": chunk})
-    tokenizer = load_tokenizer(run.ckpt.path, run.model.config.vocab_size)
+    tokenizer = run.tokenizer()
     run.data_description = f"5-digit passkeys in repeated filler text (seed {seed}), tokenized with {tokenizer.name}"
     for length in sizes:  # a length too short for the key and question: BadInput before anything is written
         for key_seed in sample_seeds(seed, samples):
@@ -111,7 +112,7 @@ def copying(
     chunk: Chunk = 2048,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
@@ -156,11 +157,12 @@ def babilong(
     chunk: Chunk = 2048,
     resume: Resume = False,
     device: Device = "cpu",
-    backend: Backend = BackendName.native,
+    backend: Backend = BackendName.auto,
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
     out: Out = None,
     mitigation: MitigationSpec = None,
+    tokenizer: TokenizerOpt = None,
 ) -> None:
     """BABILong: bAbI questions with the facts hidden in long filler text (local files with --data, else
     generated qa1/qa2 stories); writes babilong.csv and run.json. One (task, length) cell is the unit of
@@ -169,16 +171,15 @@ def babilong(
 
     from statelens.cli.common import report, start
 
-    from statelens.data import load_tokenizer
     from statelens.tasks.babilong import COLUMNS, babilong_cell, babilong_samples
 
     sizes = parse_lengths(lengths, minimum=0)
     names = [name.strip() for name in tasks.split(",") if name.strip()]
-    run = start("babilong", mitigation=mitigation, draws_sequences=False,
+    run = start("babilong", mitigation=mitigation, tokenizer=tokenizer, draws_sequences=False,
                 ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
                 resume=resume, config={"tasks": names, "lengths": sizes, "samples": samples,
                                        "data": str(data) if data else None, "chunk": chunk})
-    tokenizer = load_tokenizer(run.ckpt.path, run.model.config.vocab_size)
+    tokenizer = run.tokenizer()
     source = f"BABILong files in {data}" if data else f"generated qa1/qa2 stories in filler text (seed {seed})"
     run.data_description = f"{source}, tokenized with {tokenizer.name}"
     cells = [(name, length) for name in names for length in sizes]

@@ -68,6 +68,7 @@ class Installed:
     site_listing: frozenset[str]  # site-packages entries right after the wheel went in
     dependency_dirs: tuple[str, ...]  # the project venv's site-packages, listed in DEPS_PTH
     workdir: Path  # a directory holding no source: the cwd of every command run in the venv
+    build_log: str  # what building the wheel printed
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +103,45 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
     workdir = root / "elsewhere"
     workdir.mkdir()
-    return Installed(wheel, venv, python, site_packages, listing, dependency_dirs, workdir)
+    return Installed(wheel, venv, python, site_packages, listing, dependency_dirs, workdir,
+                     built.stdout + built.stderr)
 
 
 def test_wheel_holds_only_the_statelens_package(installed: Installed) -> None:
     tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(installed.wheel).namelist()}
     assert tops == {"statelens", DIST_INFO}
+
+
+def _requirements(wheel: Path) -> list[str]:
+    """The wheel's ``Requires-Dist`` lines, outside any extra (what ``pip install statelens`` pulls)."""
+    metadata = zipfile.ZipFile(wheel).read(f"{DIST_INFO}/METADATA").decode("utf-8")
+    lines = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    return [line for line in lines if "extra ==" not in line]
+
+
+def test_wheel_requires_a_torch_range_that_holds_the_tested_torch(installed: Installed) -> None:
+    """An exact torch pin makes ``pip install statelens`` replace a user's (CUDA) torch: the metadata must
+    give a range, and the torch the tests run on must be inside it."""
+    from packaging.requirements import Requirement
+
+    import torch
+
+    (torch_requirement,) = [r for r in map(Requirement, _requirements(installed.wheel)) if r.name == "torch"]
+    specifier = torch_requirement.specifier
+    assert not [s for s in specifier if s.operator in ("==", "===", "~=")], f"torch pinned: {torch_requirement}"
+    assert specifier.contains(torch.__version__.split("+")[0]), (str(specifier), torch.__version__)
+    assert not specifier.contains("2.5.0"), "the floor is FSDP2's public fully_shard (torch 2.6)"
+
+
+def test_building_declares_its_data_without_setuptools_warnings(installed: Installed) -> None:
+    """The data folders (demo/baseline, ...) are declared as package data, so setuptools does not warn
+    that they look like packages missing from ``packages`` (what a fresh ``make demo`` printed)."""
+    assert "absent from the `packages` configuration" not in installed.build_log
+    assert "Package would be ignored" not in installed.build_log
+    shipped = set(zipfile.ZipFile(installed.wheel).namelist())
+    data = [p.relative_to(REPO).as_posix() for p in (REPO / "statelens" / "demo").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts]
+    assert data and all(name in shipped for name in data), sorted(set(data) - shipped)
 
 
 def test_install_adds_one_top_level_package(installed: Installed) -> None:

@@ -1,4 +1,4 @@
-"""Token sources: a ``.npy`` of token ids, a ``.jsonl``, a text file or a directory of them.
+"""Token sources: a ``.npy`` of token ids, a ``.jsonl``, a text file, a directory of them, or tables.
 
 Start with :func:`load_tokens`, which returns a :class:`TokenData`. What a path means:
 
@@ -7,6 +7,8 @@ Start with :func:`load_tokens`, which returns a :class:`TokenData`. What a path 
 - ``*.jsonl``: one JSON object per line; its ``text`` field is one document.
 - a directory: every ``.txt``, ``.md`` and ``.jsonl`` file under it, sorted by relative path; each
   text file is one document.
+- ``*.parquet``, a ``datasets`` folder (``save_to_disk``), ``hf:ORG/NAME[:SPLIT]``: one document per
+  row of the text column, streamed (:mod:`statelens.data.tables`).
 - any other file: one UTF-8 text document.
 
 Text is tokenized with the :class:`~statelens.data.tokenizer.Tokenizer` given (``kind="documents"``).
@@ -41,6 +43,7 @@ class TokenData:
         documents: 1-D integer arrays, each ``[doc_len]``. One memmap for a stream, row views of the
             memmap for a matrix, int64 arrays for text.
         matrix: the ``[n, len]`` memmap for ``kind="matrix"``, else None.
+        hub: for ``hf:ORG/NAME[:SPLIT]``, the dataset's id, revision, resolved commit and split; else None.
     """
 
     source: Path
@@ -48,6 +51,7 @@ class TokenData:
     tokenizer_name: str | None
     documents: list[np.ndarray] = field(repr=False)
     matrix: np.ndarray | None = field(default=None, repr=False)
+    hub: dict | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -154,31 +158,65 @@ def load_tokens(path: str | Path, tokenizer: Tokenizer | None, *, text_field: st
     """Read the token source at ``path`` (see the module docstring for what each kind of path means).
 
     Args:
-        path: a ``.npy``, ``.jsonl``, text file or directory.
+        path: a ``.npy``, ``.jsonl``, ``.parquet``, text file, directory, ``datasets`` folder, or
+            ``hf:ORG/NAME[:SPLIT]``.
         tokenizer: turns text into ids; may be None for ``.npy`` files only.
-        text_field: the string field of each ``.jsonl`` object that holds the document.
+        text_field: the string field of each ``.jsonl`` object (the column of a table) that holds the document.
 
     Raises:
         DataError: the path is missing, unreadable, empty, of the wrong dtype or shape, or holds text
             while ``tokenizer`` is None.
     """
-    path = Path(path)
-    if not path.exists():
+    spec, path, hub = str(path), Path(path), None
+    if spec.startswith("hf:"):
+        from statelens.data.tables import hub_dataset_files
+
+        files, hub = hub_dataset_files(spec)
+        texts = _texts_of_files(files, text_field)
+    elif not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    if path.is_file() and path.suffix == ".npy":
+    elif path.is_file() and path.suffix == ".npy":
         return _load_npy(path)
-    if path.is_dir():
-        files = _text_files(path)
-        if not files:
-            raise DataError(f"{path}: no {', '.join(TEXT_SUFFIXES)} files in this directory")
     else:
-        files = [path]
+        texts = _texts_of(path, text_field)
     if tokenizer is None:
         raise DataError(f"{path}: text needs a tokenizer, and none was given (token .npy files need none)")
-    documents = [doc for file in files for doc in _read_documents(file, tokenizer, text_field)]
+    documents = []
+    for file, text in texts:
+        try:
+            ids = tokenizer.encode(text)
+        except DataError as err:
+            raise DataError(f"{file}: {err}") from err
+        if ids.size:  # empty documents are dropped
+            documents.append(ids)
     if not documents:
         raise DataError(f"{path}: no text (no document holds any token)")
-    return TokenData(source=path, kind="documents", tokenizer_name=tokenizer.name, documents=documents)
+    return TokenData(source=path, kind="documents", tokenizer_name=tokenizer.name, documents=documents, hub=hub)
+
+
+def _texts_of(path: Path, text_field: str) -> Iterator[tuple[Path, str]]:
+    """(file, document text) of a text source that exists; a directory without text files fails at once."""
+    from statelens.data.tables import is_datasets_folder, table_texts
+
+    if is_datasets_folder(path) or (path.is_file() and path.suffix == ".parquet"):
+        return table_texts(path, text_field)
+    files = _text_files(path) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no {', '.join(TEXT_SUFFIXES)} files in this directory")
+    return _texts_of_files(files, text_field)
+
+
+def _texts_of_files(files: list[Path], text_field: str) -> Iterator[tuple[Path, str]]:
+    """(file, document text) of text, ``.jsonl`` and ``.parquet`` files, in order, read one file at a time."""
+    from statelens.data.tables import table_texts
+
+    for file in files:
+        if file.suffix == ".parquet":
+            yield from table_texts(file, text_field)
+            continue
+        text = _read_utf8(file)
+        for document in _jsonl_texts(file, text, text_field) if file.suffix == ".jsonl" else [text]:
+            yield file, document
 
 
 def _load_npy(path: Path) -> TokenData:
@@ -207,21 +245,6 @@ def _text_files(directory: Path) -> list[Path]:
     """Regular files under ``directory`` with a suffix in TEXT_SUFFIXES, sorted by relative path."""
     files = [p for p in directory.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()]
     return sorted(files, key=lambda p: p.relative_to(directory).parts)
-
-
-def _read_documents(file: Path, tokenizer: Tokenizer, text_field: str) -> list[np.ndarray]:
-    """Token ids of each document in a text or ``.jsonl`` file; empty documents are dropped."""
-    text = _read_utf8(file)
-    texts = _jsonl_texts(file, text, text_field) if file.suffix == ".jsonl" else [text]
-    documents = []
-    for doc_text in texts:
-        try:
-            ids = tokenizer.encode(doc_text)
-        except DataError as err:
-            raise DataError(f"{file}: {err}") from err
-        if ids.size:
-            documents.append(ids)
-    return documents
 
 
 def _read_utf8(file: Path) -> str:

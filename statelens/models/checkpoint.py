@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from statelens import hub
 from statelens.errors import CheckpointError
 from statelens.models import gla, mamba1, mamba2  # noqa: F401  (registers the backends)
 from statelens.models.base import RecurrentLM, backends
@@ -37,6 +38,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
 MAX_PARAMETERS = 10**11
+# What a hub id fetches: the config, statelens' metadata and the tokenizer, then one kind of weights.
+HUB_FILES = ["config.json", "statelens.json", *TOKENIZER_FILES]
+HUB_WEIGHTS = (["model*.safetensors", "model.safetensors.index.json"], ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
 
 # ssm_cfg keys that only matter for initialisation or kernels, not for the forward pass.
 _INIT_ONLY = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_init_range", "conv_init",
@@ -57,10 +61,28 @@ class Checkpoint:
     format: str              # "mamba_ssm" or "hf"
     weights_kind: str        # "safetensors" or "bin"
     raw_config: dict         # config.json as read; written back verbatim
+    source: hub.HubSource | None = None  # the hub id it was resolved from (None: a local directory)
 
     @property
     def arch(self) -> str:
         return self.model.arch
+
+    @property
+    def backend(self) -> str:
+        """Which backend runs it: "native" (statelens' own) or "hf" (transformers' modules)."""
+        return "hf" if self.model.arch == "hf" else "native"
+
+    def describe(self) -> str:
+        """Where it came from, for the output: the hub id, revision and commit, or the directory (said to
+        be a local directory when its name could also be a hub id)."""
+        if self.source is not None:
+            return self.source.describe()
+        return f"{self.path} (local directory)" if hub.parse_hub_id(str(self.path)) else str(self.path)
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> tuple[Path, hub.HubSource | None]:
+    """A checkpoint directory for a path or a hub id ``ORG/NAME[@REVISION]`` (see :mod:`statelens.hub`)."""
+    return hub.resolve(spec, HUB_FILES, HUB_WEIGHTS)
 
 
 def _read_json(path: Path) -> dict:
@@ -259,8 +281,9 @@ def _external_name(key: str, fmt: str, arch: str = "mamba2") -> str:
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Reads a mamba-ssm or Hugging Face directory into a backend, in ``dtype`` on ``device``."""
-    path = Path(path)
+    """Reads a mamba-ssm or Hugging Face directory (or a hub id, resolved through the local cache) into a
+    backend, in ``dtype`` on ``device``."""
+    path, source = resolve_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_dir():
@@ -270,7 +293,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     raw = _read_json(path / "config.json")
     fmt, arch, config = parse_config(raw, path / "config.json")
     kind, tensors = read_weights(path)
+    model = assemble(arch, config, tensors, fmt, path, device=device, dtype=dtype)
+    return Checkpoint(model, path, fmt, kind, raw, source)
 
+
+def assemble(arch: str, config, tensors: dict[str, torch.Tensor], fmt: str, where, *,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> RecurrentLM:
+    """The backend ``arch`` with ``config``, holding ``tensors`` (named as in a file of format ``fmt``),
+    built on the meta device and assigned the tensors (no copy when device and dtype already match).
+    Raises CheckpointError naming ``where`` when names or shapes disagree with the config."""
     with torch.device("meta"):
         model = backends.get(arch)(config)
     expected = model.state_dict()
@@ -285,15 +316,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     if missing or unexpected:
         detail = (f"missing {_external_name(missing[0], fmt, arch)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                   if missing else f"unexpected {file_names[unexpected[0]]}")
-        raise CheckpointError(f"{path}: weights do not match config.json ({arch}): {detail}")
+        raise CheckpointError(f"{where}: weights do not match config.json ({arch}): {detail}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: {_external_name(name, fmt, arch)} has shape {tuple(tensor.shape)} in the weights "
+            raise CheckpointError(f"{where}: {_external_name(name, fmt, arch)} has shape {tuple(tensor.shape)} in the weights "
                                   f"but config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
-    return Checkpoint(model.eval(), path, fmt, kind, raw)
+    return model.eval()
 
 
 def load_hf_adapter(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -302,7 +333,7 @@ def load_hf_adapter(path: str | os.PathLike, *, device: str | torch.device = "cp
     :mod:`statelens.models.hf_adapter`); checked chunked against one-shot on load."""
     from statelens.models.hf_adapter import HFRecurrentAdapter
 
-    return HFRecurrentAdapter.from_pretrained(path, device=device, dtype=dtype)
+    return HFRecurrentAdapter.from_pretrained(resolve_checkpoint(path)[0], device=device, dtype=dtype)
 
 
 def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike, weights: dict | None = None) -> Path:
@@ -364,8 +395,9 @@ def mamba_ssm_module(model: RecurrentLM):
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    """sha256 over config.json and the weight files (names and bytes), for run manifests."""
-    path = Path(path)
+    """sha256 over config.json and the weight files (names and bytes), for run manifests. A hub id is
+    resolved first (through the cache)."""
+    path = resolve_checkpoint(path)[0]
     digest = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.name == "config.json" or p.name.startswith(("model", "pytorch_model"))):
         digest.update(file.name.encode())
