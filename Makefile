@@ -20,11 +20,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned to the CPU build (2.13.0): an unpinned torch pulls several GB of CUDA packages. The rest
-# comes pinned by $(LOCK), so a fresh clone installs the versions the suite passed with.
+# comes pinned by $(LOCK), so a fresh clone installs the versions the suite passed with. setuptools warns on
+# every editable install that a folder named like the package may shadow it; here that folder is the package.
 $(STAMP): $(PY) pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c $(LOCK) "torch==2.13.0"
-	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
