@@ -26,6 +26,9 @@ CHILD = r"""
 import fnmatch, os, signal, sys
 
 at, when, report = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# SIGINT as a terminal gives it (KeyboardInterrupt), also when this test run was started in the background
+# by a shell, whose children inherit SIGINT ignored (and Python then leaves it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 woken, wake = os.pipe()
 os.set_blocking(wake, False)
 signal.set_wakeup_fd(wake)
