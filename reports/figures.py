@@ -110,11 +110,21 @@ def _sequential_cmap(color: ColorType | None):
 # --- shared plumbing --------------------------------------------------------------------------------
 
 
+def literal(text: str) -> str:
+    """``text`` escaped for mathtext, so that matplotlib shows it as given: every ``$`` becomes ``\\$``
+    (a string with two unescaped ``$`` would otherwise be parsed as math, and a malformed one raise).
+    Mathtext itself stays on, for the axes' tick labels (``10^{2}`` on a log axis)."""
+    return text.replace("$", r"\$")
+
+
 def _styled(fn):
-    """Runs a figure function inside seaborn's style contexts; rcParams are restored on exit."""
+    """Runs a figure function inside seaborn's style contexts (rcParams are restored on exit), with
+    its ``label`` (the one user string a figure function takes) escaped by :func:`literal`."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if kwargs.get("label"):
+            kwargs["label"] = literal(kwargs["label"])
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
             return fn(*args, **kwargs)
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
 
@@ -349,7 +348,7 @@ def _task_figures(results_list: list[Results], labels: list[str], train_lens: li
                 for i, (task, rows) in enumerate(groups):
                     acc = rows.groupby(x)["accuracy"].mean()
                     ax.plot(acc.index, acc.to_numpy(), marker="o", color=colors[lab], linestyle=styles[i % 4],
-                            label=lab if task is None else f"{lab}: {task}")
+                            label=F.literal(lab if task is None else f"{lab}: {task}"))
             ax.set_xscale("log", base=2)
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("string length (tokens)" if name == "copying" else "context length (tokens)")
@@ -400,9 +399,8 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
                       "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
     compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
     caveats = notes(results_list, [c["v"] for c in cards], labels)
-    with mpl.rc_context({"text.parse_math": False}):  # a "$" in a label is text, not mathtext to parse
-        figures = _figures(results_list, labels, train_lens)
-        tasks = _task_figures(results_list, labels, train_lens)
+    figures = _figures(results_list, labels, train_lens)
+    tasks = _task_figures(results_list, labels, train_lens)
     template = (resources.files("statelens.reports") / "templates" / "report.html.j2").read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(

@@ -471,3 +471,22 @@ def test_a_label_starting_with_underscore_stays_in_the_legend():
     ax = F.perplexity_figure(_ppl_df(np.full(5, 10.0)), label="_base").axes[0]
     F.perplexity_figure(_ppl_df(np.full(5, 12.0)), label="post", ax=ax)
     assert [t.strip() for t in _legend_texts(ax)][:2] == ["_base", "post"]
+
+
+def test_a_label_with_dollars_stays_literal_and_log_ticks_stay_powers_of_ten():
+    """A "$" in a label is text (escaped where it enters), while mathtext still renders the log axis's
+    ticks: the SVG's shown text holds the label verbatim and "10" with its exponent, never "$\\mathdefault"."""
+    from visual_check import render_svg, svg_text_problems, svg_texts
+
+    label = r"cost $5 $\frac{1}{$"
+    df = pd.DataFrame({"pos_start": [1, 10, 100], "pos_end": [10, 100, 1000], "loss": [2.0, 2.1, 2.2],
+                       "ppl": [7.4, 8.2, 9.0], "n_tokens": [9, 90, 900]})
+    fig = F.perplexity_figure(df, train_len=64, label=label)
+    texts = svg_texts(render_svg(fig))
+    assert label in texts
+    assert svg_text_problems(render_svg(F.perplexity_figure(df, train_len=64))) == []
+    assert {"101", "102"} <= set(texts)  # 10^1, 10^2 drawn as "10" and a raised "1", "2": rendered
+    # the check can fail: the same figure drawn as the report drew it before, mathtext off
+    with mpl.rc_context({"text.parse_math": False}):
+        raw = svg_text_problems(render_svg(F.perplexity_figure(df, train_len=64)))
+    assert any("mathdefault" in p for p in raw)
