@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from statelens.analysis.nonfinite import describe, find_nonfinite
-from statelens.analysis.positionwise import in_context_length, in_context_loss
+from statelens.analysis.positionwise import TOLERANCE_NATS, generalizes_to, in_context_loss
 from statelens.errors import BadInput
 from statelens.outputs import atomic_write
 
@@ -110,8 +110,10 @@ def _finite(x) -> float | None:
 def verdicts(results: Results, train_len: int) -> dict:
     """The headline numbers of one checkpoint; a key is None when its table is missing.
 
-    Keys: arch, parameters, state_size, train_len; in_context_loss, generalizes_to (see
-    :func:`in_context_length`), final_bucket ``(pos_start, pos_end)`` and final_loss (the last
+    Keys: arch, parameters, state_size, train_len, checkpoint_path; in_context_loss, generalizes_to
+    (tokens, :func:`statelens.analysis.positionwise.generalizes_to`), rollout_end (the last bucket's
+    end), excess_beyond (mean loss from generalizes_to on minus the in-context loss, nats; None when
+    it generalizes to the end), final_bucket ``(pos_start, pos_end)`` and final_loss (the last
     position bucket); collapsed_heads, heads, top_heads (up to 5 dicts layer, head, statistic, ratio);
     effrem_half ``{"t", "T", "effrem"}`` (the t nearest T // 2); oos_beyond (mean of
     coverage_buckets.oos_fraction: the buckets all lie past the training length); passkey_capacity
@@ -122,7 +124,8 @@ def verdicts(results: Results, train_len: int) -> dict:
     ckpt = results.checkpoint
     out = {"arch": ckpt.get("arch"), "parameters": ckpt.get("parameters"), "state_size": ckpt.get("state_size"),
            "vocab_size": ckpt.get("vocab_size"),
-           "train_len": train_len, "in_context_loss": None, "generalizes_to": None, "final_bucket": None,
+           "checkpoint_path": ckpt.get("path"), "train_len": train_len, "in_context_loss": None,
+           "generalizes_to": None, "rollout_end": None, "excess_beyond": None, "final_bucket": None,
            "final_loss": None, "collapsed_heads": None, "heads": None, "top_heads": [], "effrem_half": None,
            "oos_beyond": None, "passkey_capacity": None, "passkey_state_size": None, "copying": None,
            "babilong": None, "nonfinite": find_nonfinite(results.tables)}
@@ -146,8 +149,12 @@ def verdicts(results: Results, train_len: int) -> dict:
         pw = pw.sort_values("pos_start")
         loss = in_context_loss(pw, train_len)
         out["in_context_loss"] = _finite(loss)
-        out["generalizes_to"] = in_context_length(pw, loss) if math.isfinite(loss) else None
+        out["generalizes_to"] = reach = generalizes_to(pw, train_len)
         last = pw.iloc[-1]
+        out["rollout_end"] = int(last.pos_end)
+        if reach is not None and reach < out["rollout_end"]:
+            after = pw[pw.pos_start >= reach]
+            out["excess_beyond"] = _finite(np.average(after.loss, weights=after.n_tokens) - loss)
         out["final_bucket"] = (int(last.pos_start), int(last.pos_end))
         out["final_loss"] = _finite(last.loss)
     heads = results.tables.get("collapse")
@@ -173,12 +180,53 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+def _tokens(n: int) -> str:
+    """A token count as a researcher writes it: 790, 2048, 16.4k, 131k, 1.5M."""
+    for size, suffix in ((1_000_000, "M"), (1000, "k")):
+        if n >= 10 * size or (size > 1000 and n >= size):
+            return f"{n / size:.3g}" + suffix
+    return str(n)
+
+
+def _times(n: int, train_len: int) -> str:
+    """``n`` in training lengths: "12x T", "1.5x T"."""
+    ratio = n / train_len
+    return f"{ratio:.0f}x T" if ratio >= 10 else f"{ratio:.1f}".removesuffix(".0") + "x T"
+
+
+def headline(v: dict) -> str | None:
+    """The card's first sentence: whether the checkpoint length-generalizes, with the numbers behind
+    it (the position and the loss rise, collapsed heads, EffRem at T/2); None without positionwise.csv."""
+    reach, end = v["generalizes_to"], v["rollout_end"]
+    if reach is None:
+        return None
+    if reach < end:
+        rise = "" if v["excess_beyond"] is None else f"loss rises {v['excess_beyond']:.2f} nats above"
+        sentence = (f"Fails to length-generalize: {rise or 'loss rises past'} its in-context level "
+                    f"({v['in_context_loss']:.2f}) from ~{_tokens(reach)} tokens ({_times(reach, v['train_len'])}) on")
+    else:
+        sentence = (f"Length-generalizes to the end of the rollout ({_tokens(end)} tokens, "
+                    f"{_times(end, v['train_len'])}): loss within {TOLERANCE_NATS} nats of its in-context level")
+    if v["collapsed_heads"] is not None:
+        sentence += f"; {v['collapsed_heads']} of {v['heads']} heads collapse{'s' if v['collapsed_heads'] == 1 else ''}"
+    if v["effrem_half"] is not None:
+        sentence += f"; EffRem(T/2) {v['effrem_half']['effrem']:.2g}"
+    return sentence + "."
+
+
+def next_step(v: dict) -> str | None:
+    """The command that would address a length-generalization failure (None when there is none)."""
+    reach, end = v["generalizes_to"], v["rollout_end"]
+    if reach is None or reach >= end:
+        return None
+    ckpt = v.get("checkpoint_path") or "CKPT"
+    return (f"statelens posttrain --ckpt {ckpt} --intervention state-passing --data DATA --out POST "
+            f"(about 500 steps from carried states), then statelens compare {ckpt} POST")
+
+
 def verdict_lines(v: dict) -> list[str]:
     """The verdicts of one checkpoint as sentences."""
     lines = []
-    if v["generalizes_to"] is not None:
-        lines.append(f"length-generalizes to position {v['generalizes_to']} (training length {v['train_len']}; "
-                     f"buckets within 10% of the in-context loss {_num(v['in_context_loss'])})")
     if v["final_loss"] is not None:
         start, end = v["final_bucket"]
         lines.append(f"loss at positions [{start}, {end}): {_num(v['final_loss'])}")
@@ -219,7 +267,8 @@ def comparison(a: dict, b: dict) -> list[str]:
     if a["in_context_loss"] is not None and b["in_context_loss"] is not None:
         lines.append(f"in-context loss: {_change(a['in_context_loss'], b['in_context_loss'])}")
     if a["generalizes_to"] is not None and b["generalizes_to"] is not None:
-        lines.append(f"length-generalizes to position: {a['generalizes_to']} -> {b['generalizes_to']}")
+        lines.append(f"length-generalizes to: {_tokens(a['generalizes_to'])} -> {_tokens(b['generalizes_to'])} "
+                     "tokens" + (" (the end of the rollout)" if b["generalizes_to"] == b["rollout_end"] else ""))
     if a["collapsed_heads"] is not None and b["collapsed_heads"] is not None:
         lines.append(f"collapsed heads: {a['collapsed_heads']} -> {b['collapsed_heads']}")
     if a["effrem_half"] is not None and b["effrem_half"] is not None:
@@ -395,7 +444,8 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
     for r, lab, tl in zip(results_list, labels, train_lens):
         v = verdicts(r, tl)
         rgb = ", ".join(str(round(255 * c)) for c in colors[lab])
-        cards.append({"label": lab, "v": v, "lines": verdict_lines(v), "color": f"rgb({rgb})",
+        cards.append({"label": lab, "v": v, "headline": headline(v), "next_step": next_step(v),
+                      "lines": verdict_lines(v), "color": f"rgb({rgb})",
                       "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
     compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
     caveats = notes(results_list, [c["v"] for c in cards], labels)
