@@ -31,6 +31,7 @@ from statelens.analysis.nonfinite import describe, find_nonfinite
 from statelens.analysis.positionwise import TOLERANCE_NATS, generalizes_to, in_context_loss
 from statelens.errors import BadInput
 from statelens.outputs import atomic_write
+from statelens.reports.page_figures import PANEL, report_figures, task_figures
 
 #: Table name -> the command that writes it (its output folder under a ``--from`` directory).
 TABLES = {
@@ -323,90 +324,13 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _figures(results_list: list[Results], labels: list[str], train_lens: list[int]) -> list[dict]:
-    """Every figure whose table some checkpoint has, each checkpoint overlaid (heatmaps side by side),
-    with the tables it was drawn from: ``{"id", "title", "image", "tables": [(label, table), ...]}``."""
-    from matplotlib.figure import Figure
-
-    from statelens.reports import figures as F
-
-    colors = F.checkpoint_colors(labels)
-    train_len = train_lens[0] if len(set(train_lens)) == 1 else None  # one dashed line only when shared
-    specs = [("perplexity", "Loss by position", ["positionwise"]),
-             ("remembrance", "Effective Remembrance", ["remembrance"]),
-             ("state-norm", "State norm and collapse", ["state_stats", "collapse"]),
-             ("state-std", "State standard deviation", ["state_stats"]),
-             ("decay", "Decay: retention and memory horizon", ["decay"]),
-             ("coverage", "Coverage: states outside the training support", ["coverage", "coverage_buckets"])]
-    shown = []
-    for fig_id, title, names in specs:
-        have = [(r, lab) for r, lab in zip(results_list, labels) if names[0] in r.tables]
-        if not have:
-            continue
-        n = len(have)
-        if fig_id == "state-norm":  # heatmaps cannot overlay: one per checkpoint, then the shared lines panel
-            fig = Figure(figsize=(6.4 * (n + 1), 4.4), layout="constrained")
-            axes = fig.subplots(1, n + 1)
-            for i, (r, lab) in enumerate(have):
-                F.state_norm_figure(r.tables["state_stats"], r.tables.get("collapse"), train_len, label=lab,
-                                    color=colors[lab], ax=(axes[i], axes[n]))
-        else:
-            double = fig_id == "decay"
-            fig = Figure(figsize=(12.8, 4.4) if double else (6.4, 4.2), layout="constrained")
-            ax = fig.subplots(1, 2) if double else fig.add_subplot()
-            draw = {"perplexity": lambda df, **kw: F.perplexity_figure(df, train_len, **kw),
-                    "remembrance": F.remembrance_figure,
-                    "state-std": lambda df, **kw: F.state_std_figure(df, train_len, **kw),
-                    "decay": lambda df, **kw: F.decay_figure(df, train_len, **kw),
-                    "coverage": lambda df, **kw: F.coverage_figure(df, train_len, **kw)}[fig_id]
-            for r, lab in have:
-                draw(r.tables[names[0]], label=lab, color=colors[lab], ax=ax)
-        tables = [(f"{lab}: {name}.csv", _table(r.tables[name])) for r, lab in have for name in names
-                  if name in r.tables]
-        shown.append({"id": fig_id, "title": title, "image": _png(fig), "tables": tables})
-    return shown
-
-
-def _task_figures(results_list: list[Results], labels: list[str], train_lens: list[int]) -> list[dict]:
-    """The long-context task figures, like :func:`_figures`: the passkey heatmap of each checkpoint side by
-    side, copying accuracy by string length and BABILong accuracy by context length overlaid."""
-    from matplotlib.figure import Figure
-
-    from statelens.reports import figures as F
-
-    colors = F.checkpoint_colors(labels)
-    train_len = train_lens[0] if len(set(train_lens)) == 1 else None
-    specs = [("passkey", "Passkey retrieval", "length"), ("copying", "Copying", "n"),
-             ("babilong", "BABILong", "length")]
-    shown = []
-    for name, title, x in specs:
-        have = [(r.tables[name], lab) for r, lab in zip(results_list, labels) if name in r.tables]
-        if not have:
-            continue
-        if name == "passkey":  # heatmaps cannot overlay: one per checkpoint
-            fig = Figure(figsize=(6.4 * len(have), 4.6), layout="constrained")
-            axes = np.atleast_1d(fig.subplots(1, len(have)))
-            for ax, (df, lab) in zip(axes, have):
-                F.passkey_figure(df, train_len, label=lab, color=colors[lab], ax=ax)
-        else:
-            fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-            ax = fig.add_subplot()
-            styles = ["-", "--", ":", "-."]
-            for df, lab in have:
-                groups = df.groupby("task") if name == "babilong" else [(None, df)]
-                for i, (task, rows) in enumerate(groups):
-                    acc = rows.groupby(x)["accuracy"].mean()
-                    ax.plot(acc.index, acc.to_numpy(), marker="o", color=colors[lab], linestyle=styles[i % 4],
-                            label=F.literal(lab if task is None else f"{lab}: {task}"))
-            ax.set_xscale("log", base=2)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel("string length (tokens)" if name == "copying" else "context length (tokens)")
-            ax.set_ylabel("accuracy")
-            ax.set_title(f"{title} accuracy", fontsize="medium")
-            ax.legend(fontsize="small")
-        shown.append({"id": name, "title": title, "image": _png(fig),
-                      "tables": [(f"{lab}: {name}.csv", _table(df)) for df, lab in have]})
-    return shown
+def _embedded(shown: list[dict]) -> list[dict]:
+    """The page's figure entries: each Figure of :mod:`statelens.reports.page_figures` as an image, its
+    width class (``narrow``: one panel, ``wide``: two, so the page shows every figure at one scale) and
+    its tables formatted."""
+    return [{"id": f["id"], "title": f["title"], "image": _png(f["figure"]),
+             "width": "wide" if f["figure"].get_figwidth() > 1.5 * PANEL[0] else "narrow",
+             "tables": [(name, _table(df)) for name, df in f["tables"]]} for f in shown]
 
 
 def _table(df: pd.DataFrame) -> dict:
@@ -449,8 +373,8 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
                       "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
     compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
     caveats = notes(results_list, [c["v"] for c in cards], labels)
-    figures = _figures(results_list, labels, train_lens)
-    tasks = _task_figures(results_list, labels, train_lens)
+    figures = _embedded(report_figures(results_list, labels, train_lens))
+    tasks = _embedded(task_figures(results_list, labels, train_lens))
     template = (resources.files("statelens.reports") / "templates" / "report.html.j2").read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(

@@ -40,8 +40,9 @@ def _texts(ax, gid):
 
 
 def _legend_texts(ax):
-    legend = ax.get_legend()
-    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
+    """The Axes' legend, or the figure's (a long legend of a figure's only Axes goes below it)."""
+    legends = [legend for legend in (ax.get_legend(), *ax.figure.legends) if legend is not None]
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
 
 
 def _train_len_xs(ax):
@@ -224,7 +225,18 @@ def test_state_norm_heatmap_is_the_mean_over_heads_pivot():
     np.testing.assert_allclose(values.reshape(expected.shape), expected.to_numpy())
     positive = expected.to_numpy()[expected.to_numpy() > 0]
     assert isinstance(mesh.norm, LogNorm) == (positive.max() > 100 * positive.min())
-    assert [t.get_text() for t in ax_map.get_xticklabels()] == [str(p) for p in expected.columns]
+    # a handful of level labels at round positions, each between the centres of the columns around it
+    positions = list(expected.columns)
+    labels = ax_map.get_xticklabels()
+    assert 3 <= len(labels) <= F.HEATMAP_TICKS + 1 and all(t.get_rotation() == 0 for t in labels)
+    for tick, text in zip(ax_map.get_xticks(), labels):
+        value = float(text.get_text())
+        right = next(i for i, p in enumerate(positions) if p >= value)  # the first column at or after it
+        if positions[right] == value:
+            assert tick == right + 0.5
+        else:
+            share = (value - positions[right - 1]) / (positions[right] - positions[right - 1])
+            assert tick == pytest.approx(right - 0.5 + share)
     assert "tokens" in ax_map.get_xlabel() and ax_map.get_ylabel() == "layer"
     # the training-length line separates the column of position 128 from the next one
     assert _train_len_xs(ax_map) == [list(expected.columns).index(TRAIN_LEN) + 1]
@@ -387,7 +399,7 @@ def test_coverage_layer_means_and_overall_mean():
     assert ax.get_xscale() == "log" and ax.get_ylim() == (-0.02, 1.02)
     assert "tokens" in ax.get_xlabel()
     assert _train_len_xs(ax) == [TRAIN_LEN]
-    assert "base: mean over layers and heads" in _legend_texts(ax)
+    assert "base: mean over layers, heads" in _legend_texts(ax)
 
 
 def test_coverage_scatter_reference_grey_query_by_position():
