@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +79,8 @@ LEGEND_INSIDE = 3
 #: Retention below this is outside the retention axis: a weight of 1e-6 on the initial state is gone.
 RETENTION_FLOOR = 1e-6
 _RETENTION_FLOOR_TEXT = "1e-6"
+#: Characters that fit on one title line of a panel 6.4 inches wide with a colour bar.
+TITLE_CHARS = 48
 #: Tick labels on a heatmap's position axis.
 HEATMAP_TICKS = 6
 
@@ -190,6 +193,16 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def _with_label(title: str, label: str | None) -> str:
+    """``title (label)`` when that fits a one-panel title (:data:`TITLE_CHARS`), else the label on
+    lines of its own, wrapped: a long checkpoint name must not cut the title."""
+    if not label:
+        return title
+    if len(title) + len(label) + 3 <= TITLE_CHARS:
+        return f"{title} ({label})"
+    return title + "\n" + "\n".join(textwrap.wrap(f"({label})", TITLE_CHARS, break_long_words=True))
+
+
 def _no_data(ax: Axes) -> None:
     ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.4",
             gid="nodata")
@@ -215,7 +228,10 @@ def _legend(ax: Axes) -> None:
     if len(handles) <= LEGEND_INSIDE:
         ax.legend(handles, labels, loc="best", **style)
     elif len(fig.axes) == 1 and isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
-        fig.legend(handles, labels, loc="outside lower center", ncols=2, **style)
+        # two columns when two of the longest entries fit side by side (~0.07 inch a character at
+        # "small", plus the handle), else one
+        ncols = 2 if 2 * (0.07 * max(map(len, labels)) + 0.6) <= fig.get_figwidth() else 1
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, **style)
     else:
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **style)
 
@@ -509,8 +525,7 @@ def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, tr
     """
     fig, ax_map, ax_lines = _two_axes(ax)
     if ax_map is not None:
-        ax_map.set_title(f"State norm per layer, mean over heads{f' ({label})' if label else ''}",
-                         fontsize="medium")
+        ax_map.set_title(_with_label("State norm per layer, mean over heads", label), fontsize="medium")
         ax_map.set_xlabel(_TOKENS)
         ax_map.set_ylabel("layer")
     ax_lines.set_xlabel(_TOKENS)
@@ -754,7 +769,7 @@ def coverage_scatter_figure(points: pd.DataFrame, *, label: str | None = None,
     fig, ax = _one_axes(ax)
     ax.set_xlabel("PC 1 (state units)")
     ax.set_ylabel("PC 2 (state units)")
-    ax.set_title(f"State coverage, PCA projection{f' ({label})' if label else ''}", fontsize="medium")
+    ax.set_title(_with_label("State coverage, PCA projection", label), fontsize="medium")
     if points.empty:
         _no_data(ax)
         return fig
@@ -800,7 +815,7 @@ def passkey_figure(df: pd.DataFrame, train_len: int | None = None, *, label: str
     draws a line after the last length within the training length.
     """
     fig, ax = _one_axes(ax)
-    ax.set_title(f"Passkey retrieval accuracy{f' ({label})' if label else ''}", fontsize="medium")
+    ax.set_title(_with_label("Passkey retrieval accuracy", label), fontsize="medium")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey depth (fraction of the context)")
     if df.empty:

@@ -6,6 +6,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import pytest
@@ -478,3 +479,92 @@ def test_headline_says_whether_it_generalizes_with_numbers_and_what_next():
                     f"({level:.2f}) from ~256 tokens (4x T) on; 3 of 4 heads collapse.")
     assert step.startswith("statelens posttrain --ckpt ckpts/base --intervention state-passing")
     assert "statelens compare ckpts/base POST" in step
+
+
+# --- the visual check: every figure as a reader sees it, on the compare run's outputs ----------------
+
+
+def figure_problems(fig) -> list[str]:
+    """Everything :mod:`visual_check` finds wrong with ``fig``, drawn and as SVG."""
+    from visual_check import layout_problems, render_svg, svg_safety_problems, svg_text_problems
+
+    svg = render_svg(fig)
+    return layout_problems(fig) + svg_text_problems(svg) + svg_safety_problems(svg)
+
+
+def standalone_figures(folder: Path, train_len: int, label: str, scratch: Path) -> dict:
+    """Every figure function of statelens.reports.figures on one checkpoint's CSVs, as the commands call
+    them. The scatter's points and the task tables (written under ``scratch``) are synthetic: the compare
+    run writes neither."""
+    from statelens.reports import figures as F
+
+    def table(command, name):
+        return pd.read_csv(folder / command / f"{name}.csv")
+
+    stats = table("states", "state_stats")
+    rng = np.random.default_rng(0)
+    positions = np.repeat(np.arange(4, 129, 4), 8)
+    points = pd.DataFrame({"pc1": rng.normal(size=positions.size), "pc2": rng.normal(size=positions.size),
+                           "position": positions, "set": np.where(positions <= train_len, "reference", "query")})
+    tasks = task_folder(scratch / folder.name, 0, flat=True)
+    return {
+        "perplexity": F.perplexity_figure(table("perplexity", "positionwise"), train_len, label=label),
+        "remembrance": F.remembrance_figure(table("remembrance", "remembrance"), label=label),
+        "state_norm": F.state_norm_figure(stats, table("states", "collapse"), train_len, label=label),
+        "state_std": F.state_std_figure(stats, train_len, label=label),
+        "decay": F.decay_figure(table("decay", "decay"), train_len, label=label),
+        "coverage": F.coverage_figure(table("coverage", "coverage"), train_len, label=label),
+        "coverage_scatter": F.coverage_scatter_figure(points, label=label),
+        "passkey": F.passkey_figure(pd.read_csv(tasks / "passkey.csv"), train_len, label=label),
+        "accuracy": F.accuracy_figure(pd.read_csv(tasks / "babilong.csv"), "length", label=label),
+    }
+
+
+def test_every_figure_function_reads_right_on_real_outputs(compared, tmp_path):
+    """Texts inside the figure, no two tick labels overlapping, no raw mathtext in the SVG's text, no
+    script or outside reference: for each figure function on both checkpoints' CSVs."""
+    out, _ = compared
+    for folder, label in zip(folders(out), ("base", EVIL)):
+        figures = standalone_figures(folder, 32, label, tmp_path)
+        assert len(figures) == 9
+        for name, fig in figures.items():
+            assert figure_problems(fig) == [], name
+
+
+def test_the_reports_figures_read_right(compared, tmp_path):
+    """The same checks on the figures as the page lays them out: both checkpoints overlaid, the state
+    norm heatmaps side by side over the shared collapsed-heads panel, and the task figures."""
+    from statelens.reports.page_figures import report_figures, task_figures
+
+    out, _ = compared
+    results = [load_results(f) for f in folders(out)]
+    shown = report_figures(results, ["base", EVIL], [32, 32])
+    assert [f["id"] for f in shown] == FIGURES
+    tasks = [load_results(task_folder(tmp_path / name, seed, flat=False)) for seed, name in enumerate("ab")]
+    shown += task_figures(tasks, ["base", EVIL], [1024, 1024])
+    for f in shown:
+        assert figure_problems(f["figure"]) == [], f["id"]
+
+
+def test_the_visual_check_can_fail():
+    """Each check finds the defect it is for, on figures made to have it."""
+    from matplotlib.figure import Figure
+
+    from visual_check import layout_problems, render_svg, svg_safety_problems, svg_text_problems
+
+    fig = Figure(figsize=(3, 2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title("a title far too long for a figure three inches wide, so it is cut on both sides")
+    ax.set_xticks(range(6), [f"label number {i}" for i in range(6)])
+    problems = layout_problems(fig)
+    assert any("sticks out" in p and "a title far" in p for p in problems)
+    assert any("x tick labels" in p and "overlap" in p for p in problems)
+    with mpl.rc_context({"text.parse_math": False}):  # as the report drew its figures before
+        raw = Figure()
+        raw.add_subplot().set_xscale("log")
+        raw.axes[0].set_xlim(1, 1000)
+        assert any("\\mathdefault" in p for p in svg_text_problems(render_svg(raw)))
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+           '<script>alert(1)</script><g onmouseover="x()"><image xlink:href="https://evil.example/x.png"/>'
+           '<path clip-path="url(https://evil.example/#p)"/></g></svg>')
+    assert len(svg_safety_problems(svg)) == 4
