@@ -74,6 +74,9 @@ MAX_HEADS = 8
 #: Heads drawn when none is flagged as collapsed: those with the largest final norm.
 FALLBACK_HEADS = 4
 
+#: The attribute each data line carries for the report's hover titles: its name with the checkpoint's
+#: ("base: layer 3"); :mod:`statelens.reports.svg` reads it beside the line's points and Axes labels.
+HOVER_NAME = "statelens_hover_name"
 #: Legends with more entries than this go outside the Axes.
 LEGEND_INSIDE = 3
 #: Retention below this is outside the retention axis: a weight of 1e-6 on the initial state is gone.
@@ -266,12 +269,18 @@ def _legend_label(label: str | None) -> str:
     return f" {label}" if label.startswith("_") else label
 
 
+def _hover_name(artist, checkpoint: str | None, name: str) -> None:
+    """Names a data artist for the report's hover titles (:data:`HOVER_NAME`)."""
+    setattr(artist, HOVER_NAME, f"{checkpoint}: {name}" if checkpoint else name)
+
+
 def _plot_line(ax: Axes, x, y, *, color, label: str | None, gid: str, logx: bool, logy: bool,
-               floor: float | None = None, lw: float = 1.6, alpha: float = 1.0, ls: str = "-",
-               zorder: float = 2) -> float | None:
+               checkpoint: str | None = None, floor: float | None = None, lw: float = 1.6, alpha: float = 1.0,
+               ls: str = "-", zorder: float = 2) -> float | None:
     """Draws ``y`` against ``x`` without its non-finite (and, on a log y axis, non-positive) values,
     marking those on the top (bottom) edge. Returns the first x whose y is non-finite, or None.
 
+    ``checkpoint``: the checkpoint's label, for the line's hover name ("{checkpoint}: {gid}").
     ``floor``: finite values below it are drawn at it (used where a documented floor replaces zero).
     """
     x, y = _floats(x), _floats(y)
@@ -283,8 +292,9 @@ def _plot_line(ax: Axes, x, y, *, color, label: str | None, gid: str, logx: bool
     if floor is not None:
         y = np.where(finite, np.maximum(y, floor), y)
     drawable = finite & (y > 0) if logy else finite
-    ax.plot(x[drawable], y[drawable], color=color, lw=lw, alpha=alpha, ls=ls, zorder=zorder, gid=gid,
-            label=_legend_label(label))
+    (line,) = ax.plot(x[drawable], y[drawable], color=color, lw=lw, alpha=alpha, ls=ls, zorder=zorder, gid=gid,
+                      label=_legend_label(label))
+    _hover_name(line, checkpoint, gid)
     edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
     nonpositive = finite & ~drawable
     if nonpositive.any():
@@ -413,7 +423,7 @@ def remembrance_figure(df: pd.DataFrame, *, label: str | None = None,
         y, sem = _floats(g["effrem"]), np.nan_to_num(_floats(g["effrem_sem"]), nan=0.0)
         _band(ax, g["t"], np.maximum(y - sem, EFFREM_FLOOR), np.maximum(y + sem, EFFREM_FLOOR),
               color=shade, logx=False, logy=True)
-        first = _plot_line(ax, g["t"], y, color=shade, label=line_label, gid=f"effrem T={_fmt(T)}",
+        first = _plot_line(ax, g["t"], y, color=shade, label=line_label, gid=f"effrem T={_fmt(T)}", checkpoint=label,
                            logx=False, logy=True, floor=EFFREM_FLOOR)
         if first is not None:
             bad[name if len(lengths) > 1 else ""] = first
@@ -453,7 +463,7 @@ def perplexity_figure(df: pd.DataFrame, train_len: int | None = None, *, label: 
     x = (_floats(g["pos_start"]) + _floats(g["pos_end"])) / 2
     ax.set_xscale("log")
     _log_scale(ax, "y", g["ppl"], span=10)
-    first = _plot_line(ax, x, g["ppl"], color=color, label=label, gid="perplexity", logx=True,
+    first = _plot_line(ax, x, g["ppl"], color=color, label=label, gid="perplexity", checkpoint=label, logx=True,
                        logy=ax.get_yscale() == "log", lw=1.8)
     _note_nonfinite(ax, {"": first} if first is not None else {}, label=label, color=color)
     _train_len_line(ax, train_len)
@@ -584,7 +594,7 @@ def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, tr
         name = f"L{layer}H{head}"
         y = _floats(g["norm"]).copy()
         y[bad_rows.loc[g.index].to_numpy()] = np.nan
-        first = _plot_line(ax_lines, g["position"], y, color=c, gid=name, logx=True, logy=True,
+        first = _plot_line(ax_lines, g["position"], y, color=c, gid=name, checkpoint=label, logx=True, logy=True,
                            label=f"{label}: {name}" if label else name,
                            ls=styles[i % len(styles)] if color_given else "-")
         if first is not None:
@@ -623,7 +633,7 @@ def _per_layer_lines(ax: Axes, table: pd.Series, *, label: str | None, color, lo
             _band(ax, lo.index, lo.to_numpy(), hi.reindex(lo.index).to_numpy(), color=shade, logx=logx,
                   logy=logy)
         first = _plot_line(ax, series.index, series.to_numpy(), color=shade, label=line_label, gid=name,
-                           logx=logx, logy=logy, lw=lw, alpha=alpha)
+                           checkpoint=label, logx=logx, logy=logy, lw=lw, alpha=alpha)
         if first is not None:
             bad[name] = first
     return bad
@@ -746,7 +756,7 @@ def coverage_figure(df: pd.DataFrame, train_len: int | None = None, *, label: st
                            alpha=0.7, legend="deepest")
     overall = _group_mean(frame, ["midpoint"], "oos_fraction")
     mean_label = f"{label}: mean over layers, heads" if label else "mean over layers, heads"
-    first = _plot_line(ax, overall.index, overall.to_numpy(), color=color, gid="mean", logx=True,
+    first = _plot_line(ax, overall.index, overall.to_numpy(), color=color, gid="mean", checkpoint=label, logx=True,
                        logy=False, lw=2.8, zorder=3, label=mean_label)
     if first is not None:
         bad["mean"] = first
@@ -873,9 +883,10 @@ def accuracy_figure(df: pd.DataFrame, x: str = "length", *, title: str = "Accura
     for i, (task, rows) in enumerate(groups):
         acc = rows.groupby(x)["accuracy"].mean()
         names = [n for n in (label, None if task is None else literal(str(task))) if n]
-        ax.plot(_floats(acc.index), _floats(acc), marker="o", color=color, ls=styles[i % len(styles)],
-                gid="accuracy" if task is None else f"task {literal(str(task))}",
-                label=_legend_label(": ".join(names)))
+        gid = "accuracy" if task is None else f"task {literal(str(task))}"
+        (line,) = ax.plot(_floats(acc.index), _floats(acc), marker="o", color=color, ls=styles[i % len(styles)],
+                          gid=gid, label=_legend_label(": ".join(names)))
+        _hover_name(line, label, gid)
     ax.set_xscale("log", base=2)
     _legend(ax)
     return fig

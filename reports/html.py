@@ -325,12 +325,23 @@ def _png(fig) -> str:
 
 
 def _embedded(shown: list[dict]) -> list[dict]:
-    """The page's figure entries: each Figure of :mod:`statelens.reports.page_figures` as an image, its
-    width class (``narrow``: one panel, ``wide``: two, so the page shows every figure at one scale) and
-    its tables formatted."""
-    return [{"id": f["id"], "title": f["title"], "image": _png(f["figure"]),
-             "width": "wide" if f["figure"].get_figwidth() > 1.5 * PANEL[0] else "narrow",
-             "tables": [(name, _table(df)) for name, df in f["tables"]]} for f in shown]
+    """The page's figure entries: each Figure of :mod:`statelens.reports.page_figures` as inline SVG
+    (:func:`statelens.reports.svg.inline_svg`, marked safe for jinja2: it is sanitized and its text
+    escaped by the XML writer), or as a PNG when the SVG would be too large (``svg`` None); its width
+    class (``narrow``: one panel, ``wide``: two, so the page shows every figure at one scale) and its
+    tables formatted."""
+    from markupsafe import Markup
+
+    from statelens.reports.svg import inline_svg
+
+    entries = []
+    for f in shown:
+        svg = inline_svg(f["figure"], f"fig-{f['id']}", f["title"])
+        entries.append({"id": f["id"], "title": f["title"], "svg": Markup(svg) if svg else None,
+                        "image": None if svg else _png(f["figure"]),
+                        "width": "wide" if f["figure"].get_figwidth() > 1.5 * PANEL[0] else "narrow",
+                        "tables": [(name, _table(df)) for name, df in f["tables"]]})
+    return entries
 
 
 def _table(df: pd.DataFrame) -> dict:

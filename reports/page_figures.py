@@ -40,11 +40,11 @@ def _state_norm(have: list, colors: dict, train_len: int | None) -> Figure:
             fig = Figure(figsize=(2 * PANEL[0], PANEL[1]), layout="constrained")
             maps, lines = fig.subplots(1, 2)
             maps = [maps]
-        else:
+        else:  # two subfigures, laid out apart: the lines panel's legend must not squeeze a heatmap
             fig = Figure(figsize=(2 * PANEL[0], 2 * PANEL[1]), layout="constrained")
-            grid = fig.add_gridspec(2, n)
-            maps = [fig.add_subplot(grid[0, i]) for i in range(n)]
-            lines = fig.add_subplot(grid[1, :])
+            top, bottom = fig.subfigures(2, 1)
+            maps = list(top.subplots(1, n))
+            lines = bottom.add_subplot()
     for ax, (r, lab) in zip(maps, have):
         F.state_norm_figure(r.tables["state_stats"], r.tables.get("collapse"), train_len, label=lab,
                             color=colors[lab], ax=(ax, lines))

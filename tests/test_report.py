@@ -1,6 +1,7 @@
 """The HTML report: one self-contained, escaped page whose numbers equal those computed from the CSVs."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -110,8 +111,7 @@ def test_page_parses_and_holds_every_section(compared):
     page = Page(html)
     ids = page.ids()
     assert {"summary", "comparison", "manifests"} | {f"fig-{f}" for f in FIGURES} <= ids
-    images = [a for t, a in page.tags if t == "img"]
-    assert len(images) == len(FIGURES)
+    assert sum(t == "svg" for t, _ in page.tags) == len(FIGURES) and not any(t == "img" for t, _ in page.tags)
     # every figure comes with its tables, per checkpoint (state_stats under both state figures)
     shown = ["positionwise", "remembrance", "state_stats", "collapse", "state_stats", "decay", "coverage",
              "coverage_buckets"]
@@ -131,12 +131,13 @@ def test_page_parses_and_holds_every_section(compared):
 def test_nothing_points_outside_the_file(compared):
     _, html = compared
     page = Page(html)
-    refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href", "srcset", "action", "poster")]
+    refs = [v for _, a in page.tags for k, v in a.items()
+            if k in ("src", "href", "xlink:href", "srcset", "action", "poster")]
     assert refs and all(v.startswith(("data:", "#")) for v in refs), [v[:40] for v in refs]
     anchors = {v[1:] for v in refs if v.startswith("#")}
     assert anchors <= page.ids()
     assert not any(t in ("script", "link", "iframe", "object", "embed") for t, _ in page.tags)
-    assert "url(" not in html and "@import" not in html
+    assert set(re.findall(r"url\(.", html)) == {"url(#"} and "@import" not in html  # clip paths, by id
 
 
 def test_labels_are_escaped(compared):
@@ -303,7 +304,7 @@ def test_task_results_make_a_section_card_lines_and_comparison(tmp_path):
     page = Page(html)
     assert {"tasks", "task-passkey", "task-copying", "task-babilong"} <= page.ids()
     assert "Long-context tasks" in "".join(page.text)
-    assert len([a for t, a in page.tags if t == "img"]) == 3 and sum(t == "table" for t, _ in page.tags) == 6
+    assert sum(t == "svg" for t, _ in page.tags) == 3 and sum(t == "table" for t, _ in page.tags) == 6
     frames = {}
     for folder, seed, flat in ((base, 0, False), (post, 1, True)):
         read = {name: pd.read_csv(folder / (f"{name}.csv" if flat else f"{name}/{name}.csv"))
@@ -364,7 +365,9 @@ HOSTILE = ["<script>alert(1)</script>", "\"><img src=x onerror=alert(1)>", "'; b
            "</pre><a href=\"http://evil.example\">x</a>"]
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "nav", "a", "section", "div",
                 "dl", "dt", "dd", "ul", "li", "img", "details", "summary", "table", "thead", "tbody", "tr", "th", "td",
-                "p", "pre"}
+                "p", "pre", "code",
+                # the figures' inline SVG
+                "svg", "defs", "g", "path", "text", "tspan", "clippath", "use", "image", "rect", "circle"}
 
 
 def hostile_folder(src: Path, dest: Path) -> Path:
@@ -401,9 +404,9 @@ def test_hostile_labels_paths_and_values_stay_text(compared, tmp_path):
         page = Page(html)
         assert {t for t, _ in page.tags} <= ALLOWED_TAGS, {t for t, _ in page.tags} - ALLOWED_TAGS
         assert not [k for _, a in page.tags for k in a if k.startswith("on")]
-        refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href")]
+        refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href", "xlink:href")]
         assert refs and all(v.startswith(("data:image/png;base64,", "#")) for v in refs)
-        assert sum(t == "img" for t, _ in page.tags) == len(FIGURES)
+        assert sum(t == "svg" for t, _ in page.tags) == len(FIGURES)
         assert "http:" not in "".join(refs) and "//" not in "".join(v for v in refs if v.startswith("#"))
         csp = [a["content"] for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
         assert csp == ["default-src 'none'; img-src data:; style-src 'unsafe-inline'"]
@@ -568,3 +571,68 @@ def test_the_visual_check_can_fail():
            '<script>alert(1)</script><g onmouseover="x()"><image xlink:href="https://evil.example/x.png"/>'
            '<path clip-path="url(https://evil.example/#p)"/></g></svg>')
     assert len(svg_safety_problems(svg)) == 4
+
+
+# --- the inline SVG: searchable text, hover values, sanitized ---------------------------------------
+
+
+def section_svg(html: str, section: str):
+    """The parsed ``<svg>`` of the page's ``section`` (the SVG is well-formed XML inside the HTML)."""
+    import xml.etree.ElementTree as ET
+
+    start = html.index(f'<section id="{section}"')
+    begin = html.index("<svg", start)
+    return ET.fromstring(html[begin:html.index("</svg>", begin) + len("</svg>")])
+
+
+def test_figures_are_inline_svg_with_text_and_a_hover_title_per_point(compared):
+    from visual_check import SVG, svg_safety_problems
+
+    out, html = compared
+    svg = section_svg(html, "fig-perplexity")
+    texts = ["".join(t.itertext()) for t in svg.iter(f"{SVG}text")]
+    assert "Position-wise perplexity" in texts and "training length (32 tokens)" in texts  # text, not paths
+    pw = pd.read_csv(folders(out)[0] / "perplexity" / "positionwise.csv")
+    pw = pw[pw.n_tokens > 0]
+    expected = [f"base: perplexity\nposition in the context, bucket midpoint (tokens): {(s + e) / 2:.4g}\n"
+                f"perplexity (exp of mean cross-entropy): {p:.4g}" for s, e, p in zip(pw.pos_start, pw.pos_end, pw.ppl)]
+    circles = {c.find(f"{SVG}title").text: (float(c.get("cx")), float(c.get("cy"))) for c in svg.iter(f"{SVG}circle")}
+    assert set(expected) <= set(circles)
+    # each circle sits on its point: the line's own path (drawn by matplotlib) passes through every one
+    (group,) = [g for g in svg.iter(f"{SVG}g") if (g.find(f"{SVG}title") is not None
+                                                    and g.find(f"{SVG}title").text == "base: perplexity")]
+    numbers = [float(v) for v in re.findall(r"-?\d+\.?\d*", group.find(f"{SVG}path").get("d"))]
+    vertices = np.array(numbers).reshape(-1, 2)
+    centres = np.array([circles[t] for t in expected])
+    assert len(vertices) == len(centres)
+    np.testing.assert_allclose(vertices, centres, atol=0.01)
+    for section in [f"fig-{f}" for f in FIGURES]:
+        assert svg_safety_problems(section_svg(html, section)) == [], section
+
+
+def test_svg_is_sanitized_and_a_large_one_falls_back_to_png(compared, monkeypatch):
+    import xml.etree.ElementTree as ET
+
+    from matplotlib.figure import Figure
+
+    from statelens.reports import svg as S
+    from visual_check import render_svg, svg_safety_problems
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    (line,) = ax.plot([1, 2], [3, 4], gid="onload")
+    line.set_url("javascript:alert(1)")  # matplotlib wraps the line in <a xlink:href="javascript:...">
+    ax.set_title(EVIL)
+    assert svg_safety_problems(render_svg(fig))  # what matplotlib writes has an outside reference
+    inline = S.inline_svg(fig, "x", "a title")
+    assert svg_safety_problems(inline) == []
+    assert EVIL in ["".join(t.itertext()) for t in ET.fromstring(inline).iter("{http://www.w3.org/2000/svg}text")]
+    assert "<script" not in inline and "javascript:" not in inline
+
+    from statelens.reports.html import render
+
+    monkeypatch.setattr(S, "MAX_CHARS", 30_000)  # every figure but the smallest is "too large"
+    page = render([load_results(f) for f in folders(compared[0])], ["base", "post"], [32, 32])
+    svgs, pngs = page.count("<svg"), page.count('src="data:image/png;base64,')
+    assert svgs + pngs == len(FIGURES) and pngs >= 4
+    assert page.count("shown as a PNG: as SVG this figure would exceed 2 MB") == pngs
