@@ -45,7 +45,8 @@ def _hover_lines(fig: Figure) -> list[Line2D]:
 
 
 def _value(v: float) -> str:
-    return f"{v:.4g}"
+    """A hover value: 4 significant digits, but whole units from 1000 on (position 16384, not 1.638e+04)."""
+    return f"{v:.0f}" if 1e3 <= abs(v) < 1e12 else f"{v:.4g}"
 
 
 def _point_targets(fig: Figure, lines: list[Line2D], height: float) -> ET.Element:

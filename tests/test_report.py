@@ -594,6 +594,7 @@ def test_figures_are_inline_svg_with_text_and_a_hover_title_per_point(compared):
     assert "Position-wise perplexity" in texts and "training length (32 tokens)" in texts  # text, not paths
     pw = pd.read_csv(folders(out)[0] / "perplexity" / "positionwise.csv")
     pw = pw[pw.n_tokens > 0]
+    assert pw.pos_end.max() < 1000  # below 1000 a hover value has 4 significant digits
     expected = [f"base: perplexity\nposition in the context, bucket midpoint (tokens): {(s + e) / 2:.4g}\n"
                 f"perplexity (exp of mean cross-entropy): {p:.4g}" for s, e, p in zip(pw.pos_start, pw.pos_end, pw.ppl)]
     circles = {c.find(f"{SVG}title").text: (float(c.get("cx")), float(c.get("cy"))) for c in svg.iter(f"{SVG}circle")}
