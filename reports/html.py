@@ -4,14 +4,16 @@ Start with :func:`render`. The pieces, all pure except :func:`write_report`::
 
     results = load_results("runs/")          # the CSVs and run.json files the commands wrote
     v = verdicts(results, train_len=2048)     # the headline numbers of one checkpoint
+    headline(v), next_step(v)                 # the card's first sentence, and the command a failure calls for
     lines = comparison(v_base, v_post)        # the differences of two checkpoints, in words
     html = render([base, post], ["base", "post"])
     write_report(html, "report/")             # report/index.html, written atomically
 
-The page holds no external reference: figures are PNG ``data:`` URIs, the CSS is inline, and a
-Content-Security-Policy meta tag forbids everything else. Every string shown goes through jinja2's
-autoescaping (the template is ``templates/report.html.j2``). The report only assembles DataFrames
-and the figures of :mod:`statelens.reports.figures`; it computes nothing but the verdict numbers.
+The page holds no external reference: figures are inline SVG (:mod:`statelens.reports.svg`, sanitized)
+or, above 2 MB, PNG ``data:`` URIs; the CSS is inline, and a Content-Security-Policy meta tag forbids
+everything else. Every other string shown goes through jinja2's autoescaping (the template is
+``templates/report.html.j2``). The report only assembles DataFrames and the figures of
+:mod:`statelens.reports.page_figures`; it computes nothing but the verdict numbers.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ TABLES = {
 TASK_TABLES = {"passkey": "passkey", "copying": "copying", "babilong": "babilong"}
 #: Rows of a table shown in the page; the rest is in the CSV.
 MAX_ROWS = 50
-#: A bucket length-generalizes when its loss stays within this factor of the in-context loss.
 #: Collapsed heads named in a summary card.
 TOP_HEADS = 5
 
