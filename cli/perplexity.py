@@ -28,7 +28,8 @@ def perplexity(
 ) -> None:
     """Position-wise loss: next-token NLL at each position averaged over documents, in position
     buckets; writes positionwise.csv, perplexity.png and run.json."""
-    from statelens.analysis.positionwise import bucket_losses, in_context_length, in_context_loss, position_losses
+    from statelens.analysis.positionwise import (TOLERANCE_NATS, bucket_losses, generalizes_to, in_context_loss,
+                                                 position_losses)
     from statelens.analysis.buckets import bucket_edges
     from statelens.analysis.nonfinite import first_nonfinite_position
     from statelens.cli.common import report, start
@@ -51,15 +52,16 @@ def perplexity(
     df = bucket_losses(summed, num_seqs, bucket_edges(1, length, buckets, scale.value))
     run.lap("compute")
     in_context = in_context_loss(df, run.train_len)
-    generalizes = in_context_length(df, in_context)
+    generalizes = generalizes_to(df, run.train_len)
     bad_at = first_nonfinite_position(summed)  # exact; positionwise.csv only knows the bucket
-    found = {"in_context_loss": in_context, "length_generalizes_to": generalizes}
+    found = {"in_context_loss": in_context, "generalizes_to": generalizes, "tolerance_nats": TOLERANCE_NATS}
     written = run.finish({"positionwise": df}, perplexity_figure(df, train_len=run.train_len),
                          results=found | ({"first_nonfinite_loss_position": bad_at} if bad_at else {}))
     last = df.iloc[-1]
     report(run, written, [
         f"loss within the training length: {in_context:.4f} (ppl {2.718281828 ** in_context:.2f})",
         f"loss at positions [{int(last.pos_start)}, {int(last.pos_end)}): {last.loss:.4f} (ppl {last.ppl:.2f})",
-        f"length-generalizes to position {generalizes} (last bucket within 10% of the in-context loss)"]
+        f"length-generalizes to position {generalizes} of {length} (from the training length on, the loss pooled "
+        f"over neighbouring buckets stays within {TOLERANCE_NATS} nats of the in-context loss)"]
         + ([f"the loss is first non-finite at position {bad_at}"] if bad_at else []))
 

@@ -38,7 +38,9 @@ length line ``"train_len"``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,9 +49,12 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.collections import QuadMesh
 from matplotlib.colors import LogNorm, Normalize, to_rgb
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.patheffects import withStroke
+from matplotlib.ticker import MaxNLocator
 from matplotlib.typing import ColorType
 
 REMEMBRANCE_COLUMNS = ("t", "T", "effrem", "effrem_sem", "n_seqs")
@@ -69,6 +74,19 @@ EFFREM_FLOOR = 1e-6
 MAX_HEADS = 8
 #: Heads drawn when none is flagged as collapsed: those with the largest final norm.
 FALLBACK_HEADS = 4
+
+#: The attribute each data line carries for the report's hover titles: its name with the checkpoint's
+#: ("base: layer 3"); :mod:`statelens.reports.svg` reads it beside the line's points and Axes labels.
+HOVER_NAME = "statelens_hover_name"
+#: Legends with more entries than this go outside the Axes.
+LEGEND_INSIDE = 3
+#: Retention below this is outside the retention axis: a weight of 1e-6 on the initial state is gone.
+RETENTION_FLOOR = 1e-6
+_RETENTION_FLOOR_TEXT = "1e-6"
+#: Characters that fit on one title line of a panel 6.4 inches wide with a colour bar.
+TITLE_CHARS = 60
+#: Tick labels on a heatmap's position axis.
+HEATMAP_TICKS = 6
 
 _SINGLE = (6.4, 4.2)
 _DOUBLE = (12.8, 4.4)
@@ -110,12 +128,30 @@ def _sequential_cmap(color: ColorType | None):
 # --- shared plumbing --------------------------------------------------------------------------------
 
 
+def literal(text: str) -> str:
+    """``text`` escaped for mathtext, so that matplotlib shows it as given: every ``$`` becomes ``\\$``
+    (a string with two unescaped ``$`` would otherwise be parsed as math, and a malformed one raise).
+    Mathtext itself stays on, for the axes' tick labels (``10^{2}`` on a log axis)."""
+    return text.replace("$", r"\$")
+
+
+@contextlib.contextmanager
+def figure_style():
+    """The style of every figure here (seaborn's whitegrid, notebook context at 0.9): a context manager,
+    so rcParams are restored on exit. Axes made inside it (e.g. the report's grids) match the figures."""
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        yield
+
+
 def _styled(fn):
-    """Runs a figure function inside seaborn's style contexts; rcParams are restored on exit."""
+    """Runs a figure function inside :func:`figure_style`, with its ``label`` (the one user string a
+    figure function takes) escaped by :func:`literal`."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        if kwargs.get("label"):
+            kwargs["label"] = literal(kwargs["label"])
+        with figure_style():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -161,19 +197,47 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def _with_label(title: str, label: str | None) -> str:
+    """``title (label)`` when that fits a one-panel title (:data:`TITLE_CHARS`), else the label on
+    lines of its own, wrapped: a long checkpoint name must not cut the title."""
+    if not label:
+        return title
+    if len(title) + len(label) + 3 <= TITLE_CHARS:
+        return f"{title} ({label})"
+    return title + "\n" + "\n".join(textwrap.wrap(f"({label})", TITLE_CHARS, break_long_words=True))
+
+
 def _no_data(ax: Axes) -> None:
     ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.4",
             gid="nodata")
 
 
-def _legend(ax: Axes, loc: str = "best") -> None:
-    """(Re)builds the legend from every labelled artist on ``ax``, the training length last."""
+def _legend(ax: Axes) -> None:
+    """(Re)builds the legend from every labelled artist on ``ax``, the training length last. Up to
+    :data:`LEGEND_INSIDE` entries it sits inside, where it covers least; a longer one would cover data,
+    so it goes below the figure in two columns when ``ax`` is the figure's only Axes (a figure legend,
+    which constrained layout makes room for), else to the right of ``ax``."""
     handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        last = [h.get_gid() == "train_len" for h in handles]
-        order = sorted(range(len(handles)), key=lambda i: last[i])  # stable: data first
-        handles, labels = [handles[i] for i in order], [labels[i] for i in order]
-        ax.legend(handles, labels, loc=loc, fontsize="small", framealpha=0.85)
+    if not handles:
+        return
+    last = [h.get_gid() == "train_len" for h in handles]
+    order = sorted(range(len(handles)), key=lambda i: last[i])  # stable: data first
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    fig = _root_figure(ax)
+    for old in [*fig.legends]:  # an overlay rebuilds the figure legend of the first call
+        old.remove()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    style = {"fontsize": "small", "framealpha": 0.85}
+    if len(handles) <= LEGEND_INSIDE:
+        ax.legend(handles, labels, loc="best", **style)
+    elif len(fig.axes) == 1 and isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        # two columns when two of the longest entries fit side by side (~0.07 inch a character at
+        # "small", plus the handle), else one
+        ncols = 2 if 2 * (0.07 * max(map(len, labels)) + 0.6) <= fig.get_figwidth() else 1
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, **style)
+    else:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **style)
 
 
 def _log_scale(ax: Axes, axis: str, values, *, span: float) -> None:
@@ -206,12 +270,18 @@ def _legend_label(label: str | None) -> str:
     return f" {label}" if label.startswith("_") else label
 
 
+def _hover_name(artist, checkpoint: str | None, name: str) -> None:
+    """Names a data artist for the report's hover titles (:data:`HOVER_NAME`)."""
+    setattr(artist, HOVER_NAME, f"{checkpoint}: {name}" if checkpoint else name)
+
+
 def _plot_line(ax: Axes, x, y, *, color, label: str | None, gid: str, logx: bool, logy: bool,
-               floor: float | None = None, lw: float = 1.6, alpha: float = 1.0, ls: str = "-",
-               zorder: float = 2) -> float | None:
+               checkpoint: str | None = None, floor: float | None = None, lw: float = 1.6, alpha: float = 1.0,
+               ls: str = "-", zorder: float = 2) -> float | None:
     """Draws ``y`` against ``x`` without its non-finite (and, on a log y axis, non-positive) values,
     marking those on the top (bottom) edge. Returns the first x whose y is non-finite, or None.
 
+    ``checkpoint``: the checkpoint's label, for the line's hover name ("{checkpoint}: {gid}").
     ``floor``: finite values below it are drawn at it (used where a documented floor replaces zero).
     """
     x, y = _floats(x), _floats(y)
@@ -223,8 +293,9 @@ def _plot_line(ax: Axes, x, y, *, color, label: str | None, gid: str, logx: bool
     if floor is not None:
         y = np.where(finite, np.maximum(y, floor), y)
     drawable = finite & (y > 0) if logy else finite
-    ax.plot(x[drawable], y[drawable], color=color, lw=lw, alpha=alpha, ls=ls, zorder=zorder, gid=gid,
-            label=_legend_label(label))
+    (line,) = ax.plot(x[drawable], y[drawable], color=color, lw=lw, alpha=alpha, ls=ls, zorder=zorder, gid=gid,
+                      label=_legend_label(label))
+    _hover_name(line, checkpoint, gid)
     edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
     nonpositive = finite & ~drawable
     if nonpositive.any():
@@ -284,11 +355,27 @@ def _group_mean(df: pd.DataFrame, keys: list[str], column: str, bad: pd.Series |
 
 def _heatmap(ax: Axes, table: pd.DataFrame, *, cmap, norm, cbar_label: str, annot: bool = False,
              xticklabels="auto", yticklabels="auto") -> None:
-    """``table`` (rows top to bottom, columns left to right) as a heatmap; NaN cells are blank."""
+    """``table`` (rows top to bottom, columns left to right) as a heatmap; NaN cells are blank. The
+    cells are rasterized: in an SVG hundreds of abutting cells show seams, and weigh more than a PNG."""
     kws = {"norm": norm} if norm is not None else {}
     sns.heatmap(table, ax=ax, cmap=cmap, annot=annot, fmt=".2f", cbar_kws={"label": cbar_label},
                 xticklabels=xticklabels, yticklabels=yticklabels, linewidths=0, **kws)
+    for mesh in ax.collections:
+        if isinstance(mesh, QuadMesh):
+            mesh.set_rasterized(True)
     ax.grid(False)  # whitegrid's lines would run through blank (NaN) cells
+
+
+def _position_ticks(ax: Axes, positions) -> None:
+    """At most :data:`HEATMAP_TICKS` level tick labels on a heatmap's position (x) axis, at round
+    positions, each placed between the columns' centres where its position falls (the columns are
+    the recorded positions, in order, not necessarily evenly spaced)."""
+    pos = np.asarray(positions, dtype=float)
+    if pos.size < 2 or not np.all(np.diff(pos) > 0):
+        return
+    values = MaxNLocator(nbins=HEATMAP_TICKS, integer=True).tick_values(pos[0], pos[-1])
+    values = values[(values >= pos[0]) & (values <= pos[-1])]
+    ax.set_xticks(np.interp(values, pos, np.arange(pos.size)) + 0.5, [_fmt(v) for v in values], rotation=0)
 
 
 def _heatmap_note(ax: Axes, text: str) -> None:
@@ -341,7 +428,7 @@ def remembrance_figure(df: pd.DataFrame, *, label: str | None = None,
         y, sem = _floats(g["effrem"]), np.nan_to_num(_floats(g["effrem_sem"]), nan=0.0)
         _band(ax, g["t"], np.maximum(y - sem, EFFREM_FLOOR), np.maximum(y + sem, EFFREM_FLOOR),
               color=shade, logx=False, logy=True)
-        first = _plot_line(ax, g["t"], y, color=shade, label=line_label, gid=f"effrem T={_fmt(T)}",
+        first = _plot_line(ax, g["t"], y, color=shade, label=line_label, gid=f"effrem T={_fmt(T)}", checkpoint=label,
                            logx=False, logy=True, floor=EFFREM_FLOOR)
         if first is not None:
             bad[name if len(lengths) > 1 else ""] = first
@@ -349,7 +436,7 @@ def remembrance_figure(df: pd.DataFrame, *, label: str | None = None,
     ax.set_yscale("log")
     ax.set_xlim(0, max(float(max(lengths)), right))
     n = df["n_seqs"].max()
-    n_text = f", mean over {_fmt(n)} sequences ± s.e.m." if np.isfinite(n) else ""
+    n_text = f"\nmean over {_fmt(n)} sequences, band ± s.e.m." if np.isfinite(n) else ""
     ax.set_title(f"Effective remembrance, T = {', '.join(_fmt(T) for T in lengths)} tokens{n_text}",
                  fontsize="medium")
     _legend(ax)
@@ -381,7 +468,7 @@ def perplexity_figure(df: pd.DataFrame, train_len: int | None = None, *, label: 
     x = (_floats(g["pos_start"]) + _floats(g["pos_end"])) / 2
     ax.set_xscale("log")
     _log_scale(ax, "y", g["ppl"], span=10)
-    first = _plot_line(ax, x, g["ppl"], color=color, label=label, gid="perplexity", logx=True,
+    first = _plot_line(ax, x, g["ppl"], color=color, label=label, gid="perplexity", checkpoint=label, logx=True,
                        logy=ax.get_yscale() == "log", lw=1.8)
     _note_nonfinite(ax, {"": first} if first is not None else {}, label=label, color=color)
     _train_len_line(ax, train_len)
@@ -401,7 +488,7 @@ def _nonfinite_rows(df: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _pick_heads(df: pd.DataFrame, collapse: pd.DataFrame | None) -> tuple[list[tuple[int, int]], str]:
-    """The heads to draw and the panel's title: the flagged heads (most collapsed first: non-finite,
+    """The heads to draw and a note for the panel's title: the flagged heads (most collapsed first: non-finite,
     then by ``ratio``), at most :data:`MAX_HEADS`; else the :data:`FALLBACK_HEADS` heads with the
     largest final norm (non-finite counts as largest)."""
     present = set(map(tuple, df[["layer", "head"]].drop_duplicates().to_numpy().tolist()))
@@ -416,13 +503,23 @@ def _pick_heads(df: pd.DataFrame, collapse: pd.DataFrame | None) -> tuple[list[t
         if heads:
             shown = heads[:MAX_HEADS]
             more = f", {len(shown)} of {len(heads)} shown" if len(heads) > len(shown) else ""
-            return shown, f"Collapsed heads ({len(heads)} flagged{more})"
+            return shown, f"{len(heads)} flagged{more}"
     last = df.sort_values("position").groupby(["layer", "head"], sort=True).tail(1)
     final = _floats(last["norm"])
     key = np.where(np.isfinite(final), final, np.inf)
     order = np.argsort(-key, kind="stable")[:FALLBACK_HEADS]
     heads = [tuple(last[["layer", "head"]].to_numpy()[i].tolist()) for i in order]
-    return heads, f"No head flagged: the {len(heads)} with the largest final norm"
+    return heads, f"none flagged, the {len(heads)} with the largest final norm"
+
+
+def _collapsed_title(ax: Axes, note: str, label: str | None) -> None:
+    """"Collapsed heads (note)"; an overlay adds its checkpoint's part to the first call's:
+    "Collapsed heads (base: 3 flagged; post: 1 flagged)"."""
+    part = f"{label}: {note}" if label else note
+    previous, head = ax.get_title(), "Collapsed heads ("
+    if previous.startswith(head) and previous.endswith(")"):
+        part = f"{previous[len(head):-1]}; {part}"
+    ax.set_title(f"{head}{part})", fontsize="medium")
 
 
 @_styled
@@ -443,8 +540,7 @@ def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, tr
     """
     fig, ax_map, ax_lines = _two_axes(ax)
     if ax_map is not None:
-        ax_map.set_title(f"State norm per layer, mean over heads{f' ({label})' if label else ''}",
-                         fontsize="medium")
+        ax_map.set_title(_with_label("State norm per layer, mean over heads", label), fontsize="medium")
         ax_map.set_xlabel(_TOKENS)
         ax_map.set_ylabel("layer")
     ax_lines.set_xlabel(_TOKENS)
@@ -474,6 +570,8 @@ def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, tr
                  cbar_label="state norm (Frobenius), mean over heads" + (", log scale" if norm else ""))
         ax_map.set_xlabel(_TOKENS)
         ax_map.set_ylabel("layer")
+        ax_map.tick_params(axis="y", labelrotation=0)
+        _position_ticks(ax_map, cells.columns)
         _cross_cells(ax_map, bad_cells)
         if bad_cells.any():
             columns = np.nonzero(bad_cells.any(axis=0))[0]
@@ -486,8 +584,8 @@ def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, tr
             if 0 < boundary < positions.size:
                 _train_len_line(ax_map, train_len, x=boundary)
 
-    heads, title = _pick_heads(df, collapse)
-    ax_lines.set_title(title, fontsize="medium")
+    heads, note = _pick_heads(df, collapse)
+    _collapsed_title(ax_lines, note, label)
     ax_lines.set_xscale("log")
     ax_lines.set_yscale("log")
     # No colour given: a distinct colour per head. A colour given (an overlay): its shades (the most
@@ -501,7 +599,7 @@ def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, tr
         name = f"L{layer}H{head}"
         y = _floats(g["norm"]).copy()
         y[bad_rows.loc[g.index].to_numpy()] = np.nan
-        first = _plot_line(ax_lines, g["position"], y, color=c, gid=name, logx=True, logy=True,
+        first = _plot_line(ax_lines, g["position"], y, color=c, gid=name, checkpoint=label, logx=True, logy=True,
                            label=f"{label}: {name}" if label else name,
                            ls=styles[i % len(styles)] if color_given else "-")
         if first is not None:
@@ -521,7 +619,7 @@ def _per_layer_lines(ax: Axes, table: pd.Series, *, label: str | None, color, lo
     """One line per layer from ``table`` (a Series indexed by (layer, x)), in shades of ``color``.
 
     ``legend``: "ends" names the shallowest and deepest layers (every layer when there are at most 6),
-    "deepest" names only the deepest one as the per-layer lines ("per layer, darker = deeper").
+    "deepest" names only the deepest one as the per-layer lines ("layers (darker = deeper)").
     Returns the first non-finite x per line name, for :func:`_note_nonfinite`.
     """
     layers = sorted(table.index.get_level_values(0).unique())
@@ -534,13 +632,13 @@ def _per_layer_lines(ax: Axes, table: pd.Series, *, label: str | None, color, lo
             shown = len(layers) <= 6 or i in (0, len(layers) - 1)
             line_label = f"{prefix}{name}" if shown else None
         else:
-            line_label = f"{prefix}per layer (darker = deeper)" if i == len(layers) - 1 else None
+            line_label = f"{prefix}layers (darker = deeper)" if i == len(layers) - 1 else None
         if band is not None:
             lo, hi = band[0].xs(layer, level=0), band[1].xs(layer, level=0)
             _band(ax, lo.index, lo.to_numpy(), hi.reindex(lo.index).to_numpy(), color=shade, logx=logx,
                   logy=logy)
         first = _plot_line(ax, series.index, series.to_numpy(), color=shade, label=line_label, gid=name,
-                           logx=logx, logy=logy, lw=lw, alpha=alpha)
+                           checkpoint=label, logx=logx, logy=logy, lw=lw, alpha=alpha)
         if first is not None:
             bad[name] = first
     return bad
@@ -556,7 +654,7 @@ def state_std_figure(df: pd.DataFrame, train_len: int | None = None, *, label: s
     """
     fig, ax = _one_axes(ax)
     ax.set_xlabel(_TOKENS)
-    ax.set_ylabel("std of state entries (state units), mean over heads")
+    ax.set_ylabel("std of state entries, mean over heads")
     ax.set_title("State standard deviation per layer", fontsize="medium")
     if df.empty:
         _no_data(ax)
@@ -602,8 +700,8 @@ def decay_figure(df: pd.DataFrame, train_len: int | None = None, *, label: str |
     if ax_ret is None:  # one Axes given: the retention panel only
         ax_ret, ax_hor = ax_hor, None
     ax_ret.set_xlabel(_TOKENS)
-    ax_ret.set_ylabel("retention of the initial state (weight, 0–1)")
-    ax_ret.set_title("Decay retention per layer (median, band: min–max over heads)", fontsize="medium")
+    ax_ret.set_ylabel(f"retention of the initial state (axis from {_RETENTION_FLOOR_TEXT})")
+    ax_ret.set_title("Retention per layer (median; band: min–max over heads)", fontsize="medium")
     if ax_hor is not None:
         ax_hor.set_xlabel(_TOKENS)
         ax_hor.set_ylabel("memory horizon (tokens)")
@@ -629,6 +727,7 @@ def decay_figure(df: pd.DataFrame, train_len: int | None = None, *, label: str |
             bad[f"{int(hidden.sum())} head value(s), outside the bands"] = float(np.nanmin(where))
         _note_nonfinite(a, bad, label=label, color=color)
         _train_len_line(a, train_len)
+    ax_ret.set_ylim(RETENTION_FLOOR, 1.5)  # retention is at most 1; below the floor nothing is left
     _legend(ax_ret)
     return fig
 
@@ -648,7 +747,7 @@ def coverage_figure(df: pd.DataFrame, train_len: int | None = None, *, label: st
     fig, ax = _one_axes(ax)
     ax.set_xlabel("position, bucket midpoint (tokens)")
     ax.set_ylabel("out-of-support fraction (0–1)")
-    ax.set_title("Coverage: states outside the training-length distribution", fontsize="medium")
+    ax.set_title("States outside the training distribution", fontsize="medium")
     ax.set_ylim(-0.02, 1.02)
     if df.empty:
         _no_data(ax)
@@ -661,8 +760,8 @@ def coverage_figure(df: pd.DataFrame, train_len: int | None = None, *, label: st
     bad = _per_layer_lines(ax, per_layer, label=label, color=color, logx=True, logy=False, lw=0.9,
                            alpha=0.7, legend="deepest")
     overall = _group_mean(frame, ["midpoint"], "oos_fraction")
-    mean_label = f"{label}: mean over layers and heads" if label else "mean over layers and heads"
-    first = _plot_line(ax, overall.index, overall.to_numpy(), color=color, gid="mean", logx=True,
+    mean_label = f"{label}: mean over layers, heads" if label else "mean over layers, heads"
+    first = _plot_line(ax, overall.index, overall.to_numpy(), color=color, gid="mean", checkpoint=label, logx=True,
                        logy=False, lw=2.8, zorder=3, label=mean_label)
     if first is not None:
         bad["mean"] = first
@@ -685,7 +784,7 @@ def coverage_scatter_figure(points: pd.DataFrame, *, label: str | None = None,
     fig, ax = _one_axes(ax)
     ax.set_xlabel("PC 1 (state units)")
     ax.set_ylabel("PC 2 (state units)")
-    ax.set_title(f"State coverage, PCA projection{f' ({label})' if label else ''}", fontsize="medium")
+    ax.set_title(_with_label("State coverage, PCA projection", label), fontsize="medium")
     if points.empty:
         _no_data(ax)
         return fig
@@ -731,7 +830,7 @@ def passkey_figure(df: pd.DataFrame, train_len: int | None = None, *, label: str
     draws a line after the last length within the training length.
     """
     fig, ax = _one_axes(ax)
-    ax.set_title(f"Passkey retrieval accuracy{f' ({label})' if label else ''}", fontsize="medium")
+    ax.set_title(_with_label("Passkey retrieval accuracy", label), fontsize="medium")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey depth (fraction of the context)")
     if df.empty:
@@ -759,6 +858,42 @@ def passkey_figure(df: pd.DataFrame, train_len: int | None = None, *, label: str
             _train_len_line(ax, train_len, x=boundary)
     ax.tick_params(axis="x", labelrotation=45)
     ax.tick_params(axis="y", labelrotation=0)
+    return fig
+
+
+# --- 9. Task accuracy (copying, BABILong) -----------------------------------------------------------
+
+
+@_styled
+def accuracy_figure(df: pd.DataFrame, x: str = "length", *, title: str = "Accuracy", label: str | None = None,
+                    color: ColorType | None = None, ax: Axes | None = None) -> Figure:
+    """Task accuracy against ``x`` (log2 x): the mean over the rows at each ``x``, with markers; one
+    line per ``task`` when that column exists, line styles telling the tasks apart.
+
+    ``df``: ``x`` (``"length"``: context length, or ``"n"``: string length, tokens), ``accuracy`` (0..1),
+    optionally ``task``. Task names are data and are shown literally.
+    """
+    fig, ax = _one_axes(ax)
+    ax.set_xlabel("string length (tokens)" if x == "n" else "context length (tokens)")
+    ax.set_ylabel("accuracy (fraction of trials)")
+    ax.set_title(literal(title), fontsize="medium")
+    ax.set_ylim(-0.02, 1.02)
+    if df.empty:
+        _no_data(ax)
+        return fig
+    _require(df, (x, "accuracy"), "accuracy_figure")
+    color = _checkpoint_color(ax, color)
+    groups = df.groupby("task", sort=True) if "task" in df.columns else [(None, df)]
+    styles = ["-", "--", ":", "-."]
+    for i, (task, rows) in enumerate(groups):
+        acc = rows.groupby(x)["accuracy"].mean()
+        names = [n for n in (label, None if task is None else literal(str(task))) if n]
+        gid = "accuracy" if task is None else f"task {literal(str(task))}"
+        (line,) = ax.plot(_floats(acc.index), _floats(acc), marker="o", color=color, ls=styles[i % len(styles)],
+                          gid=gid, label=_legend_label(": ".join(names)))
+        _hover_name(line, label, gid)
+    ax.set_xscale("log", base=2)
+    _legend(ax)
     return fig
 
 

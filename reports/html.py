@@ -4,14 +4,16 @@ Start with :func:`render`. The pieces, all pure except :func:`write_report`::
 
     results = load_results("runs/")          # the CSVs and run.json files the commands wrote
     v = verdicts(results, train_len=2048)     # the headline numbers of one checkpoint
+    headline(v), next_step(v)                 # the card's first sentence, and the command a failure calls for
     lines = comparison(v_base, v_post)        # the differences of two checkpoints, in words
     html = render([base, post], ["base", "post"])
     write_report(html, "report/")             # report/index.html, written atomically
 
-The page holds no external reference: figures are PNG ``data:`` URIs, the CSS is inline, and a
-Content-Security-Policy meta tag forbids everything else. Every string shown goes through jinja2's
-autoescaping (the template is ``templates/report.html.j2``). The report only assembles DataFrames
-and the figures of :mod:`statelens.reports.figures`; it computes nothing but the verdict numbers.
+The page holds no external reference: figures are inline SVG (:mod:`statelens.reports.svg`, sanitized)
+or, above 2 MB, PNG ``data:`` URIs; the CSS is inline, and a Content-Security-Policy meta tag forbids
+everything else. Every other string shown goes through jinja2's autoescaping (the template is
+``templates/report.html.j2``). The report only assembles DataFrames and the figures of
+:mod:`statelens.reports.page_figures`; it computes nothing but the verdict numbers.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
 
 from statelens.analysis.nonfinite import describe, find_nonfinite
-from statelens.analysis.positionwise import in_context_length, in_context_loss
+from statelens.analysis.positionwise import TOLERANCE_NATS, generalizes_to, in_context_loss
 from statelens.errors import BadInput
 from statelens.outputs import atomic_write
+from statelens.reports.page_figures import PANEL, report_figures, task_figures
 
 #: Table name -> the command that writes it (its output folder under a ``--from`` directory).
 TABLES = {
@@ -47,7 +49,6 @@ TABLES = {
 TASK_TABLES = {"passkey": "passkey", "copying": "copying", "babilong": "babilong"}
 #: Rows of a table shown in the page; the rest is in the CSV.
 MAX_ROWS = 50
-#: A bucket length-generalizes when its loss stays within this factor of the in-context loss.
 #: Collapsed heads named in a summary card.
 TOP_HEADS = 5
 
@@ -111,8 +112,10 @@ def _finite(x) -> float | None:
 def verdicts(results: Results, train_len: int) -> dict:
     """The headline numbers of one checkpoint; a key is None when its table is missing.
 
-    Keys: arch, parameters, state_size, train_len; in_context_loss, generalizes_to (see
-    :func:`in_context_length`), final_bucket ``(pos_start, pos_end)`` and final_loss (the last
+    Keys: arch, parameters, state_size, train_len, checkpoint_path; in_context_loss, generalizes_to
+    (tokens, :func:`statelens.analysis.positionwise.generalizes_to`), rollout_end (the last bucket's
+    end), excess_beyond (mean loss from generalizes_to on minus the in-context loss, nats; None when
+    it generalizes to the end), final_bucket ``(pos_start, pos_end)`` and final_loss (the last
     position bucket); collapsed_heads, heads, top_heads (up to 5 dicts layer, head, statistic, ratio);
     effrem_half ``{"t", "T", "effrem"}`` (the t nearest T // 2); oos_beyond (mean of
     coverage_buckets.oos_fraction: the buckets all lie past the training length); passkey_capacity
@@ -123,7 +126,8 @@ def verdicts(results: Results, train_len: int) -> dict:
     ckpt = results.checkpoint
     out = {"arch": ckpt.get("arch"), "parameters": ckpt.get("parameters"), "state_size": ckpt.get("state_size"),
            "vocab_size": ckpt.get("vocab_size"),
-           "train_len": train_len, "in_context_loss": None, "generalizes_to": None, "final_bucket": None,
+           "checkpoint_path": ckpt.get("path"), "train_len": train_len, "in_context_loss": None,
+           "generalizes_to": None, "rollout_end": None, "excess_beyond": None, "final_bucket": None,
            "final_loss": None, "collapsed_heads": None, "heads": None, "top_heads": [], "effrem_half": None,
            "oos_beyond": None, "passkey_capacity": None, "passkey_state_size": None, "copying": None,
            "babilong": None, "nonfinite": find_nonfinite(results.tables)}
@@ -147,8 +151,12 @@ def verdicts(results: Results, train_len: int) -> dict:
         pw = pw.sort_values("pos_start")
         loss = in_context_loss(pw, train_len)
         out["in_context_loss"] = _finite(loss)
-        out["generalizes_to"] = in_context_length(pw, loss) if math.isfinite(loss) else None
+        out["generalizes_to"] = reach = generalizes_to(pw, train_len)
         last = pw.iloc[-1]
+        out["rollout_end"] = int(last.pos_end)
+        if reach is not None and reach < out["rollout_end"]:
+            after = pw[pw.pos_start >= reach]
+            out["excess_beyond"] = _finite(np.average(after.loss, weights=after.n_tokens) - loss)
         out["final_bucket"] = (int(last.pos_start), int(last.pos_end))
         out["final_loss"] = _finite(last.loss)
     heads = results.tables.get("collapse")
@@ -174,12 +182,53 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+def _tokens(n: int) -> str:
+    """A token count as a researcher writes it: 790, 2048, 16.4k, 131k, 1.5M."""
+    for size, suffix in ((1_000_000, "M"), (1000, "k")):
+        if n >= 10 * size or (size > 1000 and n >= size):
+            return f"{n / size:.3g}" + suffix
+    return str(n)
+
+
+def _times(n: int, train_len: int) -> str:
+    """``n`` in training lengths: "12x T", "1.5x T"."""
+    ratio = n / train_len
+    return f"{ratio:.0f}x T" if ratio >= 10 else f"{ratio:.1f}".removesuffix(".0") + "x T"
+
+
+def headline(v: dict) -> str | None:
+    """The card's first sentence: whether the checkpoint length-generalizes, with the numbers behind
+    it (the position and the loss rise, collapsed heads, EffRem at T/2); None without positionwise.csv."""
+    reach, end = v["generalizes_to"], v["rollout_end"]
+    if reach is None:
+        return None
+    if reach < end:
+        rise = "" if v["excess_beyond"] is None else f"loss rises {v['excess_beyond']:.2f} nats above"
+        sentence = (f"Fails to length-generalize: {rise or 'loss rises past'} its in-context level "
+                    f"({v['in_context_loss']:.2f}) from ~{_tokens(reach)} tokens ({_times(reach, v['train_len'])}) on")
+    else:
+        sentence = (f"Length-generalizes to the end of the rollout ({_tokens(end)} tokens, "
+                    f"{_times(end, v['train_len'])}): loss within {TOLERANCE_NATS} nats of its in-context level")
+    if v["collapsed_heads"] is not None:
+        sentence += f"; {v['collapsed_heads']} of {v['heads']} heads collapse{'s' if v['collapsed_heads'] == 1 else ''}"
+    if v["effrem_half"] is not None:
+        sentence += f"; EffRem(T/2) {v['effrem_half']['effrem']:.2g}"
+    return sentence + "."
+
+
+def next_step(v: dict) -> str | None:
+    """The command that would address a length-generalization failure (None when there is none)."""
+    reach, end = v["generalizes_to"], v["rollout_end"]
+    if reach is None or reach >= end:
+        return None
+    ckpt = v.get("checkpoint_path") or "CKPT"
+    return (f"statelens posttrain --ckpt {ckpt} --intervention state-passing --data DATA --out POST "
+            f"(about 500 steps from carried states), then statelens compare {ckpt} POST")
+
+
 def verdict_lines(v: dict) -> list[str]:
     """The verdicts of one checkpoint as sentences."""
     lines = []
-    if v["generalizes_to"] is not None:
-        lines.append(f"length-generalizes to position {v['generalizes_to']} (training length {v['train_len']}; "
-                     f"buckets within 10% of the in-context loss {_num(v['in_context_loss'])})")
     if v["final_loss"] is not None:
         start, end = v["final_bucket"]
         lines.append(f"loss at positions [{start}, {end}): {_num(v['final_loss'])}")
@@ -220,7 +269,8 @@ def comparison(a: dict, b: dict) -> list[str]:
     if a["in_context_loss"] is not None and b["in_context_loss"] is not None:
         lines.append(f"in-context loss: {_change(a['in_context_loss'], b['in_context_loss'])}")
     if a["generalizes_to"] is not None and b["generalizes_to"] is not None:
-        lines.append(f"length-generalizes to position: {a['generalizes_to']} -> {b['generalizes_to']}")
+        lines.append(f"length-generalizes to: {_tokens(a['generalizes_to'])} -> {_tokens(b['generalizes_to'])} "
+                     "tokens" + (" (the end of the rollout)" if b["generalizes_to"] == b["rollout_end"] else ""))
     if a["collapsed_heads"] is not None and b["collapsed_heads"] is not None:
         lines.append(f"collapsed heads: {a['collapsed_heads']} -> {b['collapsed_heads']}")
     if a["effrem_half"] is not None and b["effrem_half"] is not None:
@@ -275,90 +325,24 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _figures(results_list: list[Results], labels: list[str], train_lens: list[int]) -> list[dict]:
-    """Every figure whose table some checkpoint has, each checkpoint overlaid (heatmaps side by side),
-    with the tables it was drawn from: ``{"id", "title", "image", "tables": [(label, table), ...]}``."""
-    from matplotlib.figure import Figure
+def _embedded(shown: list[dict]) -> list[dict]:
+    """The page's figure entries: each Figure of :mod:`statelens.reports.page_figures` as inline SVG
+    (:func:`statelens.reports.svg.inline_svg`, marked safe for jinja2: it is sanitized and its text
+    escaped by the XML writer), or as a PNG when the SVG would be too large (``svg`` None); its width
+    class (``narrow``: one panel, ``wide``: two, so the page shows every figure at one scale) and its
+    tables formatted."""
+    from markupsafe import Markup
 
-    from statelens.reports import figures as F
+    from statelens.reports.svg import inline_svg
 
-    colors = F.checkpoint_colors(labels)
-    train_len = train_lens[0] if len(set(train_lens)) == 1 else None  # one dashed line only when shared
-    specs = [("perplexity", "Loss by position", ["positionwise"]),
-             ("remembrance", "Effective Remembrance", ["remembrance"]),
-             ("state-norm", "State norm and collapse", ["state_stats", "collapse"]),
-             ("state-std", "State standard deviation", ["state_stats"]),
-             ("decay", "Decay: retention and memory horizon", ["decay"]),
-             ("coverage", "Coverage: states outside the training support", ["coverage", "coverage_buckets"])]
-    shown = []
-    for fig_id, title, names in specs:
-        have = [(r, lab) for r, lab in zip(results_list, labels) if names[0] in r.tables]
-        if not have:
-            continue
-        n = len(have)
-        if fig_id == "state-norm":  # heatmaps cannot overlay: one per checkpoint, then the shared lines panel
-            fig = Figure(figsize=(6.4 * (n + 1), 4.4), layout="constrained")
-            axes = fig.subplots(1, n + 1)
-            for i, (r, lab) in enumerate(have):
-                F.state_norm_figure(r.tables["state_stats"], r.tables.get("collapse"), train_len, label=lab,
-                                    color=colors[lab], ax=(axes[i], axes[n]))
-        else:
-            double = fig_id == "decay"
-            fig = Figure(figsize=(12.8, 4.4) if double else (6.4, 4.2), layout="constrained")
-            ax = fig.subplots(1, 2) if double else fig.add_subplot()
-            draw = {"perplexity": lambda df, **kw: F.perplexity_figure(df, train_len, **kw),
-                    "remembrance": F.remembrance_figure,
-                    "state-std": lambda df, **kw: F.state_std_figure(df, train_len, **kw),
-                    "decay": lambda df, **kw: F.decay_figure(df, train_len, **kw),
-                    "coverage": lambda df, **kw: F.coverage_figure(df, train_len, **kw)}[fig_id]
-            for r, lab in have:
-                draw(r.tables[names[0]], label=lab, color=colors[lab], ax=ax)
-        tables = [(f"{lab}: {name}.csv", _table(r.tables[name])) for r, lab in have for name in names
-                  if name in r.tables]
-        shown.append({"id": fig_id, "title": title, "image": _png(fig), "tables": tables})
-    return shown
-
-
-def _task_figures(results_list: list[Results], labels: list[str], train_lens: list[int]) -> list[dict]:
-    """The long-context task figures, like :func:`_figures`: the passkey heatmap of each checkpoint side by
-    side, copying accuracy by string length and BABILong accuracy by context length overlaid."""
-    from matplotlib.figure import Figure
-
-    from statelens.reports import figures as F
-
-    colors = F.checkpoint_colors(labels)
-    train_len = train_lens[0] if len(set(train_lens)) == 1 else None
-    specs = [("passkey", "Passkey retrieval", "length"), ("copying", "Copying", "n"),
-             ("babilong", "BABILong", "length")]
-    shown = []
-    for name, title, x in specs:
-        have = [(r.tables[name], lab) for r, lab in zip(results_list, labels) if name in r.tables]
-        if not have:
-            continue
-        if name == "passkey":  # heatmaps cannot overlay: one per checkpoint
-            fig = Figure(figsize=(6.4 * len(have), 4.6), layout="constrained")
-            axes = np.atleast_1d(fig.subplots(1, len(have)))
-            for ax, (df, lab) in zip(axes, have):
-                F.passkey_figure(df, train_len, label=lab, color=colors[lab], ax=ax)
-        else:
-            fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-            ax = fig.add_subplot()
-            styles = ["-", "--", ":", "-."]
-            for df, lab in have:
-                groups = df.groupby("task") if name == "babilong" else [(None, df)]
-                for i, (task, rows) in enumerate(groups):
-                    acc = rows.groupby(x)["accuracy"].mean()
-                    ax.plot(acc.index, acc.to_numpy(), marker="o", color=colors[lab], linestyle=styles[i % 4],
-                            label=lab if task is None else f"{lab}: {task}")
-            ax.set_xscale("log", base=2)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel("string length (tokens)" if name == "copying" else "context length (tokens)")
-            ax.set_ylabel("accuracy")
-            ax.set_title(f"{title} accuracy", fontsize="medium")
-            ax.legend(fontsize="small")
-        shown.append({"id": name, "title": title, "image": _png(fig),
-                      "tables": [(f"{lab}: {name}.csv", _table(df)) for df, lab in have]})
-    return shown
+    entries = []
+    for f in shown:
+        svg = inline_svg(f["figure"], f"fig-{f['id']}", f["title"])
+        entries.append({"id": f["id"], "title": f["title"], "svg": Markup(svg) if svg else None,
+                        "image": None if svg else _png(f["figure"]),
+                        "width": "wide" if f["figure"].get_figwidth() > 1.5 * PANEL[0] else "narrow",
+                        "tables": [(name, _table(df)) for name, df in f["tables"]]})
+    return entries
 
 
 def _table(df: pd.DataFrame) -> dict:
@@ -396,13 +380,13 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
     for r, lab, tl in zip(results_list, labels, train_lens):
         v = verdicts(r, tl)
         rgb = ", ".join(str(round(255 * c)) for c in colors[lab])
-        cards.append({"label": lab, "v": v, "lines": verdict_lines(v), "color": f"rgb({rgb})",
+        cards.append({"label": lab, "v": v, "headline": headline(v), "next_step": next_step(v),
+                      "lines": verdict_lines(v), "color": f"rgb({rgb})",
                       "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
     compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
     caveats = notes(results_list, [c["v"] for c in cards], labels)
-    with mpl.rc_context({"text.parse_math": False}):  # a "$" in a label is text, not mathtext to parse
-        figures = _figures(results_list, labels, train_lens)
-        tasks = _task_figures(results_list, labels, train_lens)
+    figures = _embedded(report_figures(results_list, labels, train_lens))
+    tasks = _embedded(task_figures(results_list, labels, train_lens))
     template = (resources.files("statelens.reports") / "templates" / "report.html.j2").read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(

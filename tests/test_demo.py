@@ -72,6 +72,11 @@ def test_demo_command_writes_both_runs_the_report_and_findings_that_match_its_cs
     page = (out / "index.html").read_text()
     assert "baseline" in page and "state-passing" in page
     assert "Findings checked" in page and "&gt;= 1.15" in page and "out-of-support fraction beyond T" in page
+    # the two models get different verdicts: the baseline fails within the rollout, the post-trained does not
+    reach = {k: json.loads((out / k / "perplexity/run.json").read_text())["results"]["generalizes_to"]
+             for k in ("baseline", "state-passing")}
+    assert reach["baseline"] < 2048 == reach["state-passing"]
+    assert "Fails to length-generalize" in page and "to the end of the rollout (2048 tokens, 32x T)" in page
     # the findings recomputed from the written CSVs
     table = pd.read_csv(out / "findings.csv").set_index("finding")
     loss = {label: pd.read_csv(out / label / "perplexity/positionwise.csv") for label in ("baseline", "state-passing")}

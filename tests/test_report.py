@@ -1,11 +1,13 @@
 """The HTML report: one self-contained, escaped page whose numbers equal those computed from the CSVs."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ import typer
 from conftest import hf_mamba2
 from statelens.cli import report as report_cli
 from statelens.errors import BadInput
-from statelens.reports.html import comparison, load_results, verdicts
+from statelens.reports.html import comparison, headline, load_results, next_step, verdicts
 
 EVIL = "<script>alert(1)</script>\"'&"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&#39;&amp;"
@@ -74,14 +76,26 @@ def folders(out: Path) -> tuple[Path, Path]:
     return base, post
 
 
+def expected_reach(pw: pd.DataFrame, train_len: int, tolerance: float = 0.1) -> int:
+    """generalizes_to recomputed with pandas: a centred rolling window of 3 buckets pools loss x tokens,
+    the first bucket from the training length on whose pooled loss is above the in-context loss plus
+    ``tolerance`` (NaN counts as above) gives its start; none gives the last bucket's end."""
+    inside = pw[pw.pos_end <= train_len]
+    level = np.average(inside.loss, weights=inside.n_tokens)
+    pooled = ((pw.loss * pw.n_tokens).rolling(3, center=True, min_periods=1).sum()
+              / pw.n_tokens.rolling(3, center=True, min_periods=1).sum())
+    pooled[(pw.loss * pw.n_tokens).rolling(3, center=True, min_periods=1).apply(
+        lambda w: np.isnan(w).any(), raw=True).astype(bool)] = np.nan  # rolling sums skip NaN: we must not
+    above = (pw.pos_start >= train_len) & ~(pooled <= level + tolerance)
+    return int(pw.pos_start[above].iloc[0]) if above.any() else int(pw.pos_end.iloc[-1])
+
+
 def expected_verdicts(folder: Path, train_len: int) -> dict:
     """The verdict numbers recomputed from the CSVs with pandas, independently of reports.html."""
     pw = pd.read_csv(folder / "perplexity" / "positionwise.csv")
     inside = pw[pw.pos_end <= train_len]
     in_context = np.average(inside.loss, weights=inside.n_tokens)
-    ok = (pw.loss <= 1.1 * in_context).to_numpy()
-    run = int(np.cumprod(ok).sum())  # length of the leading run of buckets within 10%
-    generalizes = int(pw.pos_end.iloc[run - 1]) if run else 0
+    generalizes = expected_reach(pw, train_len)
     heads = pd.read_csv(folder / "states" / "collapse.csv")
     rem = pd.read_csv(folder / "remembrance" / "remembrance.csv")
     T = int(rem["T"].iloc[0])
@@ -97,8 +111,7 @@ def test_page_parses_and_holds_every_section(compared):
     page = Page(html)
     ids = page.ids()
     assert {"summary", "comparison", "manifests"} | {f"fig-{f}" for f in FIGURES} <= ids
-    images = [a for t, a in page.tags if t == "img"]
-    assert len(images) == len(FIGURES)
+    assert sum(t == "svg" for t, _ in page.tags) == len(FIGURES) and not any(t == "img" for t, _ in page.tags)
     # every figure comes with its tables, per checkpoint (state_stats under both state figures)
     shown = ["positionwise", "remembrance", "state_stats", "collapse", "state_stats", "decay", "coverage",
              "coverage_buckets"]
@@ -118,12 +131,13 @@ def test_page_parses_and_holds_every_section(compared):
 def test_nothing_points_outside_the_file(compared):
     _, html = compared
     page = Page(html)
-    refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href", "srcset", "action", "poster")]
+    refs = [v for _, a in page.tags for k, v in a.items()
+            if k in ("src", "href", "xlink:href", "srcset", "action", "poster")]
     assert refs and all(v.startswith(("data:", "#")) for v in refs), [v[:40] for v in refs]
     anchors = {v[1:] for v in refs if v.startswith("#")}
     assert anchors <= page.ids()
     assert not any(t in ("script", "link", "iframe", "object", "embed") for t, _ in page.tags)
-    assert "url(" not in html and "@import" not in html
+    assert set(re.findall(r"url\(.", html)) == {"url(#"} and "@import" not in html  # clip paths, by id
 
 
 def test_labels_are_escaped(compared):
@@ -138,15 +152,16 @@ def test_verdicts_equal_the_csvs(compared):
     out, html = compared
     for folder in folders(out):
         e = expected_verdicts(folder, 32)
-        assert (f"length-generalizes to position {e['generalizes']} (training length 32; buckets within 10% of "
-                f"the in-context loss {e['in_context']:.4g})") in html
+        v = verdicts(load_results(folder), 32)
+        assert v["generalizes_to"] == e["generalizes"] and v["rollout_end"] == e["bucket"][1]
+        assert headline(v).split(":")[0] in html
         assert f"loss at positions [{e['bucket'][0]}, {e['bucket'][1]}): {e['final']:.4g}" in html
         assert f"collapsed heads: {e['collapsed']} of {e['heads']}" in html
         assert f"EffRem at t = {int(e['half'].t)} (T/2, T = {e['T']}): {e['half'].effrem:.4g}" in html
         assert f"out-of-support fraction beyond the training length: {e['oos']:.4g}" in html
         # the numbers the perplexity run wrote into its own manifest agree too
         manifest = load_results(folder).manifests["perplexity"]
-        assert manifest["results"]["length_generalizes_to"] == e["generalizes"]
+        assert manifest["results"]["generalizes_to"] == e["generalizes"]
         assert manifest["results"]["in_context_loss"] == pytest.approx(e["in_context"], rel=1e-9)
         assert manifest["checkpoint"]["arch"] == "mamba2" and f"{manifest['checkpoint']['parameters']:,}" in html
 
@@ -289,7 +304,7 @@ def test_task_results_make_a_section_card_lines_and_comparison(tmp_path):
     page = Page(html)
     assert {"tasks", "task-passkey", "task-copying", "task-babilong"} <= page.ids()
     assert "Long-context tasks" in "".join(page.text)
-    assert len([a for t, a in page.tags if t == "img"]) == 3 and sum(t == "table" for t, _ in page.tags) == 6
+    assert sum(t == "svg" for t, _ in page.tags) == 3 and sum(t == "table" for t, _ in page.tags) == 6
     frames = {}
     for folder, seed, flat in ((base, 0, False), (post, 1, True)):
         read = {name: pd.read_csv(folder / (f"{name}.csv" if flat else f"{name}/{name}.csv"))
@@ -350,7 +365,9 @@ HOSTILE = ["<script>alert(1)</script>", "\"><img src=x onerror=alert(1)>", "'; b
            "</pre><a href=\"http://evil.example\">x</a>"]
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "nav", "a", "section", "div",
                 "dl", "dt", "dd", "ul", "li", "img", "details", "summary", "table", "thead", "tbody", "tr", "th", "td",
-                "p", "pre"}
+                "p", "pre", "code",
+                # the figures' inline SVG
+                "svg", "defs", "g", "path", "text", "tspan", "clippath", "use", "image", "rect", "circle"}
 
 
 def hostile_folder(src: Path, dest: Path) -> Path:
@@ -387,9 +404,9 @@ def test_hostile_labels_paths_and_values_stay_text(compared, tmp_path):
         page = Page(html)
         assert {t for t, _ in page.tags} <= ALLOWED_TAGS, {t for t, _ in page.tags} - ALLOWED_TAGS
         assert not [k for _, a in page.tags for k in a if k.startswith("on")]
-        refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href")]
+        refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href", "xlink:href")]
         assert refs and all(v.startswith(("data:image/png;base64,", "#")) for v in refs)
-        assert sum(t == "img" for t, _ in page.tags) == len(FIGURES)
+        assert sum(t == "svg" for t, _ in page.tags) == len(FIGURES)
         assert "http:" not in "".join(refs) and "//" not in "".join(v for v in refs if v.startswith("#"))
         csp = [a["content"] for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
         assert csp == ["default-src 'none'; img-src data:; style-src 'unsafe-inline'"]
@@ -404,3 +421,219 @@ def test_hostile_labels_paths_and_values_stay_text(compared, tmp_path):
         assert shown in text
     assert HOSTILE[1] in "".join(Page((tmp_path / "default-label" / "index.html").read_text()).text)
     assert f"{HOSTILE[4]} x" in text        # the hostile statistic of collapse.csv, in the card's top heads
+
+
+# --- the headline verdict (hand-made tables) --------------------------------------------------------
+
+
+def positionwise_table(losses: list[float]) -> pd.DataFrame:
+    """Buckets [1, 2), [2, 4), ..., [1024, 2048) (one per loss) with 16 sequences each."""
+    edges = [1] + [2 ** k for k in range(1, len(losses) + 1)]
+    starts, ends = np.array(edges[:-1]), np.array(edges[1:])
+    return pd.DataFrame({"pos_start": starts, "pos_end": ends, "loss": losses, "ppl": np.exp(losses),
+                         "n_tokens": 16 * (ends - starts)})
+
+
+def test_generalizes_to_is_measured_from_the_training_length_on():
+    from statelens.analysis.positionwise import generalizes_to
+
+    # T = 64: buckets ending by 64 are the first 6 ([1, 2) .. [32, 64)); the in-context level is their
+    # token-weighted mean. The first buckets sit far above it, as in any model: that decides nothing.
+    flat = [6.0, 4.0, 3.0, 2.2, 2.0, 2.0, 2.05, 2.0, 2.04, 2.0, 2.0]
+    level = np.average(flat[:6], weights=[1, 2, 4, 8, 16, 32])
+    assert level + 0.1 > 2.05  # every pooled loss past T stays within the tolerance
+    assert generalizes_to(positionwise_table(flat), 64) == 2048 == expected_reach(positionwise_table(flat), 64)
+    # a rise of the loss from [256, 512) on. The level is 139.6 / 63 = 2.216 (the early buckets weigh in);
+    # the pooled window of [128, 256), (2.05 x 64 + 2.0 x 128 + 2.5 x 256) / 448 = 2.293, stays within
+    # level + 0.1 = 2.316, that of [256, 512) is 2.43: the reach is 256
+    rising = flat[:8] + [2.5, 2.5, 2.5]
+    assert generalizes_to(positionwise_table(rising), 64) == 256 == expected_reach(positionwise_table(rising), 64)
+    # one noisy small bucket past T is pooled away: +0.25 over 64 of 448 tokens adds 0.036
+    spike = flat[:6] + [2.25] + flat[7:]
+    assert generalizes_to(positionwise_table(spike), 64) == 2048
+    # a non-finite loss is a failure, never "within"
+    broken = flat[:9] + [np.nan, 2.0]
+    assert generalizes_to(positionwise_table(broken), 64) == 256 == expected_reach(positionwise_table(broken), 64)
+    assert generalizes_to(positionwise_table(flat), 1) is None  # no bucket ends by T: no level to compare with
+
+
+def test_headline_says_whether_it_generalizes_with_numbers_and_what_next():
+    from statelens.reports.html import Results
+
+    def card(losses):
+        results = Results(tables={"positionwise": positionwise_table(losses),
+                                  "collapse": pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
+                                                            "collapsed": [True, False, True, True],
+                                                            "statistic": "norm", "ratio": 3.0})},
+                          manifests={"perplexity": {"checkpoint": {"path": "ckpts/base"}, "train_len": 64}})
+        v = verdicts(results, 64)
+        return v, headline(v), next_step(v)
+
+    flat = [6.0, 4.0, 3.0, 2.2, 2.0, 2.0, 2.05, 2.0, 2.04, 2.0, 2.0]
+    v, line, step = card(flat)
+    assert line == ("Length-generalizes to the end of the rollout (2048 tokens, 32x T): loss within 0.1 nats of its "
+                    "in-context level; 3 of 4 heads collapse.")
+    assert step is None
+    v, line, step = card(flat[:8] + [2.5, 2.5, 2.5])
+    level = np.average(flat[:6], weights=[1, 2, 4, 8, 16, 32])
+    after = 2.5  # the mean loss from 256 on
+    assert v["excess_beyond"] == pytest.approx(after - level)
+    assert line == (f"Fails to length-generalize: loss rises {after - level:.2f} nats above its in-context level "
+                    f"({level:.2f}) from ~256 tokens (4x T) on; 3 of 4 heads collapse.")
+    assert step.startswith("statelens posttrain --ckpt ckpts/base --intervention state-passing")
+    assert "statelens compare ckpts/base POST" in step
+
+
+# --- the visual check: every figure as a reader sees it, on the compare run's outputs ----------------
+
+
+def figure_problems(fig) -> list[str]:
+    """Everything :mod:`visual_check` finds wrong with ``fig``, drawn and as SVG."""
+    from visual_check import layout_problems, render_svg, svg_safety_problems, svg_text_problems
+
+    svg = render_svg(fig)
+    return layout_problems(fig) + svg_text_problems(svg) + svg_safety_problems(svg)
+
+
+def standalone_figures(folder: Path, train_len: int, label: str, scratch: Path) -> dict:
+    """Every figure function of statelens.reports.figures on one checkpoint's CSVs, as the commands call
+    them. The scatter's points and the task tables (written under ``scratch``) are synthetic: the compare
+    run writes neither."""
+    from statelens.reports import figures as F
+
+    def table(command, name):
+        return pd.read_csv(folder / command / f"{name}.csv")
+
+    stats = table("states", "state_stats")
+    rng = np.random.default_rng(0)
+    positions = np.repeat(np.arange(4, 129, 4), 8)
+    points = pd.DataFrame({"pc1": rng.normal(size=positions.size), "pc2": rng.normal(size=positions.size),
+                           "position": positions, "set": np.where(positions <= train_len, "reference", "query")})
+    tasks = task_folder(scratch / folder.name, 0, flat=True)
+    return {
+        "perplexity": F.perplexity_figure(table("perplexity", "positionwise"), train_len, label=label),
+        "remembrance": F.remembrance_figure(table("remembrance", "remembrance"), label=label),
+        "state_norm": F.state_norm_figure(stats, table("states", "collapse"), train_len, label=label),
+        "state_std": F.state_std_figure(stats, train_len, label=label),
+        "decay": F.decay_figure(table("decay", "decay"), train_len, label=label),
+        "coverage": F.coverage_figure(table("coverage", "coverage"), train_len, label=label),
+        "coverage_scatter": F.coverage_scatter_figure(points, label=label),
+        "passkey": F.passkey_figure(pd.read_csv(tasks / "passkey.csv"), train_len, label=label),
+        "accuracy": F.accuracy_figure(pd.read_csv(tasks / "babilong.csv"), "length", label=label),
+    }
+
+
+def test_every_figure_function_reads_right_on_real_outputs(compared, tmp_path):
+    """Texts inside the figure, no two tick labels overlapping, no raw mathtext in the SVG's text, no
+    script or outside reference: for each figure function on both checkpoints' CSVs."""
+    out, _ = compared
+    for folder, label in zip(folders(out), ("base", EVIL)):
+        figures = standalone_figures(folder, 32, label, tmp_path)
+        assert len(figures) == 9
+        for name, fig in figures.items():
+            assert figure_problems(fig) == [], name
+
+
+def test_the_reports_figures_read_right(compared, tmp_path):
+    """The same checks on the figures as the page lays them out: both checkpoints overlaid, the state
+    norm heatmaps side by side over the shared collapsed-heads panel, and the task figures."""
+    from statelens.reports.page_figures import report_figures, task_figures
+
+    out, _ = compared
+    results = [load_results(f) for f in folders(out)]
+    shown = report_figures(results, ["base", EVIL], [32, 32])
+    assert [f["id"] for f in shown] == FIGURES
+    tasks = [load_results(task_folder(tmp_path / name, seed, flat=False)) for seed, name in enumerate("ab")]
+    shown += task_figures(tasks, ["base", EVIL], [1024, 1024])
+    for f in shown:
+        assert figure_problems(f["figure"]) == [], f["id"]
+
+
+def test_the_visual_check_can_fail():
+    """Each check finds the defect it is for, on figures made to have it."""
+    from matplotlib.figure import Figure
+
+    from visual_check import layout_problems, render_svg, svg_safety_problems, svg_text_problems
+
+    fig = Figure(figsize=(3, 2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title("a title far too long for a figure three inches wide, so it is cut on both sides")
+    ax.set_xticks(range(6), [f"label number {i}" for i in range(6)])
+    problems = layout_problems(fig)
+    assert any("sticks out" in p and "a title far" in p for p in problems)
+    assert any("x tick labels" in p and "overlap" in p for p in problems)
+    with mpl.rc_context({"text.parse_math": False}):  # as the report drew its figures before
+        raw = Figure()
+        raw.add_subplot().set_xscale("log")
+        raw.axes[0].set_xlim(1, 1000)
+        assert any("\\mathdefault" in p for p in svg_text_problems(render_svg(raw)))
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+           '<script>alert(1)</script><g onmouseover="x()"><image xlink:href="https://evil.example/x.png"/>'
+           '<path clip-path="url(https://evil.example/#p)"/></g></svg>')
+    assert len(svg_safety_problems(svg)) == 4
+
+
+# --- the inline SVG: searchable text, hover values, sanitized ---------------------------------------
+
+
+def section_svg(html: str, section: str):
+    """The parsed ``<svg>`` of the page's ``section`` (the SVG is well-formed XML inside the HTML)."""
+    import xml.etree.ElementTree as ET
+
+    start = html.index(f'<section id="{section}"')
+    begin = html.index("<svg", start)
+    return ET.fromstring(html[begin:html.index("</svg>", begin) + len("</svg>")])
+
+
+def test_figures_are_inline_svg_with_text_and_a_hover_title_per_point(compared):
+    from visual_check import SVG, svg_safety_problems
+
+    out, html = compared
+    svg = section_svg(html, "fig-perplexity")
+    texts = ["".join(t.itertext()) for t in svg.iter(f"{SVG}text")]
+    assert "Position-wise perplexity" in texts and "training length (32 tokens)" in texts  # text, not paths
+    pw = pd.read_csv(folders(out)[0] / "perplexity" / "positionwise.csv")
+    pw = pw[pw.n_tokens > 0]
+    assert pw.pos_end.max() < 1000  # below 1000 a hover value has 4 significant digits
+    expected = [f"base: perplexity\nposition in the context, bucket midpoint (tokens): {(s + e) / 2:.4g}\n"
+                f"perplexity (exp of mean cross-entropy): {p:.4g}" for s, e, p in zip(pw.pos_start, pw.pos_end, pw.ppl)]
+    circles = {c.find(f"{SVG}title").text: (float(c.get("cx")), float(c.get("cy"))) for c in svg.iter(f"{SVG}circle")}
+    assert set(expected) <= set(circles)
+    # each circle sits on its point: the line's own path (drawn by matplotlib) passes through every one
+    (group,) = [g for g in svg.iter(f"{SVG}g") if (g.find(f"{SVG}title") is not None
+                                                    and g.find(f"{SVG}title").text == "base: perplexity")]
+    numbers = [float(v) for v in re.findall(r"-?\d+\.?\d*", group.find(f"{SVG}path").get("d"))]
+    vertices = np.array(numbers).reshape(-1, 2)
+    centres = np.array([circles[t] for t in expected])
+    assert len(vertices) == len(centres)
+    np.testing.assert_allclose(vertices, centres, atol=0.01)
+    for section in [f"fig-{f}" for f in FIGURES]:
+        assert svg_safety_problems(section_svg(html, section)) == [], section
+
+
+def test_svg_is_sanitized_and_a_large_one_falls_back_to_png(compared, monkeypatch):
+    import xml.etree.ElementTree as ET
+
+    from matplotlib.figure import Figure
+
+    from statelens.reports import svg as S
+    from visual_check import render_svg, svg_safety_problems
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    (line,) = ax.plot([1, 2], [3, 4], gid="onload")
+    line.set_url("javascript:alert(1)")  # matplotlib wraps the line in <a xlink:href="javascript:...">
+    ax.set_title(EVIL)
+    assert svg_safety_problems(render_svg(fig))  # what matplotlib writes has an outside reference
+    inline = S.inline_svg(fig, "x", "a title")
+    assert svg_safety_problems(inline) == []
+    assert EVIL in ["".join(t.itertext()) for t in ET.fromstring(inline).iter("{http://www.w3.org/2000/svg}text")]
+    assert "<script" not in inline and "javascript:" not in inline
+
+    from statelens.reports.html import render
+
+    monkeypatch.setattr(S, "MAX_CHARS", 30_000)  # every figure but the smallest is "too large"
+    page = render([load_results(f) for f in folders(compared[0])], ["base", "post"], [32, 32])
+    svgs, pngs = page.count("<svg"), page.count('src="data:image/png;base64,')
+    assert svgs + pngs == len(FIGURES) and pngs >= 4
+    assert page.count("shown as a PNG: as SVG this figure would exceed 2 MB") == pngs

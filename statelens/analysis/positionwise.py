@@ -80,7 +80,9 @@ def positionwise(model: RecurrentLM, sequences: np.ndarray, *, buckets: int = 32
     return bucket_losses(summed, sequences.shape[0], bucket_edges(1, sequences.shape[1], buckets, scale))
 
 
-TOLERANCE = 1.1  # a bucket "keeps" the in-context loss while its loss is at most 10% above it
+#: How far (nats) the smoothed loss may rise above the in-context level before a position counts as
+#: past what the model generalizes to: 0.1 nats is a perplexity 10.5% higher.
+TOLERANCE_NATS = 0.1
 
 
 def in_context_loss(positionwise: pd.DataFrame, train_len: int) -> float:
@@ -92,12 +94,35 @@ def in_context_loss(positionwise: pd.DataFrame, train_len: int) -> float:
     return float((inside.loss * inside.n_tokens).sum() / inside.n_tokens.sum())
 
 
-def in_context_length(positionwise: pd.DataFrame, in_context: float) -> int:
-    """The end of the last bucket of the leading run whose loss stays within 10% of ``in_context``
-    (0 when the first bucket is already above it)."""
-    end = 0
-    for loss, stop in zip(positionwise.loss, positionwise.pos_end):
-        if not loss <= TOLERANCE * in_context:
-            break
-        end = int(stop)
-    return end
+def smoothed_loss(positionwise: pd.DataFrame) -> np.ndarray:
+    """Each bucket's loss pooled with its two neighbours' [n buckets]: the mean loss over positions
+    [pos_start of the previous bucket, pos_end of the next), weighted by tokens (one neighbour at the
+    ends). A non-finite loss in the window makes the window's NaN or inf."""
+    loss = positionwise.loss.to_numpy(dtype=float)
+    weight = positionwise.n_tokens.to_numpy(dtype=float)
+    padded_sum = np.pad(loss * weight, 1)
+    padded_weight = np.pad(weight, 1)
+    window_sum = padded_sum[:-2] + padded_sum[1:-1] + padded_sum[2:]
+    window_weight = padded_weight[:-2] + padded_weight[1:-1] + padded_weight[2:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return window_sum / window_weight
+
+
+def generalizes_to(positionwise: pd.DataFrame, train_len: int, tolerance: float = TOLERANCE_NATS) -> int | None:
+    """How far the model length-generalizes (tokens), measured from the training length on.
+
+    The ``pos_start`` of the first bucket starting at or beyond ``train_len`` whose
+    :func:`smoothed_loss` exceeds :func:`in_context_loss` by more than ``tolerance`` nats (a
+    non-finite loss exceeds it); the rollout's end (the last ``pos_end``) when none does. None when
+    no bucket ends within the training length (there is no in-context level to compare with).
+    ``positionwise``: the table of :func:`positionwise`, buckets in order.
+    """
+    level = in_context_loss(positionwise, train_len)
+    if not np.isfinite(level):
+        return None
+    smoothed = smoothed_loss(positionwise)
+    beyond = positionwise.pos_start.to_numpy() >= train_len
+    failing = beyond & ~(smoothed <= level + tolerance)
+    if failing.any():
+        return int(positionwise.pos_start.to_numpy()[np.argmax(failing)])
+    return int(positionwise.pos_end.iloc[-1])
