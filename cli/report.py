@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from statelens.cli.options import (Backend, BackendName, Chunk, Data, Device, DType, Dtype, Group, Length,
-                                   MitigationSpec, NumSeqs, Out, Resume, Seed, TrainLen)
+                                   MitigationSpec, NumSeqs, Out, Resume, Seed, TextField, TokenizerOpt, TrainLen)
 
 Ckpts = Annotated[Optional[list[Path]], typer.Option(
     "--ckpt", help="Checkpoint directory; repeat for a second checkpoint.", show_default=False)]
@@ -35,6 +35,8 @@ def report(
     label: Labels = None,
     from_: From = None,
     data: Data = None,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
     train_len: TrainLen = None,
     length: Length = None,
     num_seqs: NumSeqs = 8,
@@ -54,9 +56,9 @@ def report(
     checkpoints overlaid) with its table, the differences in words, and the run manifests; writes
     index.html (and each computed checkpoint's outputs under OUT/<label>/)."""
     build(list(ckpt or []), list(label or []), list(from_ or []), out or Path("runs") / "report",
-          dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
-               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend, mitigation=mitigation,
-               group=group, resume=resume))
+          dict(data=data, tokenizer=tokenizer, text_field=text_field, train_len=train_len, length=length,
+               num_seqs=num_seqs, buckets=buckets, stride=stride, chunk=chunk, device=device, dtype=dtype, seed=seed,
+               backend=backend, mitigation=mitigation, group=group, resume=resume))
 
 
 def compare(
@@ -65,6 +67,8 @@ def compare(
     label: Labels = None,
     from_: From = None,
     data: Data = None,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
     train_len: TrainLen = None,
     length: Length = None,
     num_seqs: NumSeqs = 8,
@@ -82,9 +86,9 @@ def compare(
 ) -> None:
     """The report of two checkpoints, A and B, side by side (as `report --ckpt A --ckpt B`)."""
     build([a, b], list(label or []), list(from_ or []), out or Path("runs") / "compare",
-          dict(data=data, train_len=train_len, length=length, num_seqs=num_seqs, buckets=buckets, stride=stride,
-               chunk=chunk, device=device, dtype=dtype, seed=seed, backend=backend, mitigation=mitigation,
-               group=group, resume=resume))
+          dict(data=data, tokenizer=tokenizer, text_field=text_field, train_len=train_len, length=length,
+               num_seqs=num_seqs, buckets=buckets, stride=stride, chunk=chunk, device=device, dtype=dtype, seed=seed,
+               backend=backend, mitigation=mitigation, group=group, resume=resume))
 
 
 def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, options: dict) -> None:
@@ -165,7 +169,8 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
     if stride > tl:
         raise BadInput(f"--stride {stride} exceeds the training length {tl}: no state would be recorded within it")
     regime = default_regime(ckpt)  # coverage's reference: the states the model was trained on
-    common = {"data": o["data"], "train_len": o["train_len"], "num_seqs": o["num_seqs"], "chunk": o["chunk"],
+    common = {"data": o["data"], "tokenizer": o.get("tokenizer"), "text_field": o.get("text_field", "text"),
+              "train_len": o["train_len"], "num_seqs": o["num_seqs"], "chunk": o["chunk"],
               "device": o["device"], "backend": o["backend"], "dtype": o["dtype"], "seed": o["seed"],
               "mitigation": o.get("mitigation"), "resume": bool(o.get("resume")), "group": o.get("group", 1)}
     if loaded is not None and loaded.folder == folder:

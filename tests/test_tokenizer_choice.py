@@ -115,3 +115,23 @@ def test_perplexity_on_text_without_a_tokenizer_is_one_line(mamba_ssm_ckpt, cach
                              "--train-len", 8, "--length", 32, "--num-seqs", 2, "--out", tmp_path / "out")
     assert code == 2 and len(err.splitlines()) == 1 and "--tokenizer" in err and GPT_NEOX in err
     assert not (tmp_path / "out").exists()
+
+
+def test_report_passes_tokenizer_to_its_analyses(mamba_ssm_ckpt, tmp_path, monkeypatch, capsys):
+    """`report --tokenizer` scores the text as `perplexity --tokenizer` does (same CSV bytes); without it
+    the same report refuses in one line naming --tokenizer (the checkpoint has none, nothing cached)."""
+    word_tokenizer(tmp_path / "words")
+    (tmp_path / "doc.txt").write_text(TEXT)
+    options = ["--data", tmp_path / "doc.txt", "--train-len", 8, "--length", 32, "--num-seqs", 2, "--buckets", 2,
+               "--tokenizer", tmp_path / "words" / "tokenizer.json"]
+    code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", mamba_ssm_ckpt, *options,
+                           "--out", tmp_path / "alone")
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "report", "--ckpt", mamba_ssm_ckpt, "--label", "m", *options,
+                           "--out", tmp_path / "report")
+    assert code == 0, err
+    assert (tmp_path / "report" / "1-m" / "perplexity" / "positionwise.csv").read_bytes() \
+        == (tmp_path / "alone" / "positionwise.csv").read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "report", "--ckpt", mamba_ssm_ckpt, *options[:-2],
+                           "--out", tmp_path / "refused")
+    assert code == 2 and len(err.splitlines()) == 1 and "--tokenizer" in err
