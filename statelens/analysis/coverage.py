@@ -522,10 +522,9 @@ def coverage(
 
     The query sets are always the states of the rollouts of ``sequences`` from zero past train_len.
 
-    The recording is done in groups of ``group`` sequences (default: all at once), then of ``group``
-    reference chains: one unit of work each, ``work[i](advance)`` returning a dict of arrays, ``costs[i]``
-    its tokens. ``run_groups(work, costs)`` runs them and returns their results in order (the CLI's runs
-    them resumably and shares them over torchrun ranks); by default they run in turn, telling ``progress``.
+    Recording runs in units of ``group`` sequences, then ``group`` reference chains (default: all at once);
+    ``run_groups(work, costs)`` runs ``work[i](advance)`` (a dict of arrays; ``costs[i]`` tokens) and returns
+    the results in order (the CLI's: resumably, over torchrun ranks); by default in turn, with ``progress``.
 
     Returns three things:
 
