@@ -43,7 +43,7 @@ def draw(run, data, num_seqs: int, length: int, regime: Regime, chain: int):
     return drawn[:num_seqs, :length], drawn[num_seqs:, :chain * run.train_len]
 
 
-# The analysis names the parameter behind a ValueError; these are the options that set it.
+# The analysis names the parameter it refuses (CoverageInputError); these are the options that set it.
 OPTIONS = {"sequences": "--length", "train_len": "--train-len", "stride": "--stride", "k": "--k-nn",
            "components": "--components", "projection_dim": "--projection-dim",
            "reference": "--num-seqs/--stride/--k-nn", "chain": "--chain",
@@ -91,12 +91,9 @@ def coverage(
     the loss increase; writes coverage.csv, coverage_buckets.csv, coverage.png and run.json."""
     import math
 
-    import functools
-
-    from statelens.analysis.coverage import (CoverageInputError, StateSample, collect_reference, collect_states,
-                                             coverage_from_states, recorded_positions)
+    from statelens.analysis.coverage import CoverageInputError
+    from statelens.analysis.coverage import coverage as analyse
     from statelens.cli.common import report, start
-    from statelens.resumable import groups
     from statelens.errors import BadInput
     from statelens.reports.figures import coverage_figure
 
@@ -115,36 +112,16 @@ def coverage(
                        f"(coverage compares states past it with those within it)")
     sequences, reference_sequences = draw(run, data, num_seqs, length, regime, chain)
     run.lap("data")
-    record = {"projection_dim": projection_dim, "chunk": chunk, "seed": seed}
-
-    def query_states(rows, advance):
-        return collect_states(run.model, sequences[rows], positions=positions, progress=advance, **record).to_arrays()
-
-    def reference_states(chains, advance):
-        return collect_reference(run.model, reference_sequences, regime=regime.value, train_len=run.train_len,
-                                 chain=chain, stride=stride, chains=chains, progress=advance, **record).to_arrays()
-
     try:
-        positions = recorded_positions(num_seqs, length, train_len=run.train_len, stride=stride, k=k_nn,
-                                       buckets=buckets, scale="log", regime=regime.value, chain=chain,
-                                       reference_rows=None if reference_sequences is None else len(reference_sequences))
-        positions = positions.tolist()
-        queries = groups(num_seqs, group)
-        chains = [] if reference_sequences is None else groups(len(reference_sequences), group)
-        parts = run.groups([functools.partial(query_states, rows) for rows in queries]
-                           + [functools.partial(reference_states, rows) for rows in chains],
-                           tokens=[(rows.stop - rows.start) * length for rows in queries]
-                           + [(rows.stop - rows.start) * chain * run.train_len for rows in chains],
-                           description=f"coverage L={length}")
-        reference = StateSample.join(parts[len(queries):]) if chains else None
-        per_head, per_bucket, results = coverage_from_states(
-            StateSample.join(parts[:len(queries)]), train_len=run.train_len, buckets=buckets, k=k_nn,
-            components=components, reference=reference)
-        results |= {"regime": regime.value}
+        per_head, per_bucket, results = analyse(
+            run.model, sequences, train_len=run.train_len, buckets=buckets, stride=stride, k=k_nn,
+            components=components, projection_dim=projection_dim, chunk=chunk, seed=seed, regime=regime.value,
+            chain=chain, reference_sequences=reference_sequences, group=group,
+            run_groups=lambda work, costs: run.groups(work, tokens=costs, description=f"coverage L={length}"))
     except CoverageInputError as e:
-        raise BadInput(f"{OPTIONS.get(e.parameter, '--' + e.parameter)}: {e}") from None
-    except ValueError as e:
-        raise BadInput(f"--length/--train-len/--buckets: {e}") from None
+        if e.parameter not in OPTIONS:  # a setting the command makes itself, not the user: a bug
+            raise RuntimeError(f"coverage refused its own {e.parameter}: {e}") from e
+        raise BadInput(f"{OPTIONS[e.parameter]}: {e}") from None
     run.lap("compute")
     written = run.finish({"coverage": per_head, "coverage_buckets": per_bucket},
                          coverage_figure(per_head, train_len=run.train_len),

@@ -65,10 +65,11 @@ def posttrain(
     from statelens.cli.common import exit_interrupted, progress, report, start
     from statelens.errors import DataError
     from statelens.resumable import Interrupted
+    from statelens.train import PosttrainConfig
     from statelens.train import posttrain as train
-    from statelens.train.posttrain import check_settings
 
-    check_settings(intervention.value, steps, seq_len, batch, lr, warmup, clip, save_every)
+    settings = PosttrainConfig(intervention=intervention.value, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
+                               warmup=warmup, clip=clip, seed=seed, save_every=save_every, fsdp=fsdp)  # checked
     run = start("posttrain", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=seq_len,
                 config={"data": str(data) if data else None, "intervention": intervention.value, "steps": steps,
                         "seq_len": seq_len, "batch": batch, "lr": lr, "warmup": warmup, "clip": clip,
@@ -86,9 +87,7 @@ def posttrain(
     try:
         with progress(steps, f"{intervention.value} post-training, {batch} x {seq_len} tokens a step",
                       "steps") as advance:
-            log = train(run.ckpt, tokens, intervention=intervention.value, steps=steps, seq_len=seq_len,
-                        batch=batch, lr=lr, warmup=warmup, clip=clip, seed=seed, save_every=save_every, out=out,
-                        resume=resume, fsdp=fsdp, progress=advance)
+            log = train(run.ckpt, tokens, settings, out=out, resume=resume, progress=advance)
     except Interrupted as e:
         exit_interrupted(e, f"training saved in {out}")
     run.lap("train")

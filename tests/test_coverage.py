@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import chi, spearmanr
 
-from conftest import hf_mamba1, hf_mamba2
+from conftest import hf_mamba1, hf_mamba2, run_cli
 from statelens.analysis.buckets import bucket_edges
 from statelens.analysis.coverage import (BUCKET_COLUMNS, HEAD_COLUMNS, Support, collect_states, coverage,
                                          out_of_support, random_projection, scatter_points)
@@ -211,6 +211,16 @@ def test_bad_parameters(model, sequences):
         coverage(model, sequences, train_len=TRAIN_LEN, stride=TRAIN_LEN)
 
 
+def test_refusals_are_bad_input(model, sequences):
+    """What a caller can get wrong is a BadInput naming the parameter (still a ValueError for callers
+    that catch that)."""
+    for kwargs, parameter in ((dict(train_len=L), "sequences"), (dict(train_len=TRAIN_LEN, stride=TRAIN_LEN + 1),
+                                                                   "stride"), (dict(train_len=TRAIN_LEN, k=0), "k")):
+        with pytest.raises(BadInput) as refused:
+            coverage(model, sequences, **kwargs)
+        assert refused.value.parameter == parameter and isinstance(refused.value, ValueError)
+
+
 # -- the CLI -----------------------------------------------------------------------------------------
 
 
@@ -243,6 +253,21 @@ def test_cli_writes_the_analysis(ckpt, tmp_path):
 
     bad = CliRunner().invoke(app, [*args[:-2], "--stride", str(TRAIN_LEN + 1), "--out", str(tmp_path / "x")])
     assert isinstance(bad.exception, BadInput) and str(bad.exception).startswith("--stride")
+
+
+def test_cli_a_failure_inside_the_analysis_is_internal(ckpt, tmp_path, monkeypatch, capsys):
+    """A ValueError the user did not cause (here: planted in the analysis) is an internal error, exit 1,
+    not "bad input" (exit 2)."""
+    import statelens.analysis.coverage as analysis
+
+    def broken(*args, **kwargs):
+        raise ValueError("planted")
+
+    monkeypatch.setattr(analysis, "coverage_from_states", broken)
+    code, _, err = run_cli(monkeypatch, capsys, "coverage", "--ckpt", ckpt, "--train-len", TRAIN_LEN, "--length", L,
+                           "--num-seqs", N, "--stride", STRIDE, "--out", tmp_path / "out")
+    assert code == 1 and "internal error: ValueError: planted" in err, err
+    assert not (tmp_path / "out" / "coverage.csv").exists()
 
 
 # -- reference regimes: the states a state-passing or TBTT-trained model met -------------------------

@@ -39,6 +39,8 @@ projection_dim); m reference points; q query points; D their dimension; c PCA co
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -51,7 +53,9 @@ import torch
 from statelens.analysis import analyses
 from statelens.analysis.buckets import bucket_edges, bucket_index
 from statelens.analysis.positionwise import bucket_losses, position_losses
+from statelens.errors import BadInput
 from statelens.models.base import RecurrentLM
+from statelens.record.recorder import Recorder
 from statelens.record.rollout import as_batch, rollout
 
 HEAD_COLUMNS = ["pos_start", "pos_end", "layer", "head", "oos_fraction", "maha_median", "maha_p95", "norm_ratio",
@@ -61,12 +65,16 @@ SCATTER_COLUMNS = ["pc1", "pc2", "position", "set"]
 UNSCORED = ("oos_fraction", "maha_median", "maha_p95")  # NaN for a head with no finite reference to test against
 REGIMES = ("zero", "state-passing", "tbtt")
 
+STATE_HOOK = "blocks.*.hook_state"  # the hook points coverage records
+# (work, costs) -> results: runs ``work[i](advance)`` (each returning a dict of arrays; ``costs[i]`` tokens)
+RunGroups = Callable[[list[Callable], list[int]], list[dict]]
 _BLOCK_ELEMENTS = 1 << 24   # distance-matrix entries computed at once (128 MiB in float64)
 
 
-class CoverageInputError(ValueError):
-    """A parameter that leaves the analysis nothing to compare; ``parameter`` names it (the CLI maps it
-    to its option)."""
+class CoverageInputError(BadInput, ValueError):
+    """A parameter a caller gave that the analysis cannot use (it leaves nothing to compare, or is out
+    of range); ``parameter`` names it (the CLI maps it to its option). Also a ValueError, as library
+    callers catch it."""
 
     def __init__(self, parameter: str, message: str):
         super().__init__(message)
@@ -79,7 +87,7 @@ def _as_points(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     """[n, D] float64 on the CPU."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().to("cpu", torch.float64)
     if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [points, dims], got shape {tuple(t.shape)}")
+        raise CoverageInputError(name, f"{name} must be 2-D [points, dims], got shape {tuple(t.shape)}")
     return t
 
 
@@ -130,12 +138,12 @@ class Support:
         if components < 1:
             raise CoverageInputError("components", f"components must be >= 1, got {components}")
         if not 0 < quantile < 1:
-            raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+            raise CoverageInputError("quantile", f"quantile must lie in (0, 1), got {quantile}")
         if m < k + 2:
             raise CoverageInputError("reference", f"the reference set holds {m} points; k-NN with k = {k} needs "
                                                   f"at least k + 2 = {k + 2}")
         if not torch.isfinite(ref).all():
-            raise ValueError("the reference set holds non-finite values")
+            raise CoverageInputError("reference", "the reference set holds non-finite values")
         mean, basis, variance = _pca(ref, min(components, m - 1, dim))
         points = (ref - mean) @ basis                                                   # [m, c]
         loo = _kth_distance(points, points, k, exclude_self=True)                       # [m]
@@ -218,7 +226,7 @@ def out_of_support(reference: np.ndarray, query: np.ndarray, *, k: int = 5, comp
     PCA space with c = min(components, m - 1, D), exceeds the ``quantile`` of the reference's own
     leave-one-out k-NN distances), maha_median and maha_p95 (Mahalanobis distance of the query in that
     PCA space), norm_ratio (median ||query|| / median ||reference||, on the vectors as given).
-    Raises ValueError when m < k + 2.
+    Raises CoverageInputError (a BadInput and a ValueError) when m < k + 2.
     """
     support = Support.fit(reference, k=k, components=components, quantile=quantile)
     norms = [np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1) for x in (query, reference)]
@@ -276,58 +284,54 @@ def collect_states(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, 
     """sequences [N, L] -> each head's state at ``positions`` (in 1..L) from the zero state, projected
     as the module docstring says, plus the summed NLL per position from the same rollout.
 
-    The rollout stops at every recorded position, so the state there is ``chunk.state``;
-    ``progress(n)`` is told each time n more tokens have been consumed.
+    The rollout stops at every recorded position, where a :class:`~statelens.record.recorder.Recorder`
+    reads each layer's ``hook_state`` and keeps it through :class:`_Projection`; ``progress(n)`` is told
+    each time n more tokens have been consumed.
     """
     sequences = as_batch(sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy())
     n_seqs, length = sequences.shape
     positions = sorted({int(p) for p in positions})
     if not positions or positions[0] < 1 or positions[-1] > length:
-        raise ValueError(f"recorded positions must lie in [1, {length}]")
+        raise CoverageInputError("positions", f"recorded positions must lie in [1, {length}]")
     if projection_dim < 1:
         raise CoverageInputError("projection_dim", f"projection_dim must be >= 1, got {projection_dim}")
-    recorder = _Recorder(model, n_seqs, positions, projection_dim, seed)
-    nll = position_losses(model, sequences, chunk=chunk, stops=positions, progress=progress, on_chunk=recorder)
-    return recorder.sample(nll, length)
+    projection = _Projection(projection_dim, seed)
+    with Recorder(model, names=STATE_HOOK, positions=positions, batch=n_seqs, keep=projection) as recorder:
+        nll = position_losses(model, sequences, chunk=chunk, stops=positions, progress=progress,
+                              on_chunk=recorder.update)
+    return _sample(model, recorder.result(), projection.projected, nll, length)
 
 
-class _Recorder:
-    """Keeps each head's (projected) state and norm at the recorded ``positions`` of a rollout: called
-    with each :class:`~statelens.record.rollout.Chunk`, whose ``end`` (plus ``offset``) names the position."""
+class _Projection:
+    """The ``keep`` of a :class:`~statelens.record.recorder.Recorder` that coverage records with: each
+    head's state, projected as the module docstring says, and its norm before projecting."""
 
-    def __init__(self, model: RecurrentLM, n_seqs: int, positions: list[int], projection_dim: int, seed: int,
-                 offset: int = 0):
-        self.model, self.projection_dim, self.seed, self.offset = model, projection_dim, seed, offset
-        self.positions = positions
-        self.column = {p: j for j, p in enumerate(positions)}
-        self.states: list[torch.Tensor | None] = [None] * model.n_layers
-        self.norms = np.zeros((n_seqs, len(positions), model.n_layers, model.n_heads))
+    def __init__(self, projection_dim: int, seed: int):
+        self.projection_dim, self.seed = projection_dim, seed
         self.matrices: dict[int, torch.Tensor] = {}         # kdim -> R [kdim, d], on the model's device
         self.projected = False
 
-    def __call__(self, piece) -> None:
-        end = piece.end + self.offset
-        if end not in self.column:
-            return
-        j, model = self.column[end], self.model
-        for i in range(model.n_layers):
-            x = model.by_head(f"blocks.{i}.hook_state", piece.state.ssm[i])          # [N, H, kdim]
-            x = x.to(torch.promote_types(x.dtype, torch.float32))
-            kdim = x.shape[-1]
-            self.norms[:, j, i] = torch.linalg.vector_norm(x.double(), dim=-1).cpu().numpy()
-            if kdim > self.projection_dim:
-                if kdim not in self.matrices:
-                    self.matrices[kdim] = random_projection(kdim, self.projection_dim, self.seed).to(x.device, x.dtype)
-                x = x @ self.matrices[kdim]                                       # [N, H, d]
-                self.projected = True
-            if self.states[i] is None:
-                self.states[i] = torch.empty(self.norms.shape[0], len(self.positions), *x.shape[1:], dtype=x.dtype)
-            self.states[i][:, j] = x.cpu()
+    def __call__(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x [P, N, H, kdim] -> state [P, N, H, d] (at least float32), norm [P, N, H] (float64)."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        kdim = x.shape[-1]
+        norm = torch.linalg.vector_norm(x.double(), dim=-1)
+        if kdim > self.projection_dim:
+            if kdim not in self.matrices:
+                self.matrices[kdim] = random_projection(kdim, self.projection_dim, self.seed).to(x.device, x.dtype)
+            x = x @ self.matrices[kdim]                                           # [P, N, H, d]
+            self.projected = True
+        return {"state": x, "norm": norm}
 
-    def sample(self, nll: np.ndarray, length: int) -> StateSample:
-        return StateSample(np.asarray(self.positions, dtype=np.int64), self.states, self.norms, nll,
-                           self.norms.shape[0], length, self.projected)
 
+def _sample(model: RecurrentLM, recording, projected: bool, nll: np.ndarray, length: int) -> StateSample:
+    """The :class:`StateSample` of a recording kept by :class:`_Projection` (per layer [P, N, ...] ->
+    states [N, P, H, d], norms [N, P, layers, H])."""
+    kept = [recording.kept[f"blocks.{i}.hook_state"] for i in range(model.n_layers)]
+    states = [layer["state"].transpose(0, 1).contiguous() for layer in kept]
+    norms = np.ascontiguousarray(torch.stack([layer["norm"] for layer in kept], dim=2).transpose(0, 1).numpy())
+    return StateSample(np.asarray(recording.positions, dtype=np.int64), states, norms, nll, norms.shape[0], length,
+                       projected)
 
 
 def collect_reference(model: RecurrentLM, reference_sequences: np.ndarray | torch.Tensor, *, regime: str,
@@ -372,18 +376,19 @@ def collect_reference(model: RecurrentLM, reference_sequences: np.ndarray | torc
                                            f"lower the stride")
     positions = [j * train_len + q for j in range(chain) for q in within]
     ids = np.arange(rows)[chains]                                                    # the chains m run
-    recorder = _Recorder(model, len(ids), positions, projection_dim, seed)
+    projection = _Projection(projection_dim, seed)
     state = None
-    for j in range(chain):
-        order = ids if regime == "tbtt" else (ids + j) % rows
-        segment = np.ascontiguousarray(tokens[order, j * train_len:(j + 1) * train_len])      # [M, train_len]
-        recorder.offset = j * train_len
-        for piece in rollout(model, segment, chunk=chunk, state=state, stops=within):
-            recorder(piece)
-            state = piece.state
-            if progress is not None:
-                progress(len(ids) * (piece.end - piece.start))
-    return recorder.sample(np.zeros(chain * train_len), chain * train_len)
+    with Recorder(model, names=STATE_HOOK, positions=positions, batch=len(ids), keep=projection) as recorder:
+        for j in range(chain):
+            order = ids if regime == "tbtt" else (ids + j) % rows
+            segment = np.ascontiguousarray(tokens[order, j * train_len:(j + 1) * train_len])  # [M, train_len]
+            for piece in rollout(model, segment, chunk=chunk, state=state, stops=within):
+                offset = j * train_len  # the piece's positions along the chain
+                recorder.update(dataclasses.replace(piece, start=piece.start + offset, end=piece.end + offset))
+                state = piece.state
+                if progress is not None:
+                    progress(len(ids) * (piece.end - piece.start))
+    return _sample(model, recorder.result(), projection.projected, np.zeros(chain * train_len), chain * train_len)
 
 
 # -- the analysis ----------------------------------------------------------------------------------
@@ -491,6 +496,8 @@ def coverage(
     regime: str = "zero",
     chain: int = 4,
     reference_sequences: np.ndarray | torch.Tensor | None = None,
+    group: int | None = None,
+    run_groups: RunGroups | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """sequences [N, L] (L > train_len) -> coverage of the states past the training length by those
     within it, per head and per position bucket, and its correlation with the loss increase.
@@ -515,6 +522,10 @@ def coverage(
 
     The query sets are always the states of the rollouts of ``sequences`` from zero past train_len.
 
+    Recording runs in units of ``group`` sequences, then ``group`` reference chains (default: all at once);
+    ``run_groups(work, costs)`` runs ``work[i](advance)`` (a dict of arrays; ``costs[i]`` tokens) and returns
+    the results in order (the CLI's: resumably, over torchrun ranks); by default in turn, with ``progress``.
+
     Returns three things:
 
     - per head, columns pos_start, pos_end (bucket [pos_start, pos_end) of positions p), layer, head,
@@ -532,23 +543,54 @@ def coverage(
       (a finding: such states are out of support, and a head left with fewer than k + 2 finite reference
       states gets NaN scores).
 
-    Raises ValueError when L <= train_len, when no recorded position is <= train_len, or when the
-    reference set is smaller than k + 2.
+    Raises CoverageInputError (a BadInput, also a ValueError) naming the parameter when L <= train_len,
+    when no recorded position is <= train_len, or when the reference set is smaller than k + 2.
     """
     sequences = as_batch(sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy())
+    n_seqs, length = sequences.shape
     stride = max(1, train_len // 16) if stride is None else stride
-    positions = recorded_positions(*sequences.shape, train_len=train_len, stride=stride, k=k, buckets=buckets,
-                                   scale=scale, regime=regime, chain=chain, reference_rows=None
-                                   if reference_sequences is None else len(as_batch(reference_sequences)))
-    sample = collect_states(model, sequences, positions=positions.tolist(), projection_dim=projection_dim,
-                            chunk=chunk, seed=seed, progress=progress)
-    reference = None if regime == "zero" else collect_reference(
-        model, reference_sequences, regime=regime, train_len=train_len, chain=chain, stride=stride,
-        projection_dim=projection_dim, chunk=chunk, seed=seed, progress=progress)
+    reference_rows = None if reference_sequences is None else len(as_batch(reference_sequences))
+    positions = recorded_positions(n_seqs, length, train_len=train_len, stride=stride, k=k, buckets=buckets,
+                                   scale=scale, regime=regime, chain=chain, reference_rows=reference_rows).tolist()
+    sample, reference = _record_in_groups(
+        model, sequences, None if regime == "zero" else reference_sequences, positions=positions, regime=regime,
+        train_len=train_len, chain=chain, stride=stride, group=group, run_groups=run_groups, progress=progress,
+        record={"projection_dim": projection_dim, "chunk": chunk, "seed": seed})
     per_head, per_bucket, summary = coverage_from_states(sample, train_len=train_len, buckets=buckets, scale=scale,
                                                          k=k, components=components, quantile=quantile,
                                                          reference=reference)
     return per_head, per_bucket, summary | {"regime": regime}
+
+
+def _record_in_groups(model: RecurrentLM, sequences: np.ndarray, reference_sequences, *, positions: list[int],
+                      regime: str, train_len: int, chain: int, stride: int, group: int | None,
+                      run_groups: RunGroups | None, progress: Callable[[int], None] | None,
+                      record: dict) -> tuple[StateSample, StateSample | None]:
+    """:func:`coverage`'s recording, in groups: the query sample of ``sequences`` [N, L] at ``positions``,
+    and the reference sample of the chains of ``reference_sequences`` [M, ...] (None: none)."""
+    from statelens.resumable import groups
+
+    if group is not None and group < 1:
+        raise CoverageInputError("group", f"group must be >= 1, got {group}")
+    n_seqs, length = sequences.shape
+
+    def queries(rows: slice, advance) -> dict[str, np.ndarray]:
+        return collect_states(model, sequences[rows], positions=positions, progress=advance, **record).to_arrays()
+
+    def chains(rows: slice, advance) -> dict[str, np.ndarray]:
+        return collect_reference(model, reference_sequences, regime=regime, train_len=train_len, chain=chain,
+                                 stride=stride, chains=rows, progress=advance, **record).to_arrays()
+
+    query_groups = groups(n_seqs, group or n_seqs)
+    n_chains = 0 if reference_sequences is None else len(as_batch(reference_sequences))
+    chain_groups = groups(n_chains, group or n_chains) if n_chains else []
+    work = [functools.partial(queries, rows) for rows in query_groups] + [
+        functools.partial(chains, rows) for rows in chain_groups]
+    costs = [(rows.stop - rows.start) * length for rows in query_groups] + [
+        (rows.stop - rows.start) * chain * train_len for rows in chain_groups]
+    parts = run_groups(work, costs) if run_groups is not None else [unit(progress) for unit in work]
+    reference = StateSample.join(parts[len(query_groups):]) if chain_groups else None
+    return StateSample.join(parts[:len(query_groups)]), reference
 
 
 def recorded_positions(n_seqs: int, length: int, *, train_len: int, stride: int, k: int, buckets: int,
@@ -591,10 +633,10 @@ def scatter_points(sample: StateSample, *, train_len: int, layer: int, head: int
     state), set ("reference" for p <= train_len, "query" beyond).
     """
     if not 0 <= layer < len(sample.states):
-        raise ValueError(f"layer must lie in [0, {len(sample.states) - 1}], got {layer}")
+        raise CoverageInputError("layer", f"layer must lie in [0, {len(sample.states) - 1}], got {layer}")
     states = sample.states[layer]                                                      # [N, P, H, d]
     if not 0 <= head < states.shape[2]:
-        raise ValueError(f"head must lie in [0, {states.shape[2] - 1}], got {head}")
+        raise CoverageInputError("head", f"head must lie in [0, {states.shape[2] - 1}], got {head}")
     ref = _split(sample.positions, train_len)
     reference = _as_points(states[:, ref, head].reshape(-1, states.shape[-1]), "reference")
     if reference.shape[0] < 2:

@@ -16,6 +16,7 @@ so a 1M-token rollout never holds more than one chunk of activations.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -34,6 +35,7 @@ from statelens.record.rollout import Chunk, as_batch, rollout
 STATS = ("norm", "mean", "std", "absmax", "finite")
 STATE_HOOKS = ("hook_state", "hook_conv_state")
 BLOCK_HOOK = "hook_state_blocks"  # read by the recorder itself, not recorded as such
+Keep = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]  # (hook name, [P, b, H, k]) -> {key: [P, b, ...]}
 
 
 def resolve_positions(positions: int | Iterable[int], length: int) -> list[int]:
@@ -72,11 +74,13 @@ def _moments(x: torch.Tensor) -> torch.Tensor:
 class Recording:
     """What a recorder kept. ``stats`` columns: position, seq (batch row), name (hook kind, e.g.
     hook_state), layer, head, norm, mean, std, absmax, finite (bool). ``raw`` maps hook names to
-    memory-mapped arrays [len(positions), batch, ...]."""
+    memory-mapped arrays [len(positions), batch, ...]. ``kept`` maps state hook names to what the
+    recorder's ``keep`` returned, by key, as CPU tensors [len(positions), batch, ...]."""
 
     positions: list[int]
     stats: pd.DataFrame
     raw: dict[str, np.ndarray] = field(default_factory=dict)
+    kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Recorder:
@@ -84,10 +88,16 @@ class Recorder:
     each rollout chunk turns what the hooks saw into statistics and raw snapshots."""
 
     def __init__(self, model: RecurrentLM, *, names: NamesFilter, positions: list[int], batch: int,
-                 raw: NamesFilter | None = None, raw_dir: str | Path | None = None, block: int | None = None):
+                 raw: NamesFilter | None = None, raw_dir: str | Path | None = None, block: int | None = None,
+                 keep: Keep | None = None):
         """``block``: read SSM states inside a call from the backend's ``hook_state_blocks`` every
-        ``block`` tokens of it (the caller guarantees recorded positions fall on those boundaries)."""
+        ``block`` tokens of it (the caller guarantees recorded positions fall on those boundaries).
+        ``keep(name, by_head)``: called with each state hook's per-head states [P, b, H, k] at the
+        recorded positions P of a chunk; the tensors it returns ([P, b, ...] each, by key) are kept in
+        memory, in :attr:`Recording.kept` (e.g. each head's state, projected)."""
         self.model = model
+        self.keep = keep
+        self._kept: dict[str, dict[str, torch.Tensor]] = {}
         self.positions = positions
         self._index = {p: i for i, p in enumerate(positions)}
         self.batch = batch
@@ -150,6 +160,8 @@ class Recorder:
                 if here:
                     by_head = self.model.by_head(name, snapshot.flatten(0, 1)).unflatten(0, snapshot.shape[:2])
                     states.setdefault((kind, tuple(here), tuple(by_head.shape)), []).append((name, by_head))
+                    if self.keep is not None:
+                        self._keep(name, here, self.keep(name, by_head))
                     if name in self.raw_names:
                         self._write_raw(name, here, snapshot)
                 continue
@@ -184,6 +196,14 @@ class Recorder:
             self._stats[name] = np.full((len(self.positions), *values.shape[1:]), np.nan)
         rows = [self._index[p] for p in here]
         self._stats[name][rows[0]:rows[-1] + 1] = values
+
+    def _keep(self, name: str, here: list[int], values: dict[str, torch.Tensor]) -> None:
+        kept = self._kept.setdefault(name, {})
+        rows = [self._index[p] for p in here]
+        for key, value in values.items():
+            if key not in kept:
+                kept[key] = torch.full((len(self.positions), *value.shape[1:]), math.nan, dtype=value.dtype)
+            kept[key][rows[0]:rows[-1] + 1] = value.cpu()
 
     def _write_raw(self, name: str, here: list[int], snapshot: torch.Tensor) -> None:
         if name not in self._raw:
@@ -220,7 +240,7 @@ class Recorder:
         columns = ["position", "seq", "name", "layer", "head", *STATS]
         stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
         raw = {n: np.load(self.raw_dir / f"{n}.npy", mmap_mode="r") for n in self._raw}
-        return Recording(self.positions, stats, raw)
+        return Recording(self.positions, stats, raw, self._kept)
 
 
 def record(

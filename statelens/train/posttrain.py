@@ -1,12 +1,16 @@
 """The post-training loop: a few hundred steps from other initial states (Buitrago Ruiz & Gu, 2025).
 
-Read top to bottom: :func:`posttrain` builds the sampler for the intervention, then each step
+Read top to bottom: :func:`posttrain` takes its settings as one :class:`PosttrainConfig`; ``_prepare``
+checks the data, restores a save (``_restore``), distributes the model and builds optimizer, scheduler and
+the sampler for the intervention; then each step (``_train_step``)
 
     state0 = sampler.sample(batch).detach()             # initial state, no gradient into it
-    logits, final = model(tokens[:, :-1] ... )           # tokens [batch, seq_len]
+    logits, final = model(tokens, state0)                # tokens [batch, seq_len]
     loss = cross_entropy(logits[:, :-1], tokens[:, 1:])  # next-token prediction within the chunk
     loss.backward(); clip; AdamW step; scheduler step
     sampler.update(final)                                # state passing / TBTT only
+
+and, when due, a save (``_checkpoint``).
 
 The learning rate warms up linearly over ``warmup`` steps, then decays along a cosine to 10% of ``lr``
 at ``steps``. Every ``save_every`` steps and at the end the run writes to ``out``: the checkpoint in the
@@ -35,6 +39,7 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +63,37 @@ LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "mean_state_norm"]
 # Settings a resumed run must share with the run it continues (steps and save_every may change).
 _RESUME_KEYS = ("intervention", "seq_len", "batch", "lr", "warmup", "weight_decay", "clip", "seed",
                 "noise_mean", "noise_std", "pass_conv", "fsdp")
+
+
+@dataclass(frozen=True)
+class PosttrainConfig:
+    """The settings of a post-training run (the CLI's options; ``resume.pt`` keeps them as its "config").
+    Built, it has been checked: :class:`~statelens.errors.BadInput` names the first bad setting."""
+
+    intervention: str = "state-passing"  # initial state of each training sequence: one of INTERVENTIONS
+    steps: int = 500                     # optimizer steps
+    seq_len: int = 2048                  # tokens per training sequence (the new training length)
+    batch: int = 8                       # sequences per step (divided among torchrun ranks)
+    lr: float = 3e-4                     # peak AdamW learning rate (warm-up, then cosine to 10%)
+    warmup: int = 50                     # linear warm-up steps
+    weight_decay: float = 0.1            # AdamW weight decay, on matrices only (param_groups)
+    clip: float = 1.0                    # gradient-norm clipping threshold
+    seed: int = 0                        # batch order, noise and torch's generator
+    save_every: int = 100                # save the checkpoint and resume.pt every this many steps
+    noise_mean: float = 0.0              # "noise": mean of the iid Gaussian initial state
+    noise_std: float = 1.0               # "noise": its standard deviation
+    pass_conv: bool | None = None        # carry/noise conv states too; None: True for state passing, TBTT
+    fsdp: bool = False                   # under torchrun: shard (FSDP2) instead of replicate (DDP)
+
+    def __post_init__(self) -> None:
+        if self.intervention not in INTERVENTIONS:
+            raise BadInput(f"unknown intervention {self.intervention!r} (choose from {', '.join(INTERVENTIONS)})")
+        for name, least in (("steps", 1), ("seq_len", 2), ("batch", 1), ("warmup", 0), ("save_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise BadInput(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
+        if not self.lr > 0 or not self.clip > 0:
+            raise BadInput(f"--lr and --clip must be positive, got {self.lr!r} and {self.clip!r}")
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -102,15 +138,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def make_sampler(intervention: str, model, pool: np.ndarray, seq_len: int, seed: int, *, noise_mean: float,
-                 noise_std: float, pass_conv: bool | None):
-    """The initial-state sampler of ``intervention`` (fitted noise is fitted on up to 64 rows of ``pool``)."""
+def make_sampler(config: PosttrainConfig, model, pool: np.ndarray):
+    """The initial-state sampler of ``config.intervention`` (fitted noise is fitted on up to 64 rows of
+    ``pool`` [n, L])."""
+    intervention, pass_conv = config.intervention, config.pass_conv
     if intervention == "none":
         return ZeroState(model)
     if intervention == "noise":
-        return RandomNoise(model, noise_mean, noise_std, seed, pass_conv=bool(pass_conv))
+        return RandomNoise(model, config.noise_mean, config.noise_std, config.seed, pass_conv=bool(pass_conv))
     if intervention == "fitted-noise":
-        return FittedNoise.fit(model, pool[:64], seq_len, seed)
+        return FittedNoise.fit(model, pool[:64], config.seq_len, config.seed)
     if intervention in ("state-passing", "tbtt"):
         sampler = StatePassing(model, pass_conv=True if pass_conv is None else pass_conv)
         sampler.name = intervention
@@ -118,130 +155,176 @@ def make_sampler(intervention: str, model, pool: np.ndarray, seq_len: int, seed:
     raise BadInput(f"unknown intervention {intervention!r} (choose from {', '.join(INTERVENTIONS)})")
 
 
-def posttrain(ckpt: Checkpoint, sequences_or_documents, *, intervention: str = "state-passing", steps: int = 500,
-              seq_len: int = 2048, batch: int = 8, lr: float = 3e-4, warmup: int = 50, weight_decay: float = 0.1,
-              clip: float = 1.0, seed: int = 0, save_every: int = 100, out: str | Path, resume: bool = False,
-              noise_mean: float = 0.0, noise_std: float = 1.0, pass_conv: bool | None = None, fsdp: bool = False,
-              progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+@dataclass
+class _Run:
+    """What the steps and the saves of one run share. ``trained`` is ``model`` itself or its DDP wrapper;
+    ``mine`` this rank's rows of a batch; ``saved_config`` the config resume.pt records (``fsdp``: whether
+    this run is sharded)."""
+
+    ckpt: Checkpoint
+    config: PosttrainConfig
+    out: Path
+    model: torch.nn.Module
+    trained: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: object
+    mine: slice
+    shard: bool
+    saved_config: dict
+    log: list[dict]
+
+
+def posttrain(ckpt: Checkpoint, sequences_or_documents, config: PosttrainConfig | None = None, *,
+              out: str | Path, resume: bool = False, progress: Callable[[int], None] | None = None,
+              **settings) -> pd.DataFrame:
     """Post-trains ``ckpt.model`` in place; returns the training log (also written to out/train_log.csv).
 
     sequences_or_documents: int tokens [n, L]. TBTT: documents, ``batch`` of them per group, each cut
         into L // seq_len consecutive chunks. Otherwise: every row is cut into seq_len chunks.
-    pass_conv: carry/noise the conv states too; default True for state passing and TBTT, False for noise.
-    fsdp: under torchrun, shard the model across ranks (FSDP2) instead of replicating it (DDP); no effect
-        in a single process. The model's parameters stay sharded after the run.
+    config: the settings; or give them as keyword ``settings`` (``steps=...``), as :class:`PosttrainConfig`'s
+        fields. ``fsdp`` has no effect in a single process; sharded, the parameters stay sharded after the run.
+    resume: continue from the last save in ``out``.
     progress: called with 1 after each step (and its save).
 
     Log columns: step (1-based), loss (mean next-token NLL of the batch, nats), lr (the step's learning
     rate), grad_norm (total norm before clipping), mean_state_norm (mean Frobenius norm of the final SSM
     state per layer, head and row).
     """
-    check_settings(intervention, steps, seq_len, batch, lr, warmup, clip, save_every)
-    if batch % distributed.world_size():
-        raise BadInput(f"--batch {batch} does not divide among {distributed.world_size()} processes")
-    mine = slice(distributed.rank() * batch // distributed.world_size(),
-                 (distributed.rank() + 1) * batch // distributed.world_size())   # this rank's rows of a batch
-    out = Path(out)
-    data = np.asarray(sequences_or_documents)
-    if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
-        raise BadInput(f"training data must be integer tokens [n, length], got {data.dtype} {list(data.shape)}")
-    if data.shape[1] < seq_len:
-        raise BadInput(f"--seq-len {seq_len} is longer than the documents ({data.shape[1]} tokens)")
-    model = ckpt.model
-    config = {"intervention": intervention, "steps": steps, "seq_len": seq_len, "batch": batch, "lr": lr,
-              "warmup": warmup, "weight_decay": weight_decay, "clip": clip, "seed": seed, "save_every": save_every,
-              "noise_mean": noise_mean, "noise_std": noise_std, "pass_conv": pass_conv}
-    shard = fsdp and distributed.active()
-    config["fsdp"] = shard   # a sharded run's resume.pt holds its optimizer state by parameter name
-    torch.manual_seed(seed)
-
-    batches = None
-    if intervention == "tbtt":
-        tbtt_batch(data, batch, seq_len, 0)  # raises when no batch fits
-    else:
-        batches = Batches(data, batch, seq_len, seed)
-    pool = data if batches is None else batches.pool
-    saved = _read_resume(out) if resume else None
-    if not distributed.same_on_all_ranks(-1 if saved is None else int(saved["step"])):
-        raise BadInput(f"--resume: the torchrun ranks see different saves in --out {out}; it must be a folder "
-                       "every rank shares")
-    if saved is not None:
-        _check_same(saved["config"], config)
-        model.load_state_dict(saved["model"])                     # whole weights, before any sharding
-    if shard:
-        _fully_shard(model)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)   # over the shards, if sharded
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
-
-    start, log = 0, []
-    if saved is not None:
-        _load_optimizer(model, optimizer, saved["optimizer"], shard)
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        sampler = _empty_sampler(intervention, model, seed, noise_mean, noise_std, pass_conv)
-        sampler.load_state_dict(saved["sampler"])
-        if isinstance(sampler, StatePassing) and sampler.previous is not None:
-            sampler.previous = sampler.previous.rows(mine)          # saved whole: this rank's rows
-        start, log = int(saved["step"]), [dict(row) for row in saved["log"]]
-    else:
-        sampler = make_sampler(intervention, model, pool, seq_len, seed, noise_mean=noise_mean,
-                               noise_std=noise_std, pass_conv=pass_conv)
-    main = distributed.is_main()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if isinstance(sampler, FittedNoise):
-            sampler.save(out / FITTED)
-
-    trained = model
-    if distributed.active() and not shard:
-        trained = torch.nn.parallel.DistributedDataParallel(model)
+    if config is not None and settings:
+        raise TypeError(f"posttrain: give a config or settings, not both (got {', '.join(settings)})")
+    config = config if config is not None else PosttrainConfig(**settings)
+    run, start, batches = _prepare(ckpt, sequences_or_documents, config, Path(out), resume)
     started = time.perf_counter()
-    model.train()
+    run.model.train()
     with stop_on_signals() as stop:
         try:
-            for step in range(start, steps):
-                if batches is None:
-                    rows, new_documents = tbtt_batch(data, batch, seq_len, step)
-                    if new_documents:
-                        sampler.reset()
-                else:
-                    rows = batches(step)
-                tokens = torch.as_tensor(np.ascontiguousarray(rows[mine]), dtype=torch.long, device=model.device)
-                state0 = _initial_state(sampler, batch, mine)
-                logits, final = trained(tokens, state0)                    # [rows, seq_len, vocab]
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                step_lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                if isinstance(sampler, StatePassing):
-                    sampler.update(final)
-                step_loss, state_norm = distributed.mean([loss.item(), mean_state_norm(model, final)])
-                if hasattr(grad_norm, "full_tensor"):                  # sharded: a DTensor
-                    grad_norm = grad_norm.full_tensor()
-                log.append({"step": step + 1, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm),
-                            "mean_state_norm": state_norm})
+            for step in range(start, config.steps):
+                run.log.append({"step": step + 1, **_train_step(run, *batches(step))})
                 stopping = distributed.any_rank(stop.signum is not None)
-                if (step + 1) % save_every == 0 or step + 1 == steps or stopping:
-                    sampler_state = _whole_batch(sampler)
-                    weights, optimizer_state = _whole_training_state(model, optimizer, shard)
-                    if main:
-                        _save(ckpt, out, config, step + 1, weights, optimizer_state, scheduler, sampler_state, log)
-                if stopping and step + 1 < steps:
+                if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stopping:
+                    _checkpoint(run, step + 1)
+                if stopping and step + 1 < config.steps:
                     raise Interrupted(stop.signum or signal.SIGTERM)
                 if progress is not None:
                     progress(1)
         finally:
-            model.eval()
-    df = pd.DataFrame(log, columns=LOG_COLUMNS)
-    if main:
-        write_json({"command": "posttrain", "config": config, "checkpoint": str(ckpt.path), "format": ckpt.format,
-                    "arch": model.arch, "resumed_from_step": start,
+            run.model.eval()
+    df = pd.DataFrame(run.log, columns=LOG_COLUMNS)
+    if distributed.is_main():
+        write_json({"command": "posttrain", "config": run.saved_config, "checkpoint": str(ckpt.path),
+                    "format": ckpt.format, "arch": run.model.arch, "resumed_from_step": start,
                     "train_seconds": round(time.perf_counter() - started, 3),
-                    "final_loss": float(df.loss.iloc[-1]) if len(df) else None}, out / "run.json")
+                    "final_loss": float(df.loss.iloc[-1]) if len(df) else None}, run.out / "run.json")
     return df
+
+
+def _prepare(ckpt: Checkpoint, tokens, config: PosttrainConfig, out: Path, resume: bool):
+    """Checks the data, builds the batches, restores a save when resuming, distributes the model and
+    builds optimizer, scheduler and sampler: (the run, the step to start from, step -> (rows, new_documents))."""
+    mine = _my_rows(config.batch)
+    data = _training_data(tokens, config.seq_len)
+    model = ckpt.model
+    shard = config.fsdp and distributed.active()
+    saved_config = asdict(config) | {"fsdp": shard}  # a sharded run's resume.pt holds its optimizer state by name
+    torch.manual_seed(config.seed)
+    batches, pool = _batch_source(data, config)
+    saved = _read_resume_everywhere(out) if resume else None
+    if saved is not None:
+        _check_same(saved["config"], saved_config)
+        model.load_state_dict(saved["model"])                     # whole weights, before any sharding
+    if shard:
+        _fully_shard(model)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)  # over the shards, if any
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.steps, config.warmup))
+    run = _Run(ckpt, config, out, model, model, optimizer, scheduler, None, mine, shard, saved_config, [])
+    start = 0
+    if saved is not None:
+        start = _restore(run, saved)
+    else:
+        run.sampler = make_sampler(config, model, pool)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if isinstance(run.sampler, FittedNoise):
+            run.sampler.save(out / FITTED)
+    if distributed.active() and not shard:
+        run.trained = torch.nn.parallel.DistributedDataParallel(model)
+    return run, start, batches
+
+
+def _my_rows(batch: int) -> slice:
+    """This rank's rows [r b / W, (r + 1) b / W) of a batch of b (W ranks must divide b)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    if batch % world:
+        raise BadInput(f"--batch {batch} does not divide among {world} processes")
+    return slice(rank * batch // world, (rank + 1) * batch // world)
+
+
+def _training_data(tokens, seq_len: int) -> np.ndarray:
+    """tokens as an integer array [n, L], checked to hold one sequence of ``seq_len``."""
+    data = np.asarray(tokens)
+    if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
+        raise BadInput(f"training data must be integer tokens [n, length], got {data.dtype} {list(data.shape)}")
+    if data.shape[1] < seq_len:
+        raise BadInput(f"--seq-len {seq_len} is longer than the documents ({data.shape[1]} tokens)")
+    return data
+
+
+def _batch_source(data: np.ndarray, config: PosttrainConfig):
+    """(step -> (rows [batch, seq_len], whether they start new documents), the pool fitted noise is fitted
+    on). TBTT: chunk k of the same documents; otherwise :class:`Batches` (never new documents)."""
+    if config.intervention == "tbtt":
+        tbtt_batch(data, config.batch, config.seq_len, 0)  # raises when no batch fits
+        return (lambda step: tbtt_batch(data, config.batch, config.seq_len, step)), data
+    batches = Batches(data, config.batch, config.seq_len, config.seed)
+    return (lambda step: (batches(step), False)), batches.pool
+
+
+def _train_step(run: _Run, rows: np.ndarray, new_documents: bool) -> dict:
+    """One optimizer step on this rank's rows of ``rows`` [batch, seq_len]; the log row (but its step),
+    averaged over ranks."""
+    if new_documents:
+        run.sampler.reset()
+    model, optimizer = run.model, run.optimizer
+    tokens = torch.as_tensor(np.ascontiguousarray(rows[run.mine]), dtype=torch.long, device=model.device)
+    state0 = _initial_state(run.sampler, run.config.batch, run.mine)
+    logits, final = run.trained(tokens, state0)                          # [rows, seq_len, vocab]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.config.clip)
+    step_lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    run.scheduler.step()
+    if isinstance(run.sampler, StatePassing):
+        run.sampler.update(final)
+    step_loss, state_norm = distributed.mean([loss.item(), mean_state_norm(model, final)])
+    if hasattr(grad_norm, "full_tensor"):                                # sharded: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    return {"loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm), "mean_state_norm": state_norm}
+
+
+def _checkpoint(run: _Run, step: int) -> None:
+    """Saves the run after ``step`` steps (a collective: every rank calls it; rank 0 writes)."""
+    sampler_state = _whole_batch(run.sampler)
+    weights, optimizer_state = _whole_training_state(run.model, run.optimizer, run.shard)
+    if distributed.is_main():
+        _save(run, step, weights, optimizer_state, sampler_state)
+
+
+def _restore(run: _Run, saved: dict) -> int:
+    """Loads a save's optimizer, scheduler, RNG, sampler and log into ``run`` (the weights are loaded
+    before sharding); returns the step it was saved at."""
+    config = run.config
+    _load_optimizer(run.model, run.optimizer, saved["optimizer"], run.shard)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    run.sampler = _empty_sampler(config, run.model)
+    run.sampler.load_state_dict(saved["sampler"])
+    if isinstance(run.sampler, StatePassing) and run.sampler.previous is not None:
+        run.sampler.previous = run.sampler.previous.rows(run.mine)          # saved whole: this rank's rows
+    run.log = [dict(row) for row in saved["log"]]
+    return int(saved["step"])
 
 
 def _initial_state(sampler, batch: int, mine: slice):
@@ -262,25 +345,12 @@ def _whole_batch(sampler) -> dict | None:
             for key in parts[0]}
 
 
-def check_settings(intervention, steps, seq_len, batch, lr, warmup, clip, save_every) -> None:
-    """Raises BadInput naming the first bad setting (the CLI calls it before loading anything)."""
-    if intervention not in INTERVENTIONS:
-        raise BadInput(f"unknown intervention {intervention!r} (choose from {', '.join(INTERVENTIONS)})")
-    for name, value, least in (("steps", steps, 1), ("seq_len", seq_len, 2), ("batch", batch, 1),
-                               ("warmup", warmup, 0), ("save_every", save_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise BadInput(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
-    if not lr > 0 or not clip > 0:
-        raise BadInput(f"--lr and --clip must be positive, got {lr!r} and {clip!r}")
-
-
-def _empty_sampler(intervention, model, seed, noise_mean, noise_std, pass_conv):
+def _empty_sampler(config: PosttrainConfig, model):
     """A sampler to load saved state into (fitted noise: placeholder statistics, replaced on load)."""
-    if intervention == "fitted-noise":
+    if config.intervention == "fitted-noise":
         zeros = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
-        return FittedNoise(model, zeros, zeros, seed)
-    return make_sampler(intervention, model, np.zeros((0, 0), dtype=np.int64), 0, seed,
-                        noise_mean=noise_mean, noise_std=noise_std, pass_conv=pass_conv)
+        return FittedNoise(model, zeros, zeros, config.seed)
+    return make_sampler(config, model, np.zeros((0, 0), dtype=np.int64))
 
 
 def _fully_shard(model: torch.nn.Module) -> None:
@@ -321,18 +391,27 @@ def _load_optimizer(model, optimizer, state: dict, shard: bool) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _save(ckpt, out: Path, config: dict, step: int, weights: dict, optimizer_state: dict, scheduler,
-          sampler_state: dict, log: list[dict]) -> None:
+def _save(run: _Run, step: int, weights: dict, optimizer_state: dict, sampler_state: dict | None) -> None:
     """Checkpoint, metadata and log first, resume.pt last: a save interrupted midway resumes from the
     previous complete one."""
-    save_checkpoint(ckpt, out, weights)
-    write_json({"train_len": config["seq_len"], "intervention": config["intervention"], "steps": step,
-                "pass_conv": config["pass_conv"]}, out / METADATA)
-    write_table(pd.DataFrame(log, columns=LOG_COLUMNS), out / "train_log.csv")
-    payload = {"step": step, "config": config, "model": weights,
-               "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-               "sampler": sampler_state, "rng": torch.get_rng_state(), "log": log}
+    config, out = run.config, run.out
+    save_checkpoint(run.ckpt, out, weights)
+    write_json({"train_len": config.seq_len, "intervention": config.intervention, "steps": step,
+                "pass_conv": config.pass_conv}, out / METADATA)
+    write_table(pd.DataFrame(run.log, columns=LOG_COLUMNS), out / "train_log.csv")
+    payload = {"step": step, "config": run.saved_config, "model": weights,
+               "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
+               "sampler": sampler_state, "rng": torch.get_rng_state(), "log": run.log}
     atomic_write(out / RESUME, lambda f: torch.save(payload, f))
+
+
+def _read_resume_everywhere(out: Path) -> dict | None:
+    """The save in ``out`` (None if there is none), checked to be the same save on every rank."""
+    saved = _read_resume(out)
+    if not distributed.same_on_all_ranks(-1 if saved is None else int(saved["step"])):
+        raise BadInput(f"--resume: the torchrun ranks see different saves in --out {out}; it must be a folder "
+                       "every rank shares")
+    return saved
 
 
 def _read_resume(out: Path) -> dict | None:
@@ -346,6 +425,7 @@ def _read_resume(out: Path) -> dict | None:
 
 
 def _check_same(saved: dict, config: dict) -> None:
+    """BadInput naming the first setting a resumed run must share (_RESUME_KEYS) that differs from the save's."""
     for key in _RESUME_KEYS:
         if saved.get(key, False if key == "fsdp" else None) != config[key]:  # runs saved before --fsdp: unsharded
             raise BadInput(f"--resume: {key} was {saved.get(key)!r} in the saved run, now {config[key]!r}")
