@@ -157,25 +157,26 @@ def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
     from statelens.cli.common import resolve_train_len
     from statelens.cli.coverage import default_regime
     from statelens.errors import BadInput
-    from statelens.models.checkpoint import content_hash
+    from statelens.models.checkpoint import content_hash, resolve_checkpoint
     from statelens.reports.html import Results, load_results
 
     o = options
-    tl, _ = resolve_train_len(ckpt, o["train_len"])  # each command loads the checkpoint itself
+    local, _ = resolve_checkpoint(ckpt)  # a hub id's snapshot: its statelens.json and content are read there
+    tl, _ = resolve_train_len(local, o["train_len"])  # each command loads the checkpoint itself
     length = o["length"] or o.get("length_factor", 4) * tl
     stride = o["stride"] or max(1, tl // 16)
     if length <= tl:
         raise BadInput(f"--length {length} does not exceed the training length {tl}: nothing to compare past it")
     if stride > tl:
         raise BadInput(f"--stride {stride} exceeds the training length {tl}: no state would be recorded within it")
-    regime = default_regime(ckpt)  # coverage's reference: the states the model was trained on
+    regime = default_regime(local)  # coverage's reference: the states the model was trained on
     common = {"data": o["data"], "tokenizer": o.get("tokenizer"), "text_field": o.get("text_field", "text"),
               "train_len": o["train_len"], "num_seqs": o["num_seqs"], "chunk": o["chunk"],
               "device": o["device"], "backend": o["backend"], "dtype": o["dtype"], "seed": o["seed"],
               "mitigation": o.get("mitigation"), "resume": bool(o.get("resume")), "group": o.get("group", 1)}
     if loaded is not None and loaded.folder == folder:
         check_resumed(loaded, {"train_len": o["train_len"], "length": length, "num_seqs": o["num_seqs"],
-                               "chunk": o["chunk"], "seed": o["seed"], "group": o.get("group", 1)}, content_hash(ckpt))
+                               "chunk": o["chunk"], "seed": o["seed"], "group": o.get("group", 1)}, content_hash(local))
     have = loaded.tables if loaded is not None else {}
     commands = {
         "remembrance": (remembrance.remembrance, {"T": length, "points": 32}),

@@ -183,6 +183,23 @@ def test_the_command_records_the_hub_id_and_equals_the_directory_run(cache, tmp_
     assert json.loads((tmp_path / "dir" / "run.json").read_text())["checkpoint"]["hub"] is None
 
 
+def test_report_on_a_hub_id_reads_the_snapshots_metadata(cache, tmp_path, monkeypatch, capsys):
+    """The training length and coverage's reference regime come from the snapshot's statelens.json, as
+    for the directory it was published from (before, report read them from the id as a path: 2048, zero)."""
+    hf_mamba2(tmp_path / "src", vocab=256)
+    (tmp_path / "src" / "statelens.json").write_text(json.dumps({"train_len": 16, "intervention": "state-passing"}))
+    publish(cache, "org/tiny", tmp_path / "src")
+    options = ["--length", 48, "--num-seqs", 2, "--buckets", 4, "--stride", 4]
+    for spec, folder in (("org/tiny", "hub"), (tmp_path / "src", "dir")):
+        code, _, err = run_cli(monkeypatch, capsys, "report", "--ckpt", spec, "--label", "m", *options,
+                               "--out", tmp_path / folder)
+        assert code == 0, err
+    coverage = json.loads((tmp_path / "hub" / "1-m" / "coverage" / "run.json").read_text())
+    assert coverage["config"]["regime"] == "state-passing" and coverage["train_len"] == 16
+    for name in ("coverage/coverage_buckets.csv", "perplexity/positionwise.csv"):
+        assert (tmp_path / "hub" / "1-m" / name).read_bytes() == (tmp_path / "dir" / "1-m" / name).read_bytes()
+
+
 def test_environment_is_read_at_call_time(cache, tmp_path, monkeypatch):
     """huggingface_hub reads HF_HUB_CACHE once, at import: statelens passes the current one."""
     from statelens import hub
