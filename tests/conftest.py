@@ -93,6 +93,15 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return info.value.code, out, err
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as torchrun's workers and the recorded golden outputs run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def byte_vocab_ckpt(tmp_path_factory):
     """A tiny Mamba-2 checkpoint with a 256-id vocabulary, so text is tokenized as bytes."""

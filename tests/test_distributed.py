@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import run_cli
 from pausing import PausedRun
@@ -67,14 +66,6 @@ def torchrun(byte_vocab_ckpt, tmp_path_factory):
                           capture_output=True, text=True, env=env, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("command", list(ANALYSES))

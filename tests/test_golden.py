@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import run_cli
 
@@ -35,14 +34,6 @@ def assert_same_table(got: Path, recorded: Path) -> None:
                                        equal_nan=True, err_msg=f"{got}: {column}")
         else:
             assert a[column].tolist() == b[column].tolist(), (got, column)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", list(CASES))
