@@ -100,10 +100,7 @@ class PausedRun:
 
 def interrupt(args: list, at: str, signum: int = signal.SIGINT, *, when: str = "after",
               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs ``statelens ARGS``, sends ``signum`` once it has written the first file matching ``at``, and
-    returns the finished process (``paused`` on it: the path, or None when it never wrote one)."""
+    """Runs ``statelens ARGS``, sends ``signum`` once it has written the first file matching ``at`` (no
+    signal when it ended without writing one), and returns the finished process."""
     run = PausedRun(args, at, when=when, env=env)
-    where = run.paused()
-    done = run.finish(signum if where is not None else None)
-    done.paused = where
-    return done
+    return run.finish(signum if run.paused() is not None else None)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pausing import PausedRun
+from pausing import interrupt
 
 TEMP = re.compile(r"^\..+\.tmp-\d+$")  # statelens.outputs.atomic_write's temporary names
 
@@ -37,10 +37,7 @@ def statelens_command() -> list[str]:
 def kill_at(args: list, out: Path, name: str, when: str) -> bool:
     """Runs ``statelens ARGS`` and SIGKILLs it just ``before`` or ``after`` the rename that ends the write
     of its first file ``name`` under ``out``. True when it was killed there, False when it ended first."""
-    run = PausedRun(args, f"{out}*/{name}", when=when)
-    paused = run.paused() is not None
-    done = run.finish(signal.SIGKILL if paused else None)
-    return paused and done.returncode == -signal.SIGKILL
+    return interrupt(args, f"{out}*/{name}", signal.SIGKILL, when=when).returncode == -signal.SIGKILL
 
 
 def assert_complete(path: Path, rows: dict[str, int]) -> None:
