@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from statelens.cli.options import Backend, BackendName, Ckpt, Device, DType, Dtype, Seed, load
+from statelens.cli.options import Backend, BackendName, Ckpt, Device, DType, Dtype, Seed
 
 
 def check(
@@ -24,8 +24,9 @@ def check(
     from rich.table import Table
 
     from statelens.models.verify import check_agreement
+    from statelens.runs import open_checkpoint
 
-    loaded = load(ckpt, device, dtype, backend)
+    loaded = open_checkpoint(ckpt, device, dtype.value, backend.value)
     model = loaded.model
     out = Console(highlight=False)
     out.print(f"[bold]{loaded.describe()}[/] ({loaded.format} layout, {loaded.weights_kind} weights, "

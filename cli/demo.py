@@ -35,7 +35,7 @@ def demo(
 
     from statelens import demo as built_in
     from statelens import distributed
-    from statelens.cli.common import check_writable
+    from statelens.runs import check_writable
     from statelens.cli.options import BackendName, DType
     from statelens.cli.report import compute_missing
     from statelens.outputs import write_table

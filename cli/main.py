@@ -7,7 +7,9 @@ import sys
 
 import typer
 
-from statelens.cli import check, coverage, decay, demo, perplexity, posttrain, remembrance, report, states, tasks
+from statelens.analysis import analyses
+from statelens.cli import check, demo, posttrain, report, tasks
+from statelens.cli.analysis import command
 
 app = typer.Typer(
     name="statelens",
@@ -18,11 +20,8 @@ app = typer.Typer(
 )
 app.command("demo")(demo.demo)
 app.command("check")(check.check)
-app.command("remembrance")(remembrance.remembrance)
-app.command("perplexity")(perplexity.perplexity)
-app.command("states")(states.states)
-app.command("decay")(decay.decay)
-app.command("coverage")(coverage.coverage)
+for spec in analyses:
+    app.command(spec.name)(command(spec))
 app.command("report")(report.report)
 app.command("compare")(report.compare)
 app.command("passkey")(tasks.passkey)
@@ -37,8 +36,15 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def main() -> None:
+    from statelens.distributed import RankDone
+
     try:
         _run()
+    except RankDone:  # under torchrun: this rank's groups are sent; rank 0 writes the outputs
+        from statelens import distributed
+
+        distributed.barrier()
+        sys.exit(0)
     except SystemExit as e:
         if not e.code:  # under torchrun: no rank leaves a command before rank 0 has written its outputs
             from statelens import distributed
@@ -48,7 +54,9 @@ def main() -> None:
 
 
 def _run() -> None:
+    from statelens.distributed import RankDone
     from statelens.errors import StatelensError
+    from statelens.resumable import Interrupted
 
     args = sys.argv[1:] or ["--help"]
     debug = "--debug" in args
@@ -65,6 +73,12 @@ def _run() -> None:
     except typer.Abort:
         print("statelens: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Interrupted as e:  # SIGINT/SIGTERM during resumable work: what was kept, and how to go on
+        saved = f": {e.saved}; rerun the same command with --resume to continue" if e.saved else ""
+        print(f"statelens: interrupted by {e.name}{saved}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except RankDone:
+        raise
     except StatelensError as e:
         if debug:
             raise

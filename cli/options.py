@@ -34,27 +34,6 @@ Dtype = Annotated[DType, typer.Option("--dtype", help="Compute dtype; float64 fo
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 
 
-def torch_dtype(dtype: DType):
-    import torch
-
-    return {DType.float32: torch.float32, DType.float64: torch.float64}[dtype]
-
-
-def load(ckpt: Path, device: str, dtype: DType, backend: BackendName = BackendName.auto):
-    """Loads a checkpoint (a directory or a hub id) for a command with ``backend``; a bad device is bad input."""
-    import torch
-
-    from statelens.errors import BadInput
-    from statelens.models.auto import load_model
-
-    try:
-        usable = torch.empty(0, device=device).device.type != "meta"
-    except (RuntimeError, AssertionError) as e:
-        raise BadInput(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
-    if not usable:
-        raise BadInput(f"--device {device}: the meta device holds no data; use cpu or cuda")
-    return load_model(ckpt, backend.value, device=device, dtype=torch_dtype(dtype))
-
 Data = Annotated[Optional[Path], typer.Option(
     "--data", help="Tokens: .npy (1-D stream or 2-D \\[n, len]), a text file, a .jsonl with a text field "
                    "(--text-field), a directory of them, a .parquet (its --text-field column), a folder written by "
@@ -92,11 +71,3 @@ MitigationSpec = Annotated[Optional[str], typer.Option(
                          "calibrated on the command's sequences), or window:r=R (the state read is "
                          "h_t - alpha_{t-r+1:t} h_{t-r}). Default: none.", show_default=False)]
 
-
-class Scale(str, Enum):
-    log = "log"
-    linear = "linear"
-
-
-Buckets = Annotated[int, typer.Option("--buckets", min=1, help="Position buckets.")]
-BucketScale = Annotated[Scale, typer.Option("--scale", help="Bucket spacing: log or linear.")]

@@ -62,15 +62,18 @@ def posttrain(
 ) -> None:
     """Post-trains a checkpoint with an initial-state intervention; writes the checkpoint in its own format
     plus statelens.json (training length, intervention), train_log.csv and run.json to --out."""
-    from statelens.cli.common import exit_interrupted, progress, report, start
+    from statelens.cli.common import report
     from statelens.errors import DataError
     from statelens.resumable import Interrupted
+    from statelens.runs import RunSettings, progress, start
     from statelens.train import PosttrainConfig
     from statelens.train import posttrain as train
+    from statelens.train.posttrain import LOG_WATCHED
 
     settings = PosttrainConfig(intervention=intervention.value, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
                                warmup=warmup, clip=clip, seed=seed, save_every=save_every, fsdp=fsdp)  # checked
-    run = start("posttrain", tokenizer=tokenizer, text_field=text_field, ckpt=ckpt, device=device, dtype=dtype, seed=seed, out=out, train_len=seq_len,
+    run = start("posttrain", RunSettings(ckpt, tokenizer=tokenizer, text_field=text_field, device=device,
+                                         dtype=dtype.value, backend="native", seed=seed, out=out, train_len=seq_len),
                 config={"data": str(data) if data else None, "intervention": intervention.value, "steps": steps,
                         "seq_len": seq_len, "batch": batch, "lr": lr, "warmup": warmup, "clip": clip,
                         "save_every": save_every, "resume": resume, "fsdp": fsdp})
@@ -89,8 +92,10 @@ def posttrain(
                       "steps") as advance:
             log = train(run.ckpt, tokens, settings, out=out, resume=resume, progress=advance)
     except Interrupted as e:
-        exit_interrupted(e, f"training saved in {out}")
+        e.saved = f"training saved in {out}"
+        raise
     run.lap("train")
+    run.watched = LOG_WATCHED
     first, last = log.iloc[0], log.iloc[-1]
     written = run.finish({"train_log": log}, results={"first_loss": float(first.loss), "final_loss": float(last.loss)})
     report(run, [out, *written], [

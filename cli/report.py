@@ -6,6 +6,7 @@ what is missing is computed when a ``--ckpt`` is given, and written under ``--ou
 exactly as the commands write it, so that folder can be passed to ``--from`` later."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,7 +25,6 @@ From = Annotated[Optional[list[Path]], typer.Option(
     "--from", help="Folder of earlier command outputs (runs/ with runs/perplexity/positionwise.csv, ..., or the "
                    "CSVs themselves), one per checkpoint in order; reused, not recomputed.", show_default=False)]
 ReportBuckets = Annotated[int, typer.Option("--buckets", min=1, help="Position buckets of perplexity and decay.")]
-CHAIN = 4  # training-length segments per reference chain of coverage's state-passing and tbtt regimes
 Stride = Annotated[Optional[int], typer.Option(
     "--stride", min=1, help="Record states every N tokens (states, coverage). Default: training length // 16.",
     show_default=False)]
@@ -96,7 +96,7 @@ def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, op
     from rich.console import Console
 
     from statelens import distributed
-    from statelens.cli.common import check_writable
+    from statelens.runs import check_writable
     from statelens.errors import BadInput
     from statelens.reports.html import load_results, render, write_report
 
@@ -143,64 +143,68 @@ def folder_name(label: str, index: int) -> str:
     return f"{index + 1}-{slug[:60]}"
 
 
-COMMAND_TABLES = {"remembrance": "remembrance", "perplexity": "positionwise", "states": "state_stats",
-                  "decay": "decay", "coverage": "coverage"}  # each analysis command, and the table that shows it ran
-
-
 def compute_missing(ckpt: Path, loaded, folder: Path, options: dict):
-    """Runs each analysis command whose tables ``loaded`` lacks (all when None), in this process, writing
-    under ``folder/<command>/`` exactly as the command does: so under torchrun the commands share their
-    groups over the ranks, and an interrupted report continues with --resume. Returns the results (None
-    on torchrun ranks other than 0) and the training length."""
+    """Runs each analysis that report/compare run (the registered specs with a ``report`` plan) whose
+    tables ``loaded`` lacks (all when None), in this process, writing under ``folder/<command>/`` exactly
+    as the command does: so under torchrun the analyses share their groups over the ranks, and an
+    interrupted report continues with --resume. Returns the results (None on torchrun ranks other than
+    0) and the training length."""
     from statelens import distributed
-    from statelens.cli import coverage, decay, perplexity, remembrance, states
-    from statelens.cli.common import resolve_train_len
-    from statelens.cli.coverage import default_regime
-    from statelens.errors import BadInput
+    from statelens.analysis import analyses
+    from statelens.cli.common import execute
     from statelens.models.checkpoint import content_hash, resolve_checkpoint
     from statelens.reports.html import Results, load_results
 
     o = options
     local, _ = resolve_checkpoint(ckpt)  # a hub id's snapshot: its statelens.json and content are read there
-    tl, _ = resolve_train_len(local, o["train_len"])  # each command loads the checkpoint itself
+    plan, settings = report_plan(local, ckpt, o)
+    if loaded is not None and loaded.folder == folder:
+        check_resumed(loaded, {"train_len": o["train_len"], "length": plan.length, "num_seqs": o["num_seqs"],
+                               "chunk": o["chunk"], "seed": o["seed"], "group": o.get("group", 1)}, content_hash(local))
+    have = loaded.tables if loaded is not None else {}
+    for spec in analyses:
+        if spec.report is None or spec.shows in have:
+            continue
+        try:
+            execute(spec, dataclasses.replace(settings, out=folder / spec.name), spec.report(plan))
+        except distributed.RankDone:  # torchrun ranks other than 0 go on once their groups are sent
+            pass
+    if not distributed.is_main():
+        return None, plan.train_len
+    found = load_results(folder) if any(folder.glob("*/run.json")) else Results(folder=folder)
+    if loaded is not None and loaded.folder != folder:  # what --from gave, beside what was computed here
+        found.tables = loaded.tables | found.tables
+        found.manifests = loaded.manifests | found.manifests
+    return found, plan.train_len
+
+
+def report_plan(local: Path, ckpt: Path, o: dict):
+    """The :class:`~statelens.analysis.spec.ReportPlan` (with the training length as ``train_len``) and the
+    :class:`~statelens.runs.RunSettings` every analysis of a report runs with, from report's options."""
+    from statelens.analysis.coverage import default_regime
+    from statelens.analysis.spec import ReportPlan
+    from statelens.errors import BadInput
+    from statelens.runs import RunSettings, resolve_train_len
+
+    tl, _ = resolve_train_len(local, o["train_len"])  # each analysis loads the checkpoint itself
     length = o["length"] or o.get("length_factor", 4) * tl
     stride = o["stride"] or max(1, tl // 16)
     if length <= tl:
         raise BadInput(f"--length {length} does not exceed the training length {tl}: nothing to compare past it")
     if stride > tl:
         raise BadInput(f"--stride {stride} exceeds the training length {tl}: no state would be recorded within it")
-    regime = default_regime(local)  # coverage's reference: the states the model was trained on
-    common = {"data": o["data"], "tokenizer": o.get("tokenizer"), "text_field": o.get("text_field", "text"),
-              "train_len": o["train_len"], "num_seqs": o["num_seqs"], "chunk": o["chunk"],
-              "device": o["device"], "backend": o["backend"], "dtype": o["dtype"], "seed": o["seed"],
-              "mitigation": o.get("mitigation"), "resume": bool(o.get("resume")), "group": o.get("group", 1)}
-    if loaded is not None and loaded.folder == folder:
-        check_resumed(loaded, {"train_len": o["train_len"], "length": length, "num_seqs": o["num_seqs"],
-                               "chunk": o["chunk"], "seed": o["seed"], "group": o.get("group", 1)}, content_hash(local))
-    have = loaded.tables if loaded is not None else {}
-    commands = {
-        "remembrance": (remembrance.remembrance, {"T": length, "points": 32}),
-        "perplexity": (perplexity.perplexity, {"length": length, "buckets": o["buckets"]}),
-        "states": (states.states, {"length": length, "stride": stride}),
-        "decay": (decay.decay, {"length": length, "buckets": o["buckets"]}),
-        "coverage": (coverage.coverage, {"length": length, "stride": stride, "buckets": 8, "regime": regime,
-                                         "chain": CHAIN}),
-    }
-    for command, (run_command, extra) in commands.items():
-        if COMMAND_TABLES[command] in have:
-            continue
-        try:
-            run_command(ckpt=ckpt, out=folder / command, **common, **extra)
-        except SystemExit as e:  # torchrun ranks other than 0 leave a command once their groups are sent
-            if e.code or distributed.is_main():
-                raise
-    if not distributed.is_main():
-        return None, tl
-    found = load_results(folder) if any(folder.glob("*/run.json")) else Results(folder=folder)
-    if loaded is not None and loaded.folder != folder:  # what --from gave, beside what was computed here
-        found.tables = loaded.tables | found.tables
-        found.manifests = loaded.manifests | found.manifests
-    return found, tl
+    plan = ReportPlan(length=length, stride=stride, buckets=o["buckets"], regime=default_regime(local),
+                      train_len=tl)
+    settings = RunSettings(ckpt, data=o["data"], tokenizer=o.get("tokenizer"), text_field=o.get("text_field", "text"),
+                           train_len=o["train_len"], length=length, num_seqs=o["num_seqs"], chunk=o["chunk"],
+                           device=o["device"], backend=_value(o["backend"]), dtype=_value(o["dtype"]), seed=o["seed"],
+                           mitigation=o.get("mitigation"), resume=bool(o.get("resume")), group=o.get("group", 1))
+    return plan, settings
+
+
+def _value(choice) -> str:
+    """An option's Enum member (typer) or its value (a caller's) as the value."""
+    return getattr(choice, "value", choice)
 
 
 def check_resumed(results, config: dict, sha256: str) -> None:

@@ -67,16 +67,17 @@ def passkey(
     (length, depth) cell is the unit of work that --resume keeps and torchrun shares out."""
     import pandas as pd
 
-    from statelens.cli.common import report, start
-    from statelens.reports.figures import passkey_figure
+    from statelens.cli.common import report
+    from statelens.runs import RunSettings, start
+    from statelens.reports.figures import passkey_figure, save
 
     from statelens.tasks.passkey import COLUMNS, capacity, check_depths, make_passkey, passkey_cell, sample_seeds
 
     sizes, fractions = parse_lengths(lengths), parse_depths(depths)
     check_depths(fractions)
-    run = start("passkey", mitigation=mitigation, tokenizer=tokenizer, draws_sequences=False,
-                ckpt=ckpt, device=device, dtype=dtype,
-                backend=backend, seed=seed, out=out, train_len=train_len, resume=resume,
+    run = start("passkey", RunSettings(ckpt, train_len=train_len, chunk=chunk, resume=resume, device=device,
+                                       backend=backend.value, dtype=dtype.value, seed=seed, out=out,
+                                       mitigation=mitigation, tokenizer=tokenizer), draws_sequences=False,
                 config={"lengths": sizes, "depths": fractions, "samples": samples, "train_len": train_len,
                         "chunk": chunk})
     tokenizer = run.tokenizer()
@@ -98,7 +99,8 @@ def passkey(
     run.lap("compute")
     found = capacity(df)
     state_size = run.model.zero_state(1, device="meta").numel_per_sequence()
-    written = run.finish({"passkey": df}, passkey_figure(df, train_len=run.train_len),
+    figure = passkey_figure(df, train_len=run.train_len)
+    written = run.finish({"passkey": df}, lambda stem: save(figure, stem),
                          results={"capacity": found, "state_size": state_size})
     by_length = df.groupby("length")["accuracy"].mean()
     report(run, written, [f"length {length}: accuracy {acc:.2f} (mean over depths)" for length, acc in by_length.items()]
@@ -123,14 +125,15 @@ def copying(
     of work that --resume keeps and torchrun shares out."""
     import pandas as pd
 
-    from statelens.cli.common import report, start
+    from statelens.cli.common import report
+    from statelens.runs import RunSettings, start
 
     from statelens.tasks.copying import COLUMNS, copying_cell, separator
 
     sizes = parse_lengths(lengths)
-    run = start("copying", mitigation=mitigation, draws_sequences=False,
-                ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
-                resume=resume, config={"lengths": sizes, "samples": samples, "chunk": chunk})
+    run = start("copying", RunSettings(ckpt, chunk=chunk, resume=resume, device=device, backend=backend.value,
+                                       dtype=dtype.value, seed=seed, out=out, mitigation=mitigation),
+                draws_sequences=False, config={"lengths": sizes, "samples": samples, "chunk": chunk})
     vocab = run.model.config.vocab_size
     run.data_description = (f"uniformly random strings over ids 0..{vocab - 2}, separator id {separator(vocab)} "
                             f"(seed {seed})")
@@ -169,15 +172,16 @@ def babilong(
     work that --resume keeps and torchrun shares out."""
     import pandas as pd
 
-    from statelens.cli.common import report, start
+    from statelens.cli.common import report
+    from statelens.runs import RunSettings, start
 
     from statelens.tasks.babilong import COLUMNS, babilong_cell, babilong_samples
 
     sizes = parse_lengths(lengths, minimum=0)
     names = [name.strip() for name in tasks.split(",") if name.strip()]
-    run = start("babilong", mitigation=mitigation, tokenizer=tokenizer, draws_sequences=False,
-                ckpt=ckpt, device=device, dtype=dtype, backend=backend, seed=seed, out=out, train_len=None,
-                resume=resume, config={"tasks": names, "lengths": sizes, "samples": samples,
+    run = start("babilong", RunSettings(ckpt, chunk=chunk, resume=resume, device=device, backend=backend.value,
+                                        dtype=dtype.value, seed=seed, out=out, mitigation=mitigation,
+                                        tokenizer=tokenizer), draws_sequences=False, config={"tasks": names, "lengths": sizes, "samples": samples,
                                        "data": str(data) if data else None, "chunk": chunk})
     tokenizer = run.tokenizer()
     source = f"BABILong files in {data}" if data else f"generated qa1/qa2 stories in filler text (seed {seed})"

@@ -57,15 +57,17 @@ from matplotlib.patheffects import withStroke
 from matplotlib.ticker import MaxNLocator
 from matplotlib.typing import ColorType
 
-REMEMBRANCE_COLUMNS = ("t", "T", "effrem", "effrem_sem", "n_seqs")
-PERPLEXITY_COLUMNS = ("pos_start", "pos_end", "loss", "ppl", "n_tokens")
-STATE_STATS_COLUMNS = ("position", "layer", "head", "norm", "mean", "std", "absmax", "finite")
+from statelens.analysis.coverage import HEAD_COLUMNS as COVERAGE_COLUMNS
+from statelens.analysis.coverage import SCATTER_COLUMNS as COVERAGE_POINTS_COLUMNS
+from statelens.analysis.decay import COLUMNS as DECAY_COLUMNS
+from statelens.analysis.logits_drift import COLUMNS as LOGITS_DRIFT_COLUMNS
+from statelens.analysis.positionwise import COLUMNS as PERPLEXITY_COLUMNS
+from statelens.analysis.remembrance import COLUMNS as REMEMBRANCE_COLUMNS
+from statelens.analysis.states import COLUMNS as STATE_STATS_COLUMNS
+from statelens.tasks.passkey import COLUMNS as PASSKEY_COLUMNS
+
+#: The columns of collapse.csv the state-norm figure reads.
 COLLAPSE_COLUMNS = ("layer", "head", "collapsed")
-DECAY_COLUMNS = ("pos_start", "pos_end", "layer", "head", "mean_alpha", "horizon", "retention")
-COVERAGE_COLUMNS = ("pos_start", "pos_end", "layer", "head", "oos_fraction", "maha_median", "maha_p95",
-                    "norm_ratio", "n_query", "n_reference")
-COVERAGE_POINTS_COLUMNS = ("pc1", "pc2", "position", "set")
-PASSKEY_COLUMNS = ("length", "depth", "accuracy", "n")
 
 #: EffRem below this is drawn at this value on the log axis: a total variation below 1e-6 is at the
 #: level of float32 round-off in a sum over a vocabulary, so nothing measurable is hidden.
@@ -816,6 +818,45 @@ def coverage_scatter_figure(points: pd.DataFrame, *, label: str | None = None,
     return fig
 
 
+# --- 7. Logits drift past the window ------------------------------------------------------------------
+
+
+@_styled
+def logits_drift_figure(df: pd.DataFrame, train_len: int | None = None, *, label: str | None = None,
+                        color: ColorType | None = None, ax: Axes | None = None) -> Figure:
+    """Logits drift (TV between the full-context prediction and the last W tokens' alone) against the
+    position bucket's midpoint, log x, with a +-1 s.e.m. band; log y when it spans more than 10x.
+
+    ``df``: one row per bucket ``[pos_start, pos_end)`` past the window: ``window`` (W), ``tv`` (mean
+    over the bucket's positions and the sequences), ``tv_sem``, ``n_positions``, ``n_seqs``.
+    """
+    fig, ax = _one_axes(ax)
+    ax.set_xlabel("position in the context, bucket midpoint (tokens)")
+    ax.set_ylabel("TV(full context, last W tokens only)")
+    if df.empty:
+        ax.set_title("Logits drift", fontsize="medium")
+        _no_data(ax)
+        return fig
+    _require(df, LOGITS_DRIFT_COLUMNS, "logits_drift_figure")
+    color = _checkpoint_color(ax, color)
+    g = df.sort_values("pos_start")
+    x = (_floats(g["pos_start"]) + _floats(g["pos_end"])) / 2
+    y, sem = _floats(g["tv"]), np.nan_to_num(_floats(g["tv_sem"]), nan=0.0)
+    ax.set_xscale("log")
+    _log_scale(ax, "y", y, span=10)
+    logy = ax.get_yscale() == "log"
+    _band(ax, x, y - sem, y + sem, color=color, logx=True, logy=logy)
+    first = _plot_line(ax, x, y, color=color, label=label, gid="logits drift", checkpoint=label, logx=True,
+                       logy=logy, lw=1.8)
+    _note_nonfinite(ax, {"": first} if first is not None else {}, label=label, color=color)
+    windows = sorted({int(w) for w in g["window"].dropna()})
+    ax.set_title(f"Logits drift past W = {', '.join(_fmt(w) for w in windows)} tokens\nmean over "
+                 f"{_fmt(g['n_seqs'].max())} sequences, band ± s.e.m.", fontsize="medium")
+    _train_len_line(ax, train_len)
+    _legend(ax)
+    return fig
+
+
 # --- 8. Passkey retrieval ---------------------------------------------------------------------------
 
 
@@ -898,6 +939,18 @@ def accuracy_figure(df: pd.DataFrame, x: str = "length", *, title: str = "Accura
 
 
 # --- saving -----------------------------------------------------------------------------------------
+
+
+def draw(plot, tables: dict[str, pd.DataFrame], train_len: int | None = None, **style) -> Figure:
+    """The figure an analysis spec names (a :class:`statelens.analysis.spec.Plot`): its function here,
+    called with the plot's tables in order (a missing one as None), ``train_len`` where the function
+    takes one, and ``style`` (``label``, ``color``, ``ax``)."""
+    import inspect
+
+    function = globals()[plot.function]
+    if "train_len" in inspect.signature(function).parameters:
+        style["train_len"] = train_len
+    return function(*(tables.get(name) for name in plot.tables), **style)
 
 
 def save(fig: Figure, path_without_suffix: str | Path) -> list[Path]:

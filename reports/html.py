@@ -29,22 +29,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from statelens.analysis import table_owners, watched
 from statelens.analysis.nonfinite import describe, find_nonfinite
 from statelens.analysis.positionwise import TOLERANCE_NATS, generalizes_to, in_context_loss
 from statelens.errors import BadInput
 from statelens.outputs import atomic_write
 from statelens.reports.page_figures import PANEL, report_figures, task_figures
 
-#: Table name -> the command that writes it (its output folder under a ``--from`` directory).
-TABLES = {
-    "remembrance": "remembrance",
-    "positionwise": "perplexity",
-    "state_stats": "states",
-    "collapse": "states",
-    "decay": "decay",
-    "coverage": "coverage",
-    "coverage_buckets": "coverage",
-}
+#: Table name -> the command that writes it (its output folder under a ``--from`` directory): every
+#: registered analysis' tables (statelens.analysis.table_owners).
+TABLES = table_owners()
 #: The long-context task tables (``statelens passkey|copying|babilong``): name -> the command's folder.
 TASK_TABLES = {"passkey": "passkey", "copying": "copying", "babilong": "babilong"}
 #: Rows of a table shown in the page; the rest is in the CSV.
@@ -130,7 +124,7 @@ def verdicts(results: Results, train_len: int) -> dict:
            "generalizes_to": None, "rollout_end": None, "excess_beyond": None, "final_bucket": None,
            "final_loss": None, "collapsed_heads": None, "heads": None, "top_heads": [], "effrem_half": None,
            "oos_beyond": None, "passkey_capacity": None, "passkey_state_size": None, "copying": None,
-           "babilong": None, "nonfinite": find_nonfinite(results.tables)}
+           "babilong": None, "nonfinite": find_nonfinite(results.tables, watched())}
     pk = results.tables.get("passkey")
     if pk is not None and len(pk):
         from statelens.tasks.passkey import capacity

@@ -15,13 +15,6 @@ from statelens.reports import figures as F
 
 #: One panel's size (inches): the standalone figures' single size.
 PANEL = (6.4, 4.2)
-#: (id, title, tables: the first is the one drawn) of each analysis figure, in page order.
-ANALYSES = [("perplexity", "Loss by position", ["positionwise"]),
-            ("remembrance", "Effective Remembrance", ["remembrance"]),
-            ("state-norm", "State norm and collapse", ["state_stats", "collapse"]),
-            ("state-std", "State standard deviation", ["state_stats"]),
-            ("decay", "Decay: retention and memory horizon", ["decay"]),
-            ("coverage", "Coverage: states outside the training support", ["coverage", "coverage_buckets"])]
 #: (table, title, x column) of each long-context task figure.
 TASKS = [("passkey", "Passkey retrieval", "length"), ("copying", "Copying", "n"), ("babilong", "BABILong", "length")]
 
@@ -31,9 +24,9 @@ def _shared_train_len(train_lens: list[int]) -> int | None:
     return train_lens[0] if len(set(train_lens)) == 1 else None
 
 
-def _state_norm(have: list, colors: dict, train_len: int | None) -> Figure:
-    """One heatmap per checkpoint (heatmaps cannot overlay) and the collapsed heads of all in one panel:
-    for one checkpoint a row of two panels; for two, the heatmaps on a row and the lines panel below."""
+def _per_checkpoint(section, have: list, colors: dict, train_len: int | None) -> Figure:
+    """One heatmap per checkpoint (heatmaps cannot overlay) and the shared lines panel of all: for one
+    checkpoint a row of two panels; for two, the heatmaps on a row and the lines panel below."""
     n = len(have)
     with F.figure_style():
         if n == 1:
@@ -46,37 +39,37 @@ def _state_norm(have: list, colors: dict, train_len: int | None) -> Figure:
             maps = list(top.subplots(1, n))
             lines = bottom.add_subplot()
     for ax, (r, lab) in zip(maps, have):
-        F.state_norm_figure(r.tables["state_stats"], r.tables.get("collapse"), train_len, label=lab,
-                            color=colors[lab], ax=(ax, lines))
+        F.draw(section.plot, r.tables, train_len, label=lab, color=colors[lab], ax=(ax, lines))
+    return fig
+
+
+def _overlaid(section, have: list, colors: dict, train_len: int | None) -> Figure:
+    """Every checkpoint drawn into the same ``section.panels`` panels."""
+    with F.figure_style():
+        fig = Figure(figsize=(section.panels * PANEL[0], PANEL[1]), layout="constrained")
+        ax = fig.subplots(1, section.panels) if section.panels > 1 else fig.add_subplot()
+    for r, lab in have:
+        F.draw(section.plot, r.tables, train_len, label=lab, color=colors[lab], ax=ax)
     return fig
 
 
 def report_figures(results_list: list, labels: list[str], train_lens: list[int]) -> list[dict]:
-    """Every analysis figure whose table some checkpoint (a :class:`~statelens.reports.html.Results`)
-    has, in :data:`ANALYSES` order."""
+    """Every analysis section (:mod:`statelens.analysis` specs, in registration order) whose drawn table
+    some checkpoint (a :class:`~statelens.reports.html.Results`) has."""
+    from statelens.analysis import analyses
+
     colors = F.checkpoint_colors(labels)
     train_len = _shared_train_len(train_lens)
-    draw = {"perplexity": lambda df, **kw: F.perplexity_figure(df, train_len, **kw),
-            "remembrance": F.remembrance_figure,
-            "state-std": lambda df, **kw: F.state_std_figure(df, train_len, **kw),
-            "decay": lambda df, **kw: F.decay_figure(df, train_len, **kw),
-            "coverage": lambda df, **kw: F.coverage_figure(df, train_len, **kw)}
     shown = []
-    for fig_id, title, names in ANALYSES:
-        have = [(r, lab) for r, lab in zip(results_list, labels) if names[0] in r.tables]
+    for section in (section for spec in analyses for section in spec.sections):
+        have = [(r, lab) for r, lab in zip(results_list, labels) if section.plot.tables[0] in r.tables]
         if not have:
             continue
-        if fig_id == "state-norm":
-            fig = _state_norm(have, colors, train_len)
-        else:
-            panels = 2 if fig_id == "decay" else 1
-            with F.figure_style():
-                fig = Figure(figsize=(panels * PANEL[0], PANEL[1]), layout="constrained")
-                ax = fig.subplots(1, 2) if panels == 2 else fig.add_subplot()
-            for r, lab in have:
-                draw[fig_id](r.tables[names[0]], label=lab, color=colors[lab], ax=ax)
-        tables = [(f"{lab}: {name}.csv", r.tables[name]) for r, lab in have for name in names if name in r.tables]
-        shown.append({"id": fig_id, "title": title, "figure": fig, "tables": tables})
+        layout = _per_checkpoint if section.per_checkpoint else _overlaid
+        tables = [(f"{lab}: {name}.csv", r.tables[name]) for r, lab in have for name in section.shown
+                  if name in r.tables]
+        shown.append({"id": section.id, "title": section.title, "figure": layout(section, have, colors, train_len),
+                      "tables": tables})
     return shown
 
 

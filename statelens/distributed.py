@@ -12,6 +12,12 @@ import atexit
 import os
 
 
+class RankDone(Exception):
+    """On a torchrun rank other than 0: this rank's share of the work is sent to rank 0, which alone
+    combines and writes. The CLI leaves the command quietly (exit 0); a caller running several commands
+    in turn (``report``) goes on to the next."""
+
+
 def world_size() -> int:
     """Number of processes: ``WORLD_SIZE`` (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

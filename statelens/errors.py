@@ -26,3 +26,13 @@ class CheckpointError(BadInput):
 
 class DataError(BadInput):
     """A data file or directory cannot be read as tokens."""
+
+
+class ParameterError(BadInput, ValueError):
+    """A parameter a library caller gave that an analysis cannot use (out of range, or it leaves nothing
+    to compare); ``parameter`` names it, so a command can name the option that set it. Also a
+    ValueError, as library callers catch it."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(message)
+        self.parameter = parameter

@@ -35,3 +35,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def __iter__(self):
+        """The registered objects, in the order they were registered."""
+        return iter(list(self._items.values()))

@@ -53,10 +53,11 @@ def sum_in_order(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the work; ``exit_code`` is 128 + the signal number (130, 143)."""
+    """SIGINT or SIGTERM stopped the work; ``exit_code`` is 128 + the signal number (130, 143);
+    ``saved`` says what was kept for a rerun with --resume (set by whoever kept it)."""
 
-    def __init__(self, signum: int):
-        self.signum, self.exit_code = signum, 128 + signum
+    def __init__(self, signum: int, saved: str = ""):
+        self.signum, self.exit_code, self.saved = signum, 128 + signum, saved
         self.name = signal.Signals(signum).name
         super().__init__(f"interrupted by {self.name}")
 

@@ -229,7 +229,10 @@ def test_cli_writes_the_analysis(ckpt, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from statelens.cli.coverage import coverage as command
+    from statelens.analysis import analyses
+    from statelens.cli.analysis import command as generated
+
+    command = generated(analyses.get("coverage"))
 
     app = typer.Typer()
     app.command()(command)
@@ -340,18 +343,21 @@ def test_cli_regime_defaults_to_the_checkpoints_intervention(ckpt, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from statelens.cli.coverage import Regime, default_regime
-    from statelens.cli.coverage import coverage as command
+    from statelens.analysis.coverage import default_regime
+    from statelens.analysis import analyses
+    from statelens.cli.analysis import command as generated
 
-    assert default_regime(ckpt) == Regime.zero                                # no statelens.json
+    command = generated(analyses.get("coverage"))
+
+    assert default_regime(ckpt) == "zero"                                # no statelens.json
     post = tmp_path / "post"
     shutil.copytree(ckpt, post)
     (post / "statelens.json").write_text("not json")
-    assert default_regime(post) == Regime.zero
+    assert default_regime(post) == "zero"
     (post / "statelens.json").write_text(json.dumps({"train_len": TRAIN_LEN, "intervention": "state-passing"}))
-    assert default_regime(post) == Regime.state_passing
+    assert default_regime(post) == "state-passing"
     (post / "statelens.json").write_text(json.dumps({"train_len": TRAIN_LEN, "intervention": "tbtt"}))
-    assert default_regime(post) == Regime.tbtt
+    assert default_regime(post) == "tbtt"
 
     app = typer.Typer()
     app.command()(command)

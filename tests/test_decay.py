@@ -158,7 +158,10 @@ def test_cli_writes_what_the_function_computes(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from statelens.cli.decay import decay as command
+    from statelens.analysis import analyses
+    from statelens.cli.analysis import command as generated
+
+    command = generated(analyses.get("decay"))
 
     slow_decay(hf_mamba2(tmp_path / "ckpt"), tmp_path / "ckpt")
     tokens = np.random.default_rng(5).integers(0, 64, size=(3, 80))

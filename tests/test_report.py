@@ -21,7 +21,7 @@ from statelens.reports.html import comparison, headline, load_results, next_step
 EVIL = "<script>alert(1)</script>\"'&"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&#39;&amp;"
 SMALL = ["--train-len", "32", "--length", "128", "--num-seqs", "2", "--buckets", "8"]
-FIGURES = ["perplexity", "remembrance", "state-norm", "state-std", "decay", "coverage"]
+FIGURES = ["perplexity", "remembrance", "state-norm", "state-std", "decay", "coverage", "logits-drift"]
 
 
 def cli(*args) -> None:
@@ -114,7 +114,7 @@ def test_page_parses_and_holds_every_section(compared):
     assert sum(t == "svg" for t, _ in page.tags) == len(FIGURES) and not any(t == "img" for t, _ in page.tags)
     # every figure comes with its tables, per checkpoint (state_stats under both state figures)
     shown = ["positionwise", "remembrance", "state_stats", "collapse", "state_stats", "decay", "coverage",
-             "coverage_buckets"]
+             "coverage_buckets", "logits_drift"]
     assert sum(t == "table" for t, _ in page.tags) == 2 * len(shown)
     csp = [a for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
     assert csp and csp[0]["content"] == "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -206,7 +206,7 @@ def test_report_computes_only_what_is_missing(ckpts, compared, tmp_path):
     cli("report", "--ckpt", base_ckpt, "--from", partial, "--label", "solo", "--data", text, *SMALL, "--out", out)
     made = out / "1-solo"
     assert not (made / "perplexity").exists()
-    assert {p.name for p in made.iterdir()} == {"remembrance", "states", "decay", "coverage"}
+    assert {p.name for p in made.iterdir()} == {"remembrance", "states", "decay", "coverage", "logits-drift"}
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "comparison" not in Page(html).ids()  # one checkpoint: no comparison
     assert "fig-perplexity" in Page(html).ids()   # the reused table is on the page, beside the computed ones

@@ -119,7 +119,7 @@ def test_interrupted_report_resumes_with_the_analyses_it_finished(byte_vocab_ckp
     assert code == 0, err
     assert (out / "1-m/remembrance/run.json").read_bytes() == first  # finished before the signal: not redone
     csvs = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.csv"))
-    assert len(csvs) == 7
+    assert len(csvs) == 8
     for name in csvs:
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert (out / "index.html").is_file()

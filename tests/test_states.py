@@ -225,7 +225,10 @@ def test_cli_writes_what_the_library_computes(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from statelens.cli.states import states
+    from statelens.analysis import analyses
+    from statelens.cli.analysis import command
+
+    states = command(analyses.get("states"))
 
     app = typer.Typer()
     app.command()(states)

@@ -1,7 +1,16 @@
 """Position buckets shared by the analyses that report "per position bucket"."""
 from __future__ import annotations
 
+from enum import Enum
+
 import numpy as np
+
+
+class Scale(str, Enum):
+    """Bucket spacing: ``log`` (geometric) or ``linear``."""
+
+    log = "log"
+    linear = "linear"
 
 
 def bucket_edges(start: int, stop: int, n: int, scale: str = "log") -> np.ndarray:

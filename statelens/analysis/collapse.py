@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from statelens.analysis import analyses
+from statelens.errors import ParameterError
 
 STATISTICS = ("norm", "std", "absmax", "mean")  # what may be compared; "mean" as |mean|
 DEFAULT_STATISTICS = ("norm", "std")
@@ -31,7 +31,6 @@ COLUMNS = ["layer", "head", "collapsed", "statistic", "ratio", "start_position",
            "beyond_max"]
 
 
-@analyses.register("collapse")
 def collapse(stats: pd.DataFrame, train_len: int, k: float = 2.0, *,
              statistics: Sequence[str] = DEFAULT_STATISTICS) -> pd.DataFrame:
     """stats (columns position, layer, head, norm, mean, std, absmax, finite; one row per position,
@@ -45,33 +44,33 @@ def collapse(stats: pd.DataFrame, train_len: int, k: float = 2.0, *,
     recorded, so NaN or inf for a non-finite head; for "mean" the maxima of |mean|).
 
     Ranked: collapsed heads first, non-finite ones first among them, then by ratio descending.
-    Raises ValueError when no position <= train_len or none > train_len was recorded.
+    Raises ParameterError (a BadInput, also a ValueError) when no position <= train_len or none > train_len was recorded.
     """
     statistics = tuple(statistics)
     if not statistics or any(s not in STATISTICS for s in statistics):
-        raise ValueError(f"statistics must be a non-empty subset of {STATISTICS}, got {statistics!r}")
+        raise ParameterError("statistics", f"statistics must be a non-empty subset of {STATISTICS}, got {statistics!r}")
     missing = [c for c in ("position", "layer", "head", *statistics, "finite") if c not in stats.columns]
     if missing:
-        raise ValueError(f"state statistics lack the column(s) {', '.join(missing)}")
+        raise ParameterError("stats", f"state statistics lack the column(s) {', '.join(missing)}")
     if not k > 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise ParameterError("k", f"k must be positive, got {k}")
     if stats.duplicated(["position", "layer", "head"]).any():
-        raise ValueError("state statistics must have one row per position, layer and head "
+        raise ParameterError("stats", "state statistics must have one row per position, layer and head "
                          "(aggregate over sequences first, as state_stats does)")
     positions = np.sort(stats["position"].unique())
     within = positions <= train_len
     if not within.any():
-        raise ValueError(f"no state recorded at a position <= the training length {train_len} (first recorded: "
+        raise ParameterError("positions", f"no state recorded at a position <= the training length {train_len} (first recorded: "
                          f"{positions[0] if len(positions) else 'none'}); the in-training maxima are undefined")
     if within.all():
-        raise ValueError(f"no state recorded at a position > the training length {train_len} (last recorded: "
+        raise ParameterError("positions", f"no state recorded at a position > the training length {train_len} (last recorded: "
                          f"{positions[-1]}); nothing to compare")
 
     # Wide arrays [positions P, heads G]; a head missing at a position would show as NaN, so refuse it.
     wide = stats.pivot(index="position", columns=["layer", "head"])
     heads = wide["finite"].columns                                       # (layer, head) pairs, G of them
     if len(stats) != len(positions) * len(heads):
-        raise ValueError("state statistics must record every (layer, head) at every position")
+        raise ParameterError("stats", "state statistics must record every (layer, head) at every position")
     values = np.abs(np.stack([wide[s].to_numpy(dtype=np.float64) for s in statistics]))  # [S, P, G]
     finite = wide["finite"].to_numpy(dtype=bool)                                        # [P, G]
 

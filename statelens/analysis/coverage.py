@@ -45,18 +45,23 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from statelens.analysis import analyses
 from statelens.analysis.buckets import bucket_edges, bucket_index
 from statelens.analysis.positionwise import bucket_losses, position_losses
-from statelens.errors import BadInput
+from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
+from statelens.errors import BadInput, ParameterError
 from statelens.models.base import RecurrentLM
 from statelens.record.recorder import Recorder
 from statelens.record.rollout import as_batch, rollout
+
+if TYPE_CHECKING:
+    from statelens.runs import Run, RunSettings
 
 HEAD_COLUMNS = ["pos_start", "pos_end", "layer", "head", "oos_fraction", "maha_median", "maha_p95", "norm_ratio",
                 "n_query", "n_reference"]
@@ -71,14 +76,8 @@ RunGroups = Callable[[list[Callable], list[int]], list[dict]]
 _BLOCK_ELEMENTS = 1 << 24   # distance-matrix entries computed at once (128 MiB in float64)
 
 
-class CoverageInputError(BadInput, ValueError):
-    """A parameter a caller gave that the analysis cannot use (it leaves nothing to compare, or is out
-    of range); ``parameter`` names it (the CLI maps it to its option). Also a ValueError, as library
-    callers catch it."""
-
-    def __init__(self, parameter: str, message: str):
-        super().__init__(message)
-        self.parameter = parameter
+class CoverageInputError(ParameterError):
+    """A parameter coverage cannot use; ``parameter`` names it (the command maps it to its option)."""
 
 
 # -- support of a reference set --------------------------------------------------------------------
@@ -477,7 +476,6 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
     return float(result.statistic), float(result.pvalue), len(x)
 
 
-@analyses.register("coverage")
 def coverage(
     model: RecurrentLM,
     sequences: np.ndarray | torch.Tensor,
@@ -647,3 +645,114 @@ def scatter_points(sample: StateSample, *, train_len: int, layer: int, head: int
     positions = np.tile(sample.positions, sample.n_seqs)
     return pd.DataFrame({"pc1": z[:, 0], "pc2": z[:, 1] if z.shape[1] > 1 else 0.0, "position": positions,
                          "set": np.where(positions <= train_len, "reference", "query")}, columns=SCATTER_COLUMNS)
+
+
+# --- the command: statelens coverage ------------------------------------------------------------------------
+
+
+class Regime(str, Enum):
+    """Which states the model was trained on (the reference set): zero (from the zero state, positions
+    <= the training length), state-passing (chains of unrelated training-length segments, each from the
+    previous one's final state), tbtt (consecutive training-length chunks of one document)."""
+
+    zero = "zero"
+    state_passing = "state-passing"
+    tbtt = "tbtt"
+
+
+def default_regime(ckpt_path) -> str:
+    """The regime of the checkpoint's ``statelens.json`` "intervention" (state-passing, tbtt), else zero."""
+    import json
+    from pathlib import Path
+
+    try:
+        intervention = json.loads((Path(ckpt_path) / "statelens.json").read_text()).get("intervention")
+    except (OSError, ValueError, AttributeError):
+        return "zero"
+    return intervention if intervention in ("state-passing", "tbtt") else "zero"
+
+
+@dataclass
+class Options:
+    buckets: int = option(8, "Position buckets past the training length (log-spaced).", min=1)
+    stride: int | None = option(None, "Record the state every this many tokens. Default: training length // 16.",
+                                min=1, show_default=False)
+    k_nn: int = option(5, "Neighbours k of the k-NN support test.", flag="--k-nn", min=1)
+    components: int = option(16, "PCA components fitted on the in-training states.", min=1)
+    projection_dim: int = option(256, "Random-projection size of each head's state (heads this small or smaller "
+                                      "are kept whole).", min=1)
+    regime: str | None = option(
+        None, "The states the model was trained on, i.e. the reference set: zero (positions <= the training length "
+              "from the zero state), state-passing (chains of --chain unrelated segments, each from the previous "
+              "one's final state) or tbtt (--chain consecutive segments of one document). Default: the checkpoint's "
+              "statelens.json intervention (state-passing, tbtt), else zero.", choices=Regime, show_default=False)
+    chain: int = option(4, "Training-length segments per chain for the state-passing and tbtt reference sets.", min=1)
+
+
+# The analysis names the parameter it refuses (CoverageInputError); these are the options that set it.
+OPTIONS = {"sequences": "--length", "train_len": "--train-len", "stride": "--stride", "k": "--k-nn",
+           "components": "--components", "projection_dim": "--projection-dim",
+           "reference": "--num-seqs/--stride/--k-nn", "chain": "--chain",
+           "reference_sequences": "--num-seqs/--chain"}
+
+
+def draw(run: Run, data, num_seqs: int, length: int, regime: str, chain: int):
+    """The query sequences [num_seqs, length] and, for the state-passing and tbtt regimes, the reference
+    sequences [max(num_seqs, chain), chain x train_len] (else None). One draw: the first num_seqs rows
+    are the queries, the next rows (other tokens) feed the reference chains."""
+    if regime == "zero":
+        return run.sequences(data, num_seqs, length), None
+    drawn = run.sequences(data, num_seqs + max(num_seqs, chain), max(length, chain * run.train_len))
+    return drawn[:num_seqs, :length], drawn[num_seqs:, :chain * run.train_len]
+
+
+def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
+    """:func:`coverage` over ``settings.num_seqs`` sequences, resumable in groups; a parameter it refuses
+    is bad input naming the option that set it."""
+    o = options
+    length = settings.length or 4 * run.train_len
+    stride = o.stride or max(1, run.train_len // 16)
+    regime = o.regime or default_regime(run.ckpt.path)
+    run.config |= {"length": length, "stride": stride, "regime": regime}
+    if length <= run.train_len:
+        raise BadInput(f"--length {length}: must exceed the training length {run.train_len} "
+                       f"(coverage compares states past it with those within it)")
+    sequences, reference_sequences = draw(run, settings.data, settings.num_seqs, length, regime, o.chain)
+    run.lap("data")
+    try:
+        per_head, per_bucket, results = coverage(
+            run.model, sequences, train_len=run.train_len, buckets=o.buckets, stride=stride, k=o.k_nn,
+            components=o.components, projection_dim=o.projection_dim, chunk=settings.chunk, seed=settings.seed,
+            regime=regime, chain=o.chain, reference_sequences=reference_sequences, group=settings.group,
+            run_groups=lambda work, costs: run.groups(work, tokens=costs, description=f"coverage L={length}"))
+    except CoverageInputError as e:
+        if e.parameter not in OPTIONS:  # a setting the command makes itself, not the user: a bug
+            raise RuntimeError(f"coverage refused its own {e.parameter}: {e}") from e
+        raise BadInput(f"{OPTIONS[e.parameter]}: {e}") from None
+    reference = (f"positions <= {run.train_len}" if regime == "zero" else
+                 f"{regime} chains of {o.chain} x {run.train_len} tokens over {len(reference_sequences)} "
+                 f"other sequences")
+    lines = [(f"states every {stride} tokens over {settings.num_seqs} sequences of {length}; reference: {reference}; "
+              f"out of support: k-NN distance ({o.k_nn}-th neighbour, {o.components} PCA "
+              f"components) above the reference's 99th percentile")]
+    lines += [f"positions [{row.pos_start}, {row.pos_end}): out of support {row.oos_fraction:.3f}, "
+              f"loss {row.loss:.4f} ({row.loss_increase:+.4f} vs in-context)" for row in per_bucket.itertuples()]
+    lines.append(f"Spearman rho (out of support vs loss increase, {results['n_buckets']} buckets): "
+                 f"{results['spearman_rho']:.3f} (p = {results['spearman_p']:.3g})")
+    if bad := results.get("first_nonfinite_state"):
+        lines.append(f"states first non-finite at position {bad['position']}, layer {bad['layer']}, head {bad['head']}")
+    return Outcome({"coverage": per_head, "coverage_buckets": per_bucket}, lines=lines,
+                   results={name: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
+                            for name, v in results.items()})
+
+
+CHAIN = 4  # training-length segments per reference chain of report's state-passing and tbtt regimes
+PLOT = Plot("coverage_figure", ("coverage",))
+SPEC = Analysis(
+    "coverage", "State coverage: the share of each head's states past the training length that fall outside the "
+                "states it met within it (k-NN in PCA space), per position bucket, and its Spearman correlation "
+                "with the loss increase; writes coverage.csv, coverage_buckets.csv, coverage.png and run.json.",
+    Options, compute, tables=(Table("coverage", tuple(HEAD_COLUMNS)), Table("coverage_buckets", tuple(BUCKET_COLUMNS))),
+    plot=PLOT, sections=(Section("coverage", "Coverage: states outside the training support", PLOT,
+                                 tables=("coverage", "coverage_buckets")),),
+    report=lambda plan: Options(stride=plan.stride, buckets=8, regime=plan.regime, chain=CHAIN)).register()

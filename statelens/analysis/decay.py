@@ -15,18 +15,24 @@ groups of ``head_channels`` channels, channels-per-head x d_state).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from statelens.analysis import analyses
-from statelens.analysis.buckets import bucket_edges
+from statelens.analysis.buckets import Scale, bucket_edges
+from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
 from statelens.models.base import RecurrentLM
 from statelens.models.hooks import HookPoint, hooks
 from statelens.record.rollout import as_batch, rollout
 from statelens.resumable import sum_in_order
+
+if TYPE_CHECKING:
+    from statelens.runs import Run, RunSettings
 
 COLUMNS = ["pos_start", "pos_end", "layer", "head", "mean_alpha", "horizon", "retention"]
 
@@ -38,7 +44,6 @@ def horizon(mean_alpha: np.ndarray) -> np.ndarray:
         return np.where(mean_alpha == 1, np.inf, -1.0 / np.log(mean_alpha))
 
 
-@analyses.register("decay")
 def decay(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, buckets: int = 32, scale: str = "log",
           chunk: int = 2048, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """sequences [N, L] -> per position bucket, layer and head: mean decay, horizon and retention.
@@ -114,3 +119,66 @@ def decay_from_sums(parts: Sequence[dict[str, np.ndarray]]) -> pd.DataFrame:
     return pd.DataFrame({"pos_start": edges[b], "pos_end": edges[b + 1], "layer": layer, "head": head,
                          "mean_alpha": flat, "horizon": horizon(flat), "retention": retention.ravel()},
                         columns=COLUMNS)
+
+
+# --- the command: statelens decay -------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    buckets: int = option(32, "Position buckets.", min=1)
+    scale: str = option("log", "Bucket spacing: log or linear.", choices=Scale)
+
+
+def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
+    """Decay over ``settings.num_seqs`` sequences of the rollout length; the median horizon per layer at
+    the last bucket and the retention at the training length."""
+    length = settings.length or 4 * run.train_len
+    run.config["length"] = length
+    sequences = run.sequences(settings.data, settings.num_seqs, length)
+    run.lap("data")
+    df = decay_from_sums(run.sequence_groups(settings.num_seqs, settings.group, lambda rows, advance: decay_sums(
+        run.model, sequences[rows], buckets=options.buckets, scale=options.scale, chunk=settings.chunk,
+        progress=advance), tokens_per_seq=length, description=f"decay L={length}"))
+    return Outcome({"decay": df}, *_summary(df, run, settings.num_seqs, length, options.scale))
+
+
+def _summary(df: pd.DataFrame, run: Run, num_seqs: int, length: int, scale: str) -> tuple[dict, list[str]]:
+    """run.json's results and the printed lines: horizons at the last bucket, retention at train_len."""
+    last = df[df.pos_start == df.pos_start.max()]
+    horizons = last.groupby("layer").horizon.median()
+    at_train = df[df.pos_end - 1 <= run.train_len]
+    at_train = at_train[at_train.pos_end == at_train.pos_end.max()] if len(at_train) else at_train
+    # JSON has no infinity: a horizon of inf (alpha == 1, never forgets) is written as null.
+    results = {"last_bucket": [int(last.pos_start.iloc[0]), int(last.pos_end.iloc[0])],
+               "median_horizon_by_layer": {int(k): (float(v) if math.isfinite(v) else None)
+                                           for k, v in horizons.items()}}
+    model = run.model
+    lines = [(f"decay over {num_seqs} sequences of {length} tokens, {df.pos_start.nunique()} {scale} "
+              f"position buckets, {model.n_layers} layers x {model.n_heads} heads")]
+    if hasattr(model, "head_channels"):
+        lines.append(f"{model.arch} has no heads: a head is a group of {model.head_channels} "
+                     "consecutive channels (all their d_state elements)")
+    short, long = horizons.idxmin(), horizons.idxmax()
+    lines.append(f"median horizon over heads at positions [{results['last_bucket'][0]}, "
+                 f"{results['last_bucket'][1]}): shortest layer {short} ({horizons[short]:.4g} tokens), "
+                 f"longest layer {long} ({horizons[long]:.4g} tokens); training length {run.train_len}")
+    if len(at_train):
+        p = int(at_train.pos_end.iloc[0]) - 1
+        by_layer = at_train.groupby("layer").retention.mean()
+        results["retention_at_train_len"] = {"position": p, "mean_by_layer": {int(k): float(v)
+                                                                               for k, v in by_layer.items()}}
+        lines.append(f"retention of the initial state at position {p} (<= training length {run.train_len}), "
+                     f"mean over heads: {by_layer.min():.3g} (layer {by_layer.idxmin()}) to "
+                     f"{by_layer.max():.3g} (layer {by_layer.idxmax()})")
+    return results, lines
+
+
+PLOT = Plot("decay_figure", ("decay",))
+SPEC = Analysis(
+    "decay", "Decay per layer and head: mean alpha = exp(dt * A) per position bucket, its horizon -1 / log(alpha) "
+             "in tokens, and the retention of the initial state; writes decay.csv, decay.png and run.json.",
+    Options, compute, tables=(Table("decay", tuple(COLUMNS), keys=("pos_start", "pos_end", "layer", "head"),
+                                    watched=("mean_alpha", "retention")),),
+    plot=PLOT, sections=(Section("decay", "Decay: retention and memory horizon", PLOT, panels=2),),
+    report=lambda plan: Options(buckets=plan.buckets)).register()

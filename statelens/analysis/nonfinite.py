@@ -5,7 +5,8 @@ then hold inf/NaN from some row on. :func:`first_nonfinite` finds the first such
 (in the order the analysis wrote it: by position, then layer and head), and :func:`describe` says it
 in one line, e.g. ``state_stats.csv: first non-finite at position 68, layer 1, head 5 (norm)``.
 
-Only the columns where inf/NaN means the model's numbers broke are looked at (:data:`WATCHED`): NaN
+Only the columns where inf/NaN means the model's numbers broke are looked at (each table declares its
+``watched`` columns, :class:`statelens.analysis.spec.Table`; :func:`statelens.analysis.watched` lists them): NaN
 that a table holds by definition (a standard error over one sequence, an empty bucket's fraction) and
 inf that means something (a horizon of inf: alpha == 1) are not findings.
 """
@@ -13,15 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
-#: table name -> (columns that locate a row, columns whose inf/NaN is a finding)
-WATCHED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "remembrance": (("t",), ("effrem",)),
-    "positionwise": (("pos_start", "pos_end"), ("loss",)),
-    "state_stats": (("position", "layer", "head"), ("norm", "mean", "std", "absmax")),
-    "decay": (("pos_start", "pos_end", "layer", "head"), ("mean_alpha", "retention")),
-    "train_log": (("step",), ("loss", "grad_norm", "mean_state_norm")),
-}
 
 
 def first_nonfinite(table: pd.DataFrame, keys: tuple[str, ...], values: tuple[str, ...]) -> dict | None:
@@ -39,11 +31,13 @@ def first_nonfinite(table: pd.DataFrame, keys: tuple[str, ...], values: tuple[st
     return found | {"column": present[int(bad[row].argmax())]}
 
 
-def find_nonfinite(tables: dict[str, pd.DataFrame]) -> dict[str, dict]:
-    """:func:`first_nonfinite` of every watched table in ``tables`` that has one, by table name."""
+def find_nonfinite(tables: dict[str, pd.DataFrame],
+                   watched: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> dict[str, dict]:
+    """:func:`first_nonfinite` of every table in ``tables`` that has one among its ``watched`` columns
+    (table name -> (key columns, watched columns)), by table name."""
     found = {}
     for name, table in tables.items():
-        if name in WATCHED and (hit := first_nonfinite(table, *WATCHED[name])) is not None:
+        if name in watched and (hit := first_nonfinite(table, *watched[name])) is not None:
             found[name] = hit
     return found
 

@@ -8,15 +8,20 @@ a flat loss past the training length; one that does not sees it rise there.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from statelens.analysis import analyses
-from statelens.analysis.buckets import bucket_edges
+from statelens.analysis.buckets import Scale, bucket_edges
+from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
 from statelens.models.base import RecurrentLM
 from statelens.record.rollout import Chunk, rollout
+
+if TYPE_CHECKING:
+    from statelens.runs import Run, RunSettings
 
 COLUMNS = ["pos_start", "pos_end", "loss", "ppl", "n_tokens"]
 
@@ -67,7 +72,6 @@ def bucket_losses(summed: np.ndarray, n_seqs: int, edges: np.ndarray) -> pd.Data
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-@analyses.register("positionwise")
 def positionwise(model: RecurrentLM, sequences: np.ndarray, *, buckets: int = 32, scale: str = "log",
                  chunk: int = 2048, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """sequences [N, L] -> loss per position bucket.
@@ -126,3 +130,51 @@ def generalizes_to(positionwise: pd.DataFrame, train_len: int, tolerance: float 
     if failing.any():
         return int(positionwise.pos_start.to_numpy()[np.argmax(failing)])
     return int(positionwise.pos_end.iloc[-1])
+
+
+# --- the command: statelens perplexity ------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    buckets: int = option(32, "Position buckets.", min=1)
+    scale: str = option("log", "Bucket spacing: log or linear.", choices=Scale)
+
+
+def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
+    """The loss over ``settings.num_seqs`` sequences of the rollout length, in buckets; how far it
+    length-generalizes and where the loss first turns non-finite (exact, not per bucket)."""
+    from statelens.analysis.nonfinite import first_nonfinite_position
+    from statelens.resumable import sum_in_order
+
+    length = settings.length or 4 * run.train_len
+    run.config["length"] = length
+    sequences = run.sequences(settings.data, settings.num_seqs, length)
+    run.lap("data")
+    parts = run.sequence_groups(settings.num_seqs, settings.group, lambda rows, advance: {"nll": position_losses(
+        run.model, sequences[rows], chunk=settings.chunk, progress=advance)}, tokens_per_seq=length,
+        description=f"loss over {length} tokens")
+    summed = sum_in_order([part["nll"] for part in parts])
+    df = bucket_losses(summed, settings.num_seqs, bucket_edges(1, length, options.buckets, options.scale))
+    in_context = in_context_loss(df, run.train_len)
+    reach = generalizes_to(df, run.train_len)
+    bad_at = first_nonfinite_position(summed)  # exact; positionwise.csv only knows the bucket
+    results = {"in_context_loss": in_context, "generalizes_to": reach, "tolerance_nats": TOLERANCE_NATS}
+    last = df.iloc[-1]
+    lines = [f"loss within the training length: {in_context:.4f} (ppl {2.718281828 ** in_context:.2f})",
+             f"loss at positions [{int(last.pos_start)}, {int(last.pos_end)}): {last.loss:.4f} (ppl {last.ppl:.2f})",
+             f"length-generalizes to position {reach} of {length} (from the training length on, the loss pooled "
+             f"over neighbouring buckets stays within {TOLERANCE_NATS} nats of the in-context loss)"]
+    if bad_at:
+        results["first_nonfinite_loss_position"] = bad_at
+        lines.append(f"the loss is first non-finite at position {bad_at}")
+    return Outcome({"positionwise": df}, results, lines)
+
+
+PLOT = Plot("perplexity_figure", ("positionwise",))
+SPEC = Analysis(
+    "perplexity", "Position-wise loss: next-token NLL at each position averaged over documents, in position "
+                  "buckets; writes positionwise.csv, perplexity.png and run.json.",
+    Options, compute, tables=(Table("positionwise", tuple(COLUMNS), keys=("pos_start", "pos_end"), watched=("loss",)),),
+    plot=PLOT, sections=(Section("perplexity", "Loss by position", PLOT),),
+    report=lambda plan: Options(buckets=plan.buckets)).register()

@@ -14,14 +14,20 @@ before it are not run at all.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from statelens.analysis import analyses
+from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
+from statelens.errors import BadInput
 from statelens.models.base import RecurrentLM
 from statelens.record.rollout import rollout
+
+if TYPE_CHECKING:
+    from statelens.runs import Run, RunSettings
 
 COLUMNS = ["t", "T", "effrem", "effrem_sem", "n_seqs"]
 
@@ -35,7 +41,6 @@ def effrem_grid(T: int, points: int = 32) -> list[int]:
     return sorted({0, *np.rint(log).astype(int).tolist(), *np.rint(linear).astype(int).tolist()})
 
 
-@analyses.register("remembrance")
 def remembrance(
     model: RecurrentLM,
     sequences: np.ndarray | torch.Tensor,
@@ -106,3 +111,56 @@ def summarize(effrem: np.ndarray, ts: Sequence[int], T: int) -> pd.DataFrame:
     sem = effrem.std(axis=0, ddof=1) / np.sqrt(n_seqs) if n_seqs > 1 else np.full(len(ts), np.nan)
     return pd.DataFrame({"t": ts, "T": T, "effrem": effrem.mean(axis=0), "effrem_sem": sem, "n_seqs": n_seqs},
                         columns=COLUMNS)
+
+
+# --- the command: statelens remembrance --------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    T: int | None = option(None, "Context length T of Effective Remembrance. Default: --length, else 4 x the "
+                                 "training length.", flag="--T", min=2, show_default=False)
+    points: int = option(32, "Truncation points t on the default grid (log + linear).", min=2)
+    t: str | None = option(None, "Explicit truncation points, comma-separated (0 is added).", show_default=False)
+    batch: int = option(32, "Rows (sequence, t) per forward.", min=1)
+
+
+def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
+    """EffRem_T(t) over ``settings.num_seqs`` sequences of T tokens, one resumable group of sequences at
+    a time; EffRem at t ~ T/2 summarized."""
+    ts = _parse_points(options.t)
+    run.config["t"] = ts
+    T = options.T or settings.length or 4 * run.train_len
+    if ts is not None and any(not 0 <= v < T for v in ts):
+        raise BadInput(f"--t: truncation points must lie in [0, T - 1] = [0, {T - 1}]")
+    run.config["T"] = T
+    sequences = run.sequences(settings.data, settings.num_seqs, T)
+    run.lap("data")
+    ts = truncation_points(T, ts, options.points)
+    parts = run.sequence_groups(settings.num_seqs, settings.group, lambda rows, advance: {"effrem": effrem_matrix(
+        run.model, sequences[rows], T=T, ts=ts, chunk=settings.chunk, batch=options.batch, progress=advance)},
+        tokens_per_seq=len(ts) * T, description=f"EffRem T={T}")
+    df = summarize(np.concatenate([part["effrem"] for part in parts]), ts, T)
+    half = df.iloc[(df.t - T // 2).abs().argmin()]
+    return Outcome({"remembrance": df}, {"effrem_at_half_T": {"t": int(half.t), "effrem": float(half.effrem)}},
+                   [f"EffRem_T(t) at T = {T} over {settings.num_seqs} sequences, {len(df)} points of t",
+                    f"EffRem at t = {int(half.t)} (~T/2): {half.effrem:.4f} ± {half.effrem_sem:.4f}"])
+
+
+def _parse_points(text: str | None) -> list[int] | None:
+    """--t "0,5,10" -> [0, 5, 10]; None when not given."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--t {text!r}: expected comma-separated integers") from None
+
+
+PLOT = Plot("remembrance_figure", ("remembrance",))
+SPEC = Analysis(
+    "remembrance", "Effective Remembrance: TV distance between the next-token distributions after x[0:T] and "
+                   "after x[t:T], for t on a grid; writes remembrance.csv, remembrance.png and run.json.",
+    Options, compute, tables=(Table("remembrance", tuple(COLUMNS), keys=("t",), watched=("effrem",)),),
+    plot=PLOT, sections=(Section("remembrance", "Effective Remembrance", PLOT),),
+    report=lambda plan: Options(T=plan.length, points=32)).register()

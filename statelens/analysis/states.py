@@ -17,21 +17,27 @@ not an error: its statistics come out inf/NaN with ``finite`` False.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from statelens.analysis import analyses
+from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
+from statelens.errors import BadInput, ParameterError
 from statelens.models.base import RecurrentLM
 from statelens.record.recorder import record, resolve_positions
 from statelens.record.rollout import as_batch
 
+if TYPE_CHECKING:
+    from statelens.runs import Run, RunSettings
+
 COLUMNS = ["position", "layer", "head", "norm", "mean", "std", "absmax", "finite"]
 
 
-@analyses.register("states")
 def state_stats(
     model: RecurrentLM,
     sequences: np.ndarray | torch.Tensor,
@@ -103,3 +109,94 @@ def stats_from_cubes(parts: Sequence[dict[str, np.ndarray]]) -> pd.DataFrame:
         "finite": cube("finite").astype(bool).all(axis=1).ravel(),
     }, columns=COLUMNS)
     return out.astype({"position": np.int64, "layer": np.int64, "head": np.int64, "finite": bool})
+
+
+# --- the command: statelens states -------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    stride: int | None = option(None, "Record the state every N tokens. Default: the training length / 16 (at "
+                                      "least 1).", min=1, show_default=False)
+    k: float = option(2.0, "A head collapses when a statistic past the training length exceeds k x its maximum "
+                           "within it (k > 0).")
+
+
+def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
+    """State statistics every ``stride`` tokens over ``settings.num_seqs`` sequences, and the heads that
+    collapse past the training length (:func:`statelens.analysis.collapse.collapse`)."""
+    from statelens.analysis.collapse import collapse
+
+    k = options.k
+    if not k > 0:
+        raise BadInput(f"--k {k}: must be positive")
+    length = settings.length or 4 * run.train_len
+    stride = options.stride or max(1, run.train_len // 16)
+    run.config["stride"] = stride
+    if stride > length:
+        raise BadInput(f"--stride {stride} exceeds --length {length}: no state would be recorded")
+    if stride > run.train_len:
+        raise BadInput(f"--stride {stride} exceeds the training length {run.train_len}: no state would be "
+                       "recorded within it to compare against")
+    if length <= run.train_len:
+        raise BadInput(f"--length {length} does not exceed the training length {run.train_len}: nothing to "
+                       "compare past it")
+    run.config["length"] = length
+    sequences = run.sequences(settings.data, settings.num_seqs, length)
+    run.lap("data")
+    parts = run.sequence_groups(settings.num_seqs, settings.group, lambda rows, advance: state_cubes(
+        run.model, sequences[rows], positions=stride, chunk=settings.chunk, progress=advance),
+        tokens_per_seq=length, description=f"states L={length}")
+    stats = stats_from_cubes(parts)
+    try:
+        heads = collapse(stats, run.train_len, k=k)
+    except ParameterError as e:  # the recorded positions leave nothing to compare
+        raise BadInput(f"--stride {stride}, --length {length}: {e}") from None
+    return Outcome({"state_stats": stats, "collapse": heads},
+                   *_summary(heads, run.model, run.train_len, k, settings.num_seqs, length, stride))
+
+
+def _summary(heads: pd.DataFrame, model: RecurrentLM, train_len: int, k: float, num_seqs: int, length: int,
+             stride: int) -> tuple[dict, list[str]]:
+    """run.json's results and the printed lines: how many heads collapse, and the top five."""
+    found = heads[heads.collapsed]
+    unit = "heads"
+    if hasattr(model, "head_channels"):  # DESIGN.md: Mamba-1 has no heads; say what a "head" is
+        unit = f"heads (Mamba-1 has none: groups of {model.head_channels} channels)"
+    results = {"collapsed_heads": len(found), "heads": len(heads), "head_unit": unit,
+               "top": [plain(row) for row in heads.head(5).to_dict("records")]}
+    lines = [(f"{len(found)} of {len(heads)} {unit} collapse past the training length {train_len} "
+              f"(a statistic > {k:g} x its in-training max, or non-finite); {num_seqs} sequences of {length} "
+              f"tokens, recorded every {stride}")]
+    for row in (found if len(found) else heads).head(5).itertuples():
+        change = "non-finite" if row.nonfinite else f"x {row.ratio:.2f}"
+        where = f" from position {row.start_position}" if row.collapsed else " (not collapsed; the largest ratio)"
+        lines.append(f"layer {row.layer} head {row.head}: {row.statistic} {change}{where}")
+    return results, lines
+
+
+def plain(record: dict) -> dict:
+    """A DataFrame row as JSON-ready Python values; non-finite floats become "inf", "-inf" or "nan"."""
+    values = {}
+    for key, value in record.items():
+        value = value.item() if hasattr(value, "item") else value
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        values[key] = value
+    return values
+
+
+_NORM = Plot("state_norm_figure", ("state_stats", "collapse"))
+SPEC = Analysis(
+    "states", "State statistics (norm, mean, std, absmax per layer and head) by position, and state collapse: "
+              "heads whose statistics past the training length exceed k x their in-training maximum or turn "
+              "non-finite; writes state_stats.csv, collapse.csv, states.png and run.json.",
+    Options, compute,
+    tables=(Table("state_stats", tuple(COLUMNS), keys=("position", "layer", "head"),
+                  watched=("norm", "mean", "std", "absmax")),
+            Table("collapse", ("layer", "head", "collapsed", "statistic", "ratio", "start_position", "nonfinite",
+                               "within_max", "beyond_max"))),
+    plot=_NORM,
+    sections=(Section("state-norm", "State norm and collapse", _NORM, per_checkpoint=True),
+              Section("state-std", "State standard deviation", Plot("state_std_figure", ("state_stats",)))),
+    report=lambda plan: Options(stride=plan.stride)).register()

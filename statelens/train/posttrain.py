@@ -60,6 +60,8 @@ METADATA = "statelens.json"
 RESUME = "resume.pt"
 FITTED = "fitted_noise.safetensors"
 LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "mean_state_norm"]
+#: train_log.csv watched for inf/NaN (statelens.analysis.nonfinite): its key column and watched columns.
+LOG_WATCHED = {"train_log": (("step",), ("loss", "grad_norm", "mean_state_norm"))}
 # Settings a resumed run must share with the run it continues (steps and save_every may change).
 _RESUME_KEYS = ("intervention", "seq_len", "batch", "lr", "warmup", "weight_decay", "clip", "seed",
                 "noise_mean", "noise_std", "pass_conv", "fsdp")

@@ -34,6 +34,7 @@ ANALYSIS = {  # small, but long enough to go past the training length several ti
     "states": ["--length", 256, "--stride", 32],
     "decay": ["--length", 128],
     "coverage": ["--length", 192, "--stride", 4, "--buckets", 4],
+    "logits-drift": ["--length", 128, "--buckets", 4, "--points", 3],
 }
 COMMON = ["--train-len", 32, "--num-seqs", 2, "--chunk", 64]
 
