@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.models import kernels
-from statelens.models.base import backends, check_dims
+from statelens.models.base import ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.lm import LMHeadModel
-from statelens.models.selective_scan import selective_scan_chunked
+from statelens.models.selective_scan import selective_scan_chunked, selective_scan_steps
 
 
 @dataclass
@@ -124,12 +124,46 @@ class Mamba1Mixer(nn.Module):
         return self.hook_out(self.out_proj(y.to(u.dtype))), ssm_state, conv_state
 
 
+# -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------
+# The scan's inputs, as Mamba1Mixer hands them to ``scan``: u, dt [b, l, d]; A [d, n]; B, C [b, l, n];
+# h0 [b, d, n]; log_decay [b, l, d, n] or None (a patched hook_decay).
+
+def _steps(u, dt, A, B, C, h0, log_decay=None):
+    """The selective scan a token at a time (no block states)."""
+    return selective_scan_steps(u, dt, A, B, C, log_decay), h0.to(u.dtype), u.shape[1], None
+
+
+def _window(extend, u, dt, A, B, C, h0, log_decay=None):
+    """The selective scan with the sliding window. The decay differs per (channel, state index), so the
+    removal is a full [b, l, d, n] input; dt is carried rather than the log-decay, A * sum(dt) being
+    the window's."""
+    if log_decay is not None:
+        raise ValueError("the window on Mamba-1 needs the backend's own decay (hook_decay is patched)")
+    du = dt * u
+    (du_old, B_old, _), window = extend([du, B, dt])
+    removal = -(window[..., None] * A).exp() * du_old[..., None] * B_old[:, :, None, :]     # [b, l, d, n]
+    insertion = du[..., None] * B[:, :, None, :]
+    log_a = dt[..., None] * A
+    y, state = selective_scan_chunked(
+        interleave(u, u), interleave(dt, dt), A, interleave(B, B), interleave(C, C), h0,
+        log_decay=interleave(log_a, torch.zeros_like(log_a)), inputs=interleave(removal, insertion))
+    return y[:, 1::2], state
+
+
+def _window_width(cfg: Mamba1Config) -> int:
+    """dt * u [d], B [n] and dt [d] of one token."""
+    return 2 * cfg.d_inner + cfg.d_state
+
+
 @backends.register("mamba1")
 class Mamba1LM(LMHeadModel):
     """Mamba-1 language model. State per layer: ssm [b, d_inner, d_state], conv [b, d_inner, d_conv - 1]."""
 
     arch = "mamba1"
     config_class = Mamba1Config
+    scan_adapter = ScanAdapter(mixer="mixer", decay_hook="hook_decay", input_hook="hook_B",
+                               chunked=selective_scan_chunked, steps=_steps, window=_window,
+                               window_width=_window_width)
 
     def __init__(self, cfg: Mamba1Config):
         super().__init__()

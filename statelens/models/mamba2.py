@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.models import kernels
-from statelens.models.base import backends, check_dims
+from statelens.models.base import ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import gated_rms_norm
 from statelens.models.lm import LMHeadModel
-from statelens.models.ssd import ssd_chunked, ssd_chunked_with_block_states
+from statelens.models.ssd import ssd_chunked, ssd_chunked_with_block_states, ssd_steps
 
 
 @dataclass
@@ -205,6 +205,31 @@ class Mamba2Mixer(nn.Module):
         return self.hook_out(self.out_proj(y)), ssm_state, conv_state
 
 
+# -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------
+# The scan's inputs, as Mamba2Mixer hands them to ``scan``: x [b, l, h, p] (times dt), log_a [b, l, h],
+# B, C [b, l, g, n], h0 [b, h, p, n], chunk the SSD block length.
+
+def _steps(x, log_a, B, C, h0, chunk):
+    """The SSD recurrence a token at a time, with the block states ssd_chunked_with_block_states returns."""
+    return ssd_steps(x, log_a, B, C), h0.to(x.dtype), x.shape[1], min(chunk, x.shape[1])
+
+
+def _window(extend, x, log_a, B, C, h0, chunk):
+    """The SSD scan with the sliding window: the removal step of token t inserts
+    -alpha_{t-r+1:t} x_{t-r} B_{t-r}^T (the decay is one number per head)."""
+    (x_old, B_old, _), window = extend([x, B, log_a])
+    x_out = -x_old * window.exp()[..., None]              # the token leaving: -alpha_{t-r+1:t} x_{t-r}
+    y, state, starts = ssd_chunked_with_block_states(
+        interleave(x_out, x), interleave(log_a, torch.zeros_like(log_a)), interleave(B_old, B),
+        interleave(C, C), h0, 2 * chunk)
+    return y[:, 1::2], state, starts
+
+
+def _window_width(cfg: Mamba2Config) -> int:
+    """x [h, p], B [g, n] and log_a [h] of one token."""
+    return cfg.nheads * cfg.headdim + cfg.ngroups * cfg.d_state + cfg.nheads
+
+
 @backends.register("mamba2")
 class Mamba2LM(LMHeadModel):
     """Mamba-2 language model. State per layer: ssm [b, nheads, headdim, d_state],
@@ -212,6 +237,9 @@ class Mamba2LM(LMHeadModel):
 
     arch = "mamba2"
     config_class = Mamba2Config
+    scan_adapter = ScanAdapter(mixer="mixer", decay_hook="hook_decay", input_hook="hook_B",
+                               chunked=ssd_chunked_with_block_states, steps=_steps, window=_window,
+                               window_width=_window_width)
 
     def __init__(self, cfg: Mamba2Config):
         super().__init__()
