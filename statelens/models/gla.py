@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.models import kernels
-from statelens.models.base import ScanAdapter, backends, check_dims, interleave
+from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import RMSNorm
 from statelens.models.lm import LMHeadModel
@@ -371,6 +371,10 @@ def _window_width(cfg: GLAConfig) -> int:
     return cfg.num_heads * (2 * cfg.head_k_dim + cfg.head_v_dim)
 
 
+# flash-linear-attention's weight names: (ours, fla's) prefixes; lm_head.weight is the same in both.
+_FLA_NAMES = (("blocks.", "model.layers."), ("embedding.", "model.embeddings."), ("norm_f.", "model.norm."))
+
+
 @backends.register("gla")
 class GLALM(LMHeadModel):
     """Gated linear attention language model. State per layer: ssm [b, num_heads, head_k_dim, head_v_dim],
@@ -382,6 +386,7 @@ class GLALM(LMHeadModel):
 
     arch = "gla"
     config_class = GLAConfig
+    layouts = (Layout("hf", "gla", gla_config_kwargs, _FLA_NAMES),)   # fla's config.json (model_type gla)
     # The keys are the input the scaling multiplies (hook_B); the scan lives on each block's attn.
     scan_adapter = ScanAdapter(mixer="attn", decay_hook="hook_decay", input_hook="hook_B", chunked=gla_chunked,
                                steps=_steps, window=_window, window_width=_window_width)

@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.models import kernels
-from statelens.models.base import ScanAdapter, backends, check_dims, interleave
+from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.lm import LMHeadModel
+from statelens.models.mamba_layouts import (HF_KEYS, HF_NAMES, MAMBA_SSM_NAMES, hf_kwargs, mamba_ssm_config,
+                                            mamba_ssm_kwargs)
 from statelens.models.selective_scan import selective_scan_chunked, selective_scan_steps
 
 
@@ -155,12 +157,39 @@ def _window_width(cfg: Mamba1Config) -> int:
     return 2 * cfg.d_inner + cfg.d_state
 
 
+# -- its checkpoints (statelens.models.base.Layout) -----------------------------------------------------
+
+_SSM_KEYS = frozenset({"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"})   # what ssm_cfg may set
+
+
+def _from_hf(raw: dict) -> dict:
+    """transformers' MambaConfig (its config.json) -> Mamba1Config keyword arguments."""
+    rank = raw.get("time_step_rank", "auto")
+    return hf_kwargs(raw) | dict(
+        d_state=raw.get("state_size", 16), dt_rank=None if rank == "auto" else rank,
+        tie_embeddings=raw.get("tie_word_embeddings", True),
+    )
+
+
+def _from_mamba_ssm(raw: dict) -> dict:
+    """mamba-ssm's config.json with ``ssm_cfg.layer`` Mamba1 -> Mamba1Config keyword arguments."""
+    kwargs = mamba_ssm_kwargs(raw, "Mamba1", _SSM_KEYS)
+    if kwargs.get("dt_rank") == "auto":
+        kwargs["dt_rank"] = None
+    return kwargs
+
+
 @backends.register("mamba1")
 class Mamba1LM(LMHeadModel):
     """Mamba-1 language model. State per layer: ssm [b, d_inner, d_state], conv [b, d_inner, d_conv - 1]."""
 
     arch = "mamba1"
     config_class = Mamba1Config
+    layouts = (
+        Layout("hf", "mamba", _from_hf, HF_NAMES, config_keys=HF_KEYS | {"dt_rank": "time_step_rank"}),
+        Layout("mamba_ssm", "Mamba1", _from_mamba_ssm, MAMBA_SSM_NAMES,
+               write_config=lambda cfg: mamba_ssm_config(cfg, "Mamba1", {"dt_rank": cfg.dt_rank})),
+    )
     scan_adapter = ScanAdapter(mixer="mixer", decay_hook="hook_decay", input_hook="hook_B",
                                chunked=selective_scan_chunked, steps=_steps, window=_window,
                                window_width=_window_width)
