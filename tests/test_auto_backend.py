@@ -72,6 +72,17 @@ def test_a_model_without_recurrent_state_is_one_line(tmp_path, monkeypatch, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_the_native_model_types_are_those_the_backends_declare():
+    """auto's list (its order is the refusal's text) holds the model_types of the backends' hf layouts, so a
+    new backend's file cannot be forgotten there."""
+    from statelens.models import backends
+    from statelens.models.auto import NATIVE_MODEL_TYPES
+
+    declared = [layout.name for arch in backends.names() for layout in backends.get(arch).layouts
+                if layout.format == "hf"]
+    assert sorted(NATIVE_MODEL_TYPES) == sorted(declared)
+
+
 def test_a_model_type_transformers_does_not_know_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba9", "hidden_size": 8}))
     with pytest.raises(CheckpointError, match=r"model_type 'mamba9' is not supported: .* has no causal LM for it"):

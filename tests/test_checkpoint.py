@@ -133,3 +133,14 @@ def test_gla_checkpoint_in_fla_layout_loads_and_round_trips(tmp_path, tokens):
     save_checkpoint(loaded, tmp_path / "out")
     assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(fla_names)
     assert_same_model(loaded.model, load_checkpoint(tmp_path / "out").model)
+
+
+def test_only_a_backend_declaring_a_mamba_ssm_layout_is_written_as_one(tmp_path):
+    """mamba_ssm_checkpoint asks the backend's declared layouts: GLA declares fla's alone."""
+    from statelens.errors import CheckpointError
+    from statelens.models import GLAConfig, GLALM
+    from statelens.models.checkpoint import mamba_ssm_checkpoint
+
+    model = GLALM(GLAConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, num_heads=2))
+    with pytest.raises(CheckpointError, match="gla has no mamba_ssm layout"):
+        mamba_ssm_checkpoint(model, tmp_path)

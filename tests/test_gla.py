@@ -230,3 +230,14 @@ def test_config_rejects(bad, match):
 def test_config_kwargs_reject_hybrid_attention():
     with pytest.raises(ValueError, match="attn"):
         gla_config_kwargs({"hidden_size": 32, "attn": {"layers": [1]}})
+
+
+def test_a_refused_fla_config_is_one_checkpoint_error(tmp_path):
+    """GLA's layout (declared in gla.py) refuses through parse_config as one line naming the file (it
+    used to fail there with an UnboundLocalError)."""
+    from statelens.errors import CheckpointError
+    from statelens.models.checkpoint import parse_config
+
+    with pytest.raises(CheckpointError) as info:
+        parse_config({"model_type": "gla", "hidden_size": 32, "attn": {"layers": [1]}}, tmp_path / "config.json")
+    assert str(info.value) == f"{tmp_path / 'config.json'}: attn {{'layers': [1]}} is not supported (GLA layers only)"

@@ -327,6 +327,22 @@ def test_remove_restores_the_model_and_a_second_mitigation_is_refused(tokens):
         torch.testing.assert_close(model(tokens)[0], plain, rtol=0, atol=0)
 
 
+def test_a_backend_that_declares_no_scan_adapter_is_refused():
+    """The mitigations know no architecture: a backend without a ScanAdapter (the hf adapter's case) is
+    refused in one line naming those that have one."""
+    from statelens.models.base import RecurrentLM
+
+    class Opaque(RecurrentLM):
+        arch = "opaque"
+
+    model = Opaque()
+    with pytest.raises(BadInput) as info:
+        apply_mitigation(model, "scale:alpha=0.5")
+    message = str(info.value)
+    assert message == "--mitigation scale:alpha=0.5,B=1: needs a native backend (gla, mamba1, mamba2), got opaque"
+    assert getattr(model, "mitigation", None) is None
+
+
 # -- the spec ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "parsed", "canonical"), [

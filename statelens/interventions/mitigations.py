@@ -40,6 +40,10 @@ state after token t, read out by ``C_t``):
 
 Hook points keep their meaning on the modified model: ``hook_state`` sees the state that is carried
 (capped, or the window's ``h_t^(r)``), ``hook_state_blocks`` the same state at block starts.
+
+Nothing here knows an architecture: what a backend contributes (where its scan lives and where decay
+and input enter, its recurrence a token at a time, its window scan) is the
+:class:`~statelens.models.base.ScanAdapter` declared in its file; a backend without one is refused.
 """
 from __future__ import annotations
 
@@ -52,13 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from statelens.errors import BadInput
-from statelens.models.base import RecurrentLM, State
-from statelens.models.gla import gla_chunked
+from statelens.models.base import RecurrentLM, ScanAdapter, State, backends
 from statelens.models.hooks import hooks
-from statelens.models.selective_scan import selective_scan_chunked
-from statelens.models.ssd import ssd_chunked_with_block_states
-
-ARCHES = ("mamba2", "mamba1", "gla")
 
 
 # -- specs -------------------------------------------------------------------------------------------
@@ -196,32 +195,33 @@ def apply_mitigation(
     """
     if isinstance(mitigation, str):
         mitigation = parse_mitigation(mitigation)
-    if model.arch not in ARCHES:
-        raise BadInput(f"--mitigation {spec(mitigation)}: needs a native mamba2, mamba1 or gla model, "
+    adapter = getattr(model, "scan_adapter", None)
+    if adapter is None:
+        able = [name for name in backends.names() if backends.get(name).scan_adapter is not None]
+        raise BadInput(f"--mitigation {spec(mitigation)}: needs a native backend ({', '.join(able)}), "
                        f"got {model.arch or type(model).__name__}")
     if getattr(model, "mitigation", None) is not None:
         raise BadInput(f"--mitigation {spec(mitigation)}: the model already has a mitigation applied "
                        f"({spec(model.mitigation.mitigation)})")
-    mixers = _mixers(model)
     applied = Applied(model, mitigation)
     model.mitigation = applied
     applied._undo.append(lambda: model.__dict__.pop("mitigation", None))
     try:
         if isinstance(mitigation, Scale):
-            _apply_scale(applied, mitigation)
+            _apply_scale(applied, mitigation, adapter)
         elif isinstance(mitigation, Cap):
-            _apply_cap(applied, mitigation, mixers, calibration, train_len, chunk)
+            _apply_cap(applied, mitigation, adapter, calibration, train_len, chunk)
         else:
-            _apply_window(applied, mitigation, mixers)
+            _apply_window(applied, mitigation, adapter)
     except BaseException:  # a failed calibration (or an interrupt) leaves the model as it was
         applied.remove()
         raise
     return applied
 
 
-def _mixers(model: RecurrentLM) -> list:
+def _mixers(model: RecurrentLM, adapter: ScanAdapter) -> list:
     """The modules whose ``scan`` a mitigation replaces, one per layer."""
-    return [block.attn if model.arch == "gla" else block.mixer for block in model.blocks]
+    return [getattr(block, adapter.mixer) for block in model.blocks]
 
 
 def _set_scans(applied: Applied, mixers: list, scans: list) -> None:
@@ -232,9 +232,9 @@ def _set_scans(applied: Applied, mixers: list, scans: list) -> None:
 
 # -- scale -------------------------------------------------------------------------------------------
 
-def _apply_scale(applied: Applied, m: Scale) -> None:
-    context = hooks(applied.model, [("blocks.*.hook_decay", lambda alpha, hook: alpha * m.alpha),
-                                    ("blocks.*.hook_B", lambda B, hook: B * m.B)])
+def _apply_scale(applied: Applied, m: Scale, adapter: ScanAdapter) -> None:
+    context = hooks(applied.model, [(f"blocks.*.{adapter.decay_hook}", lambda alpha, hook: alpha * m.alpha),
+                                    (f"blocks.*.{adapter.input_hook}", lambda B, hook: B * m.B)])
     context.__enter__()
     applied._undo.append(lambda: context.__exit__(None, None, None))
 
@@ -257,18 +257,19 @@ class CapScan:
     """A scan that caps each head's state norm at ``tau`` [heads] after every token (Python loop).
 
     Until ``tau`` is set it caps nothing and records ``seen`` [heads], the largest norm of every state
-    it produced (the calibration). ``_STEPS[arch](*the backend scan's arguments)`` gives
-    ``step(t, state) -> (y_t, state)``, one token of the backend's recurrence, with the initial state,
-    the length and the block length of the block states to return (Mamba-2's) or None.
+    it produced (the calibration). ``steps(*the backend scan's arguments)`` (the backend's
+    ``ScanAdapter.steps``) gives ``step(t, state) -> (y_t, state)``, one token of the backend's
+    recurrence, with the initial state, the length and the block length of the block states to return
+    (Mamba-2's) or None.
     """
 
-    def __init__(self, arch: str, n_heads: int):
-        self.arch, self.n_heads = arch, n_heads
+    def __init__(self, steps, n_heads: int):
+        self.steps, self.n_heads = steps, n_heads
         self.tau: torch.Tensor | None = None
         self.seen = torch.zeros(n_heads, dtype=torch.float64)
 
     def __call__(self, *args, **kwargs):
-        step, state, length, block = _STEPS[self.arch](*args, **kwargs)
+        step, state, length, block = self.steps(*args, **kwargs)
         calibrating = self.tau is None
         tau = torch.full((self.n_heads,), math.inf) if calibrating else self.tau
         tau = tau.to(state.device, state.dtype)
@@ -288,45 +289,11 @@ class CapScan:
         return (y, state, torch.stack(starts, dim=1)) if block else (y, state)
 
 
-def _mamba2_steps(x, log_a, B, C, h0, chunk):
-    """x [b, l, h, p] (times dt), log_a [b, l, h], B, C [b, l, g, n], h0 [b, h, p, n]."""
-    r = x.shape[2] // B.shape[2]
-    B, C = B.repeat_interleave(r, dim=2), C.repeat_interleave(r, dim=2)  # [b, l, h, n]
-
-    def step(t, h):
-        h = log_a[:, t, :, None, None].exp() * h + x[:, t, :, :, None] * B[:, t, :, None, :]
-        return torch.einsum("bhpn,bhn->bhp", h, C[:, t]), h
-    return step, h0.to(x.dtype), x.shape[1], min(chunk, x.shape[1])
-
-
-def _mamba1_steps(u, dt, A, B, C, h0, log_decay=None):
-    """u, dt [b, l, d]; A [d, n]; B, C [b, l, n]; h0 [b, d, n]; log_decay [b, l, d, n] or None."""
-    def step(t, h):
-        log_a = log_decay[:, t] if log_decay is not None else dt[:, t, :, None] * A
-        h = log_a.exp() * h + (dt[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
-        return torch.einsum("bdn,bn->bd", h, C[:, t]), h
-    return step, h0.to(u.dtype), u.shape[1], None
-
-
-def _gla_steps(q, k, v, gk, S0, chunk):
-    """q, k, gk [b, l, h, k]; v [b, l, h, v]; S0 [b, h, k, v]."""
-    scale = q.shape[-1] ** -0.5
-
-    def step(t, S):
-        S = gk[:, t, :, :, None].exp() * S + k[:, t, :, :, None] * v[:, t, :, None, :]
-        return torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S), S
-    return step, S0.to(q.dtype), q.shape[1], None
-
-
-_STEPS = {"mamba2": _mamba2_steps, "mamba1": _mamba1_steps, "gla": _gla_steps}
-_CHUNKED = {"mamba2": ssd_chunked_with_block_states, "mamba1": selective_scan_chunked, "gla": gla_chunked}
-
-
 class CallCapScan:
     """The exact chunked scan, then the cap on the state it returns (``at=call``)."""
 
-    def __init__(self, arch: str, tau: torch.Tensor):
-        self.scan, self.tau = _CHUNKED[arch], tau
+    def __init__(self, chunked, tau: torch.Tensor):
+        self.scan, self.tau = chunked, tau
 
     def __call__(self, *args, **kwargs):
         y, state, *blocks = self.scan(*args, **kwargs)
@@ -335,14 +302,16 @@ class CallCapScan:
         return (y, _by_head(state, factors), *blocks)
 
 
-def _apply_cap(applied: Applied, m: Cap, mixers: list, calibration, train_len: int | None, chunk: int) -> None:
+def _apply_cap(applied: Applied, m: Cap, adapter: ScanAdapter, calibration, train_len: int | None,
+               chunk: int) -> None:
     from statelens.record.rollout import as_batch, rollout
 
     model = applied.model
     if calibration is None or train_len is None:
         raise BadInput(f"--mitigation {spec(m)}: the cap needs calibration sequences and the training length")
     tokens = as_batch(calibration)[:, :train_len]
-    scans = [CapScan(model.arch, model.n_heads) for _ in mixers]
+    mixers = _mixers(model, adapter)
+    scans = [CapScan(adapter.steps, model.n_heads) for _ in mixers]
     _set_scans(applied, mixers, scans)
     for _ in rollout(model, tokens, chunk=chunk):
         pass
@@ -353,24 +322,25 @@ def _apply_cap(applied: Applied, m: Cap, mixers: list, calibration, train_len: i
         scan.tau = tau
     if m.at == "call":
         for mixer, tau in zip(mixers, applied.thresholds):
-            mixer.scan = CallCapScan(model.arch, tau)
+            mixer.scan = CallCapScan(adapter.chunked, tau)
 
 
 # -- window ------------------------------------------------------------------------------------------
 
 class WindowScan:
-    """A backend's chunked scan with the sliding window by state difference over ``r`` tokens.
+    """A backend's chunked scan with the sliding window by state difference over ``r`` tokens: its
+    ``ScanAdapter.window``, handed :meth:`_extend`.
 
     ``history`` [b, r, width]: the last r tokens' scan inputs, oldest first (zeros: no token), set
     before each call and replaced by it (see :func:`_apply_window`).
     """
 
-    def __init__(self, arch: str, r: int):
-        self.arch, self.r = arch, r
+    def __init__(self, window, r: int):
+        self.window, self.r = window, r
         self.history: torch.Tensor | None = None
 
     def __call__(self, *args, **kwargs):
-        return {"mamba2": self._mamba2, "mamba1": self._mamba1, "gla": self._gla}[self.arch](*args, **kwargs)
+        return self.window(self._extend, *args, **kwargs)
 
     def _extend(self, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each [b, l, ...] part with its r history tokens prepended; and the log-decay of the window
@@ -386,57 +356,12 @@ class WindowScan:
         window = (cum[:, self.r + 1:] - cum[:, 1:l + 1]).to(parts[-1].dtype)
         return [e[:, :l] for e in extended], window
 
-    def _mamba2(self, x, log_a, B, C, h0, chunk):
-        """ssd_chunked_with_block_states's inputs and outputs."""
-        (x_old, B_old, _), window = self._extend([x, B, log_a])
-        x_out = -x_old * window.exp()[..., None]              # the token leaving: -alpha_{t-r+1:t} x_{t-r}
-        y, state, starts = ssd_chunked_with_block_states(
-            _interleave(x_out, x), _interleave(log_a, torch.zeros_like(log_a)), _interleave(B_old, B),
-            _interleave(C, C), h0, 2 * chunk)
-        return y[:, 1::2], state, starts
 
-    def _mamba1(self, u, dt, A, B, C, h0, log_decay=None):
-        """selective_scan_chunked's inputs and outputs. The decay differs per (channel, state index), so the
-        removal is a full [b, l, d, n] input; dt is carried rather than the log-decay, A * sum(dt) being
-        the window's."""
-        if log_decay is not None:
-            raise ValueError("the window on Mamba-1 needs the backend's own decay (hook_decay is patched)")
-        du = dt * u
-        (du_old, B_old, _), window = self._extend([du, B, dt])
-        removal = -(window[..., None] * A).exp() * du_old[..., None] * B_old[:, :, None, :]     # [b, l, d, n]
-        insertion = du[..., None] * B[:, :, None, :]
-        log_a = dt[..., None] * A
-        y, state = selective_scan_chunked(
-            _interleave(u, u), _interleave(dt, dt), A, _interleave(B, B), _interleave(C, C), h0,
-            log_decay=_interleave(log_a, torch.zeros_like(log_a)), inputs=_interleave(removal, insertion))
-        return y[:, 1::2], state
-
-    def _gla(self, q, k, v, gk, S0, chunk):
-        """gla_chunked's inputs and outputs."""
-        (k_old, v_old, _), window = self._extend([k, v, gk])
-        k_out = k_old * window.exp()                            # alpha_{t-r+1:t} k_{t-r}, per key dim
-        o, S = gla_chunked(_interleave(torch.zeros_like(q), q), _interleave(k_out, k), _interleave(-v_old, v),
-                           _interleave(gk, torch.zeros_like(gk)), S0, 2 * chunk)
-        return o[:, 1::2], S
-
-
-def _interleave(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """[b, l, ...] twice -> [b, 2l, ...]: first[:, 0], second[:, 0], first[:, 1], ...
-
-    Each token becomes two steps of the same recurrence: the removal of the token leaving the window
-    (decay alpha_t, input -alpha_{t-r+1:t} u_{t-r}), then the token itself (decay 1, input u_t), whose
-    output is kept. The SSD block doubles with it, so block starts fall where the plain scan's do.
-    """
-    return torch.stack([first, second], dim=2).flatten(1, 2)
-
-
-def _apply_window(applied: Applied, m: Window, mixers: list) -> None:
+def _apply_window(applied: Applied, m: Window, adapter: ScanAdapter) -> None:
     model = applied.model
-    cfg = model.config
-    width = {"mamba2": lambda: cfg.nheads * cfg.headdim + cfg.ngroups * cfg.d_state + cfg.nheads,  # x, B, log_a
-             "mamba1": lambda: 2 * cfg.d_inner + cfg.d_state,                                      # dt u, B, dt
-             "gla": lambda: cfg.num_heads * (2 * cfg.head_k_dim + cfg.head_v_dim)}[model.arch]()   # k, v, gk
-    scans = [WindowScan(model.arch, m.r) for _ in mixers]
+    width = adapter.window_width(model.config)
+    mixers = _mixers(model, adapter)
+    scans = [WindowScan(adapter.window, m.r) for _ in mixers]
     _set_scans(applied, mixers, scans)
     plain_hidden, plain_zero_state = model.hidden, model.zero_state
 

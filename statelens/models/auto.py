@@ -22,6 +22,8 @@ from statelens.models.checkpoint import (Checkpoint, _read_json, assemble, load_
                                          parse_config, resolve_checkpoint)
 
 BACKENDS = ("auto", "native", "hf")
+# The model_types of the native backends' hf layouts, in the order the refusal names them (a test holds the two
+# lists together).
 NATIVE_MODEL_TYPES = ("mamba", "mamba2", "gla")
 
 

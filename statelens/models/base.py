@@ -10,12 +10,15 @@ positions' logits (Effective Remembrance needs the last one) skip the vocabulary
 
 The recurrent state is a :class:`State`: per layer, the SSM state and the convolution state.
 Everything above the backends (rollouts, recorders, analyses, interventions) is written against this
-file only.
+file only. What the mitigations need of a backend's recurrence (its :class:`ScanAdapter`) and what
+checkpoint loading needs of its files (its :class:`Layout` s) are declared in the backend's file, like
+everything else about its architecture.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -79,6 +82,75 @@ class State:
         return sum(t[0].numel() for t in self.ssm)
 
 
+@dataclass(frozen=True)
+class ScanAdapter:
+    """What the training-free mitigations (:mod:`statelens.interventions.mitigations`) need of a backend's
+    recurrence, declared in the backend's file as ``RecurrentLM.scan_adapter``.
+
+    Each layer's module ``getattr(block, mixer)`` has an attribute ``scan``: None runs the backend's own
+    scan; a callable taking the same ``*inputs`` and returning the same outputs as ``chunked`` replaces it.
+
+    mixer:       the block attribute holding that module ("mixer", "attn").
+    decay_hook, input_hook: the block's hook points whose tensors are the decay alpha_t and the input
+                 B_t (``blocks.{i}.<name>``): what the scaling multiplies.
+    chunked(*inputs) -> (y [b, l, ...], state [b, heads, ...], *more): the exact chunked scan the mixer
+                 runs (heads first in the state, as the cap reads it per head).
+    steps(*inputs) -> (step, h0, length, block): the same recurrence a token at a time,
+                 ``step(t, h) -> (y_t [b, ...], h_t [b, heads, ...])``; the initial state, the number of
+                 tokens, and the block length of the block states ``chunked`` also returns (None: none).
+    window(extend, *inputs) -> chunked's outputs: the scan with the sliding window by state difference.
+                 ``extend(parts)`` takes [b, l, ...] tensors of the call, the log-decay last, and returns
+                 them r tokens earlier (the tokens leaving the window; zeros before the first) and the
+                 log-decay of the window ending at each token [b, l, ...]; see :func:`interleave`.
+    window_width(config) -> int: the numbers per token of the parts ``window`` hands to ``extend``.
+    """
+
+    mixer: str
+    decay_hook: str
+    input_hook: str
+    chunked: Callable
+    steps: Callable
+    window: Callable
+    window_width: Callable[[object], int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One checkpoint format a backend is read from (and written in), declared in the backend's file as an
+    entry of ``RecurrentLM.layouts``; :mod:`statelens.models.checkpoint` knows no architecture but these.
+
+    format:       "hf" (config.json has ``model_type``) or "mamba_ssm" (config.json has ``ssm_cfg``).
+    name:         what selects this backend in that config.json: the ``model_type``, or ``ssm_cfg.layer``.
+    read_config(raw) -> keyword arguments of the backend's ``config_class`` from config.json as read
+                  (a dict); raises ValueError naming the setting it refuses.
+    weight_names: (backend prefix, file prefix) pairs: ``("blocks.", "backbone.layers.")`` says the
+                  backend's ``blocks.0.mixer.D`` is the file's ``backbone.layers.0.mixer.D``; a name no
+                  pair matches is the same in both (``lm_head.weight``).
+    config_keys:  backend config field -> the key this config.json calls it (``d_model`` ->
+                  ``hidden_size``), so that an error names the key in the user's file.
+    write_config(config) -> config.json (a dict) for a model built in code; None where statelens does
+                  not write this format from scratch.
+    """
+
+    format: str
+    name: str
+    read_config: Callable[[dict], dict]
+    weight_names: tuple[tuple[str, str], ...]
+    config_keys: Mapping[str, str] = field(default_factory=dict)
+    write_config: Callable[[object], dict] | None = None
+
+
+def interleave(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[b, l, ...] twice -> [b, 2l, ...]: first[:, 0], second[:, 0], first[:, 1], ...
+
+    How a window scan runs: each token becomes two steps of the same recurrence, the removal of the
+    token leaving the window (decay alpha_t, input -alpha_{t-r+1:t} u_{t-r}), then the token itself
+    (decay 1, input u_t), whose output is kept. A chunked scan's block doubles with it, so block starts
+    fall where the plain scan's do.
+    """
+    return torch.stack([first, second], dim=2).flatten(1, 2)
+
+
 def check_dims(config, names: tuple[str, ...]) -> None:
     """Raises ValueError naming the first of ``names`` that is not a positive integer (bools refused)."""
     for name in names:
@@ -88,13 +160,17 @@ def check_dims(config, names: tuple[str, ...]) -> None:
 
 
 class RecurrentLM(nn.Module):
-    """Base of every backend. Subclasses set ``arch`` and ``config`` and implement the abstract parts.
+    """Base of every backend. Subclasses set ``arch`` and ``config`` and implement the abstract parts; a
+    backend statelens loads from files declares its ``layouts`` (and ``config_class``), one whose scan
+    the mitigations may replace its ``scan_adapter``.
 
     Hook points (per layer ``i``; shapes per backend docstring): ``blocks.{i}.hook_state``,
     ``hook_conv_state``, ``hook_dt``, ``hook_decay``, ``hook_B``, ``hook_C``, ``hook_x``, ``hook_out``.
     """
 
     arch: str = ""
+    layouts: ClassVar[tuple[Layout, ...]] = ()          # none: not loaded by statelens (the hf adapter)
+    scan_adapter: ClassVar[ScanAdapter | None] = None  # None: the mitigations refuse the backend
 
     # -- to implement --------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -1,11 +1,10 @@
 """Loading and saving checkpoint directories: mamba-ssm's layout and Hugging Face's.
 
-mamba-ssm: ``config.json`` with ``d_model, n_layer, vocab_size, ssm_cfg{layer, d_state, ...},
-rms_norm, residual_in_fp32, pad_vocab_size_multiple, tie_embeddings``; weights ``pytorch_model.bin``
-or ``model.safetensors``; keys ``backbone.embedding.weight``, ``backbone.layers.{i}.mixer.*``.
-
-Hugging Face: ``config.json`` with ``model_type`` ``mamba`` or ``mamba2``; weights in safetensors or
-bin, single or sharded (``*.index.json``); keys as mamba-ssm's but ``backbone.embeddings.weight``.
+mamba-ssm: ``config.json`` with ``d_model, n_layer`` and ``ssm_cfg{layer, ...}``; Hugging Face (transformers,
+flash-linear-attention): ``config.json`` with ``model_type``. Weights in safetensors or bin, single or
+sharded (``*.index.json``). Which backend reads a directory, how its config keys and weight names map,
+is declared by each backend as its :class:`~statelens.models.base.Layout` s (the Mamba ones from
+:mod:`statelens.models.mamba_layouts`); nothing here knows an architecture.
 
 Weights load safely: safetensors, or ``torch.load(weights_only=True)``; nothing is unpickled as an
 arbitrary object. The model's size is computed from the config and checked before anything is
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pickle
 import pickletools
@@ -30,7 +28,7 @@ import torch
 from statelens import hub
 from statelens.errors import CheckpointError
 from statelens.models import gla, mamba1, mamba2  # noqa: F401  (registers the backends)
-from statelens.models.base import RecurrentLM, backends
+from statelens.models.base import Layout, RecurrentLM, backends
 from statelens.outputs import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -41,15 +39,8 @@ MAX_PARAMETERS = 10**11
 # What a hub id fetches: the config, statelens' metadata and the tokenizer, then one kind of weights.
 HUB_FILES = ["config.json", "statelens.json", *TOKENIZER_FILES]
 HUB_WEIGHTS = (["model*.safetensors", "model.safetensors.index.json"], ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
-
-# ssm_cfg keys that only matter for initialisation or kernels, not for the forward pass.
-_INIT_ONLY = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_init_range", "conv_init",
-              "use_fast_path", "use_mem_eff_path", "layer", "process_group", "sequence_parallel", "layer_idx"}
-_HF_KEYS = {"d_model": "hidden_size", "n_layer": "num_hidden_layers", "d_state": "state_size", "d_conv": "conv_kernel",
-            "headdim": "head_dim", "ngroups": "n_groups", "dt_rank": "time_step_rank", "d_ssm": "num_heads * head_dim"}
-_MAMBA1_KEYS = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"}
-_MAMBA2_KEYS = {"d_state", "d_conv", "expand", "headdim", "d_ssm", "ngroups", "chunk_size", "dt_limit", "bias",
-                "conv_bias", "D_has_hdim", "rmsnorm", "norm_before_gate"}
+# Per format: the config.json entry that names the backend (a Layout's ``name``), and what an unknown one adds.
+_SELECTORS = {"hf": ("model_type", "; --backend hf runs other transformers models"), "mamba_ssm": ("ssm_cfg.layer", "")}
 
 
 @dataclass
@@ -70,7 +61,7 @@ class Checkpoint:
     @property
     def backend(self) -> str:
         """Which backend runs it: "native" (statelens' own) or "hf" (transformers' modules)."""
-        return "hf" if self.model.arch == "hf" else "native"
+        return "native" if self.model.layouts else "hf"  # a native backend declares the layouts it is read from
 
     def describe(self) -> str:
         """Where it came from, for the output: the hub id, revision and commit, or the directory (said to
@@ -99,19 +90,14 @@ def _read_json(path: Path) -> dict:
 
 def parse_config(raw: dict, where: Path) -> tuple[str, str, object]:
     """config.json -> (format, arch, backend config). Raises CheckpointError naming ``where``."""
+    layout = None
     try:
-        if "model_type" in raw:
-            fmt, arch, kwargs = "hf", *_hf_config(raw, where)
-        elif "d_model" in raw and "n_layer" in raw:
-            fmt, arch, kwargs = "mamba_ssm", *_mamba_ssm_config(raw, where)
-        else:
-            raise CheckpointError(
-                f"{where}: neither a mamba-ssm config (d_model, n_layer) nor a Hugging Face one (model_type)")
-        config = backends.get(arch).config_class(**kwargs)
+        fmt, name = _format(raw, where)
+        arch, layout = _claimed_by(fmt, name, where)
+        config = backends.get(arch).config_class(**layout.read_config(raw))
     except (TypeError, ValueError) as e:
-        message = str(e)
-        if fmt == "hf":  # name the key the user's config.json has
-            message = re.sub(r"^(\w+)", lambda m: _HF_KEYS.get(m.group(1), m.group(1)), message)
+        keys = layout.config_keys if layout else {}  # name the key the user's config.json has
+        message = re.sub(r"^(\w+)", lambda m: keys.get(m.group(1), m.group(1)), str(e))
         raise CheckpointError(f"{where}: {message}") from None
     n = config.num_parameters()
     if n > MAX_PARAMETERS:
@@ -120,68 +106,33 @@ def parse_config(raw: dict, where: Path) -> tuple[str, str, object]:
     return fmt, arch, config
 
 
-def _hf_config(raw: dict, where: Path) -> tuple[str, dict]:
-    model_type = raw["model_type"]
-    common = dict(
-        d_model=raw.get("hidden_size", 768), n_layer=raw.get("num_hidden_layers", 32),
-        vocab_size=raw.get("vocab_size"), d_conv=raw.get("conv_kernel", 4), expand=raw.get("expand", 2),
-        bias=raw.get("use_bias", False), conv_bias=raw.get("use_conv_bias", True),
-        norm_eps=raw.get("layer_norm_epsilon", 1e-5), residual_in_fp32=raw.get("residual_in_fp32", True),
-    )
-    if model_type == "gla":  # flash-linear-attention's layout
-        from statelens.models.gla import gla_config_kwargs
-
-        return "gla", gla_config_kwargs(raw)
-    if raw.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
-    if model_type == "mamba2":
-        heads, headdim = raw.get("num_heads", 128), raw.get("head_dim", 64)
-        return "mamba2", common | dict(
-            d_state=raw.get("state_size", 128), headdim=headdim, d_ssm=heads * headdim,
-            ngroups=raw.get("n_groups", 8), chunk_size=raw.get("chunk_size", 256),
-            dt_limit=tuple(_number(v) for v in raw.get("time_step_limit", (0.0, math.inf))),
-            gated_norm_eps=common["norm_eps"], tie_embeddings=raw.get("tie_word_embeddings", False),
-        )
-    if model_type == "mamba":
-        rank = raw.get("time_step_rank", "auto")
-        return "mamba1", common | dict(
-            d_state=raw.get("state_size", 16), dt_rank=None if rank == "auto" else rank,
-            tie_embeddings=raw.get("tie_word_embeddings", True),
-        )
-    raise CheckpointError(f"{where}: unknown model_type {model_type!r} (statelens reads mamba, mamba2, gla; "
-                          "--backend hf runs other transformers models)")
+def _format(raw: dict, where: Path) -> tuple[str, object]:
+    """The format of config.json ("hf" or "mamba_ssm") and the value in it that names the backend."""
+    if "model_type" in raw:
+        return "hf", raw["model_type"]
+    if "d_model" in raw and "n_layer" in raw:
+        return "mamba_ssm", dict(raw.get("ssm_cfg") or {}).get("layer", "Mamba1")  # mamba-ssm's default layer
+    raise CheckpointError(f"{where}: neither a mamba-ssm config (d_model, n_layer) nor a Hugging Face one (model_type)")
 
 
-def _number(value):
-    """A JSON number; transformers 5 writes infinities as ``{"__float__": "Infinity"}``."""
-    return float(value["__float__"]) if isinstance(value, dict) and "__float__" in value else value
+def _claimed_by(fmt: str, name, where: Path) -> tuple[str, Layout]:
+    """The backend (its arch) that declares a ``fmt`` layout called ``name``, and that layout."""
+    declared = [(arch, layout) for arch in backends.names() for layout in backends.get(arch).layouts
+                if layout.format == fmt]
+    for arch, layout in declared:
+        if layout.name == name:  # compared, not hashed: config.json may hold anything there
+            return arch, layout
+    entry, hint = _SELECTORS[fmt]
+    known = ", ".join(sorted(layout.name for _, layout in declared))
+    raise CheckpointError(f"{where}: unknown {entry} {name!r} (statelens reads {known}{hint})")
 
 
-def _mamba_ssm_config(raw: dict, where: Path) -> tuple[str, dict]:
-    ssm = dict(raw.get("ssm_cfg") or {})
-    layer = ssm.get("layer", "Mamba1")
-    if layer not in ("Mamba1", "Mamba2"):
-        raise CheckpointError(f"{where}: unknown ssm_cfg.layer {layer!r} (statelens reads Mamba1, Mamba2)")
-    if raw.get("d_intermediate", 0) or raw.get("attn_layer_idx"):
-        raise CheckpointError(f"{where}: hybrid models (d_intermediate, attn_layer_idx) are not supported")
-    known = _MAMBA2_KEYS if layer == "Mamba2" else _MAMBA1_KEYS
-    unknown = set(ssm) - known - _INIT_ONLY
-    if unknown:
-        raise CheckpointError(f"{where}: ssm_cfg key(s) {', '.join(sorted(unknown))} not understood for {layer}")
-    vocab, multiple = raw.get("vocab_size"), raw.get("pad_vocab_size_multiple", 8)
-    if isinstance(vocab, int) and isinstance(multiple, int) and multiple > 0 and vocab % multiple:
-        vocab += multiple - vocab % multiple  # as MambaLMHeadModel pads it
-    kwargs = dict(
-        d_model=raw.get("d_model"), n_layer=raw.get("n_layer"), vocab_size=vocab,
-        rms_norm=raw.get("rms_norm", True), residual_in_fp32=raw.get("residual_in_fp32", True),
-        tie_embeddings=raw.get("tie_embeddings", True),
-        **{k: v for k, v in ssm.items() if k in known},
-    )
-    if layer == "Mamba1" and kwargs.get("dt_rank") == "auto":
-        kwargs["dt_rank"] = None
-    if "dt_limit" in kwargs:
-        kwargs["dt_limit"] = tuple(_number(v) for v in kwargs["dt_limit"])
-    return layer.lower(), kwargs
+def _layout(backend: type[RecurrentLM], fmt: str, where) -> Layout:
+    """``backend``'s layout in format ``fmt``; CheckpointError naming ``where`` when it declares none."""
+    for layout in backend.layouts:
+        if layout.format == fmt:
+            return layout
+    raise CheckpointError(f"{where}: {backend.arch or backend.__name__} has no {fmt} layout")
 
 
 # -- weights --------------------------------------------------------------------------------------
@@ -256,25 +207,22 @@ def _first_line(error: Exception) -> str:
     return lines[0][:160] if lines else type(error).__name__
 
 
-def _internal_name(key: str) -> str:
-    """A weight's name in a file -> in the backend (mamba's ``backbone.``, fla's ``model.`` prefix)."""
-    if key.startswith("model."):  # flash-linear-attention: model.norm is the final norm
-        key = re.sub(r"^norm\.", "norm_f.", key.removeprefix("model."))
-    key = key.removeprefix("backbone.")
-    key = re.sub(r"^embeddings?\.", "embedding.", key)
-    return re.sub(r"^layers\.", "blocks.", key)
+def _rename(key: str, prefixes) -> str:
+    """``key`` with the first of ``prefixes`` (old, new) it starts with replaced; a key none matches as it is."""
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    return key
 
 
-def _external_name(key: str, fmt: str, arch: str = "mamba2") -> str:
-    """A backend weight's name -> in a file of format ``fmt`` for architecture ``arch``."""
-    if key.startswith("lm_head."):
-        return key
-    key = re.sub(r"^blocks\.", "layers.", key)
-    if fmt == "hf":
-        key = re.sub(r"^embedding\.", "embeddings.", key)
-    if arch == "gla":
-        return "model." + re.sub(r"^norm_f\.", "norm.", key)
-    return "backbone." + key
+def _internal_name(key: str, backend: type[RecurrentLM]) -> str:
+    """A weight's name in a file -> in ``backend``, under the names of any of its layouts."""
+    return _rename(key, [(theirs, ours) for layout in backend.layouts for ours, theirs in layout.weight_names])
+
+
+def _external_name(key: str, layout: Layout) -> str:
+    """A backend weight's name -> in a file of ``layout``."""
+    return _rename(key, layout.weight_names)
 
 
 # -- load and save --------------------------------------------------------------------------------
@@ -302,11 +250,13 @@ def assemble(arch: str, config, tensors: dict[str, torch.Tensor], fmt: str, wher
     """The backend ``arch`` with ``config``, holding ``tensors`` (named as in a file of format ``fmt``),
     built on the meta device and assigned the tensors (no copy when device and dtype already match).
     Raises CheckpointError naming ``where`` when names or shapes disagree with the config."""
+    backend = backends.get(arch)
+    layout = _layout(backend, fmt, where)
     with torch.device("meta"):
-        model = backends.get(arch)(config)
+        model = backend(config)
     expected = model.state_dict()
-    file_names = {_internal_name(k): k for k in tensors}
-    state = {_internal_name(k): v for k, v in tensors.items()}
+    file_names = {_internal_name(k, backend): k for k in tensors}
+    state = {_internal_name(k, backend): v for k, v in tensors.items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the reference ties it to the embedding whatever the file holds
         if "embedding.weight" in state:
@@ -314,12 +264,12 @@ def assemble(arch: str, config, tensors: dict[str, torch.Tensor], fmt: str, wher
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        detail = (f"missing {_external_name(missing[0], fmt, arch)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        detail = (f"missing {_external_name(missing[0], layout)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                   if missing else f"unexpected {file_names[unexpected[0]]}")
         raise CheckpointError(f"{where}: weights do not match config.json ({arch}): {detail}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{where}: {_external_name(name, fmt, arch)} has shape {tuple(tensor.shape)} in the weights "
+            raise CheckpointError(f"{where}: {_external_name(name, layout)} has shape {tuple(tensor.shape)} in the weights "
                                   f"but config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     if config.tie_embeddings:
@@ -344,9 +294,10 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike, weights: dict | No
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, fmt = ckpt.model, ckpt.format
+    model = ckpt.model
+    layout = _layout(type(model), ckpt.format, ckpt.path)
     weights = model.state_dict() if weights is None else weights
-    state = {_external_name(k, fmt, model.arch): v.detach().cpu().contiguous() for k, v in weights.items()}
+    state = {_external_name(k, layout): v.detach().cpu().contiguous() for k, v in weights.items()}
     tied = model.config.tie_embeddings
     if ckpt.weights_kind == "safetensors":
         from safetensors.torch import save_file
@@ -364,22 +315,12 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike, weights: dict | No
 
 
 def mamba_ssm_checkpoint(model: RecurrentLM, path: str | os.PathLike = ".") -> Checkpoint:
-    """Wraps a model built in code as a mamba-ssm-layout checkpoint, ready for :func:`save_checkpoint`."""
-    cfg = model.config
-    ssm_cfg = {"layer": {"mamba2": "Mamba2", "mamba1": "Mamba1"}[model.arch], "d_state": cfg.d_state,
-               "d_conv": cfg.d_conv, "expand": cfg.expand, "bias": cfg.bias, "conv_bias": cfg.conv_bias}
-    if model.arch == "mamba2":
-        ssm_cfg |= {k: getattr(cfg, k) for k in ("headdim", "ngroups", "d_ssm", "chunk_size", "D_has_hdim",
-                                                  "rmsnorm", "norm_before_gate")}
-        if cfg.dt_limit != (0.0, math.inf):
-            ssm_cfg["dt_limit"] = list(cfg.dt_limit)
-    else:
-        ssm_cfg["dt_rank"] = cfg.dt_rank
-    raw = {"d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
-           "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": cfg.rms_norm,
-           "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
-           "tie_embeddings": cfg.tie_embeddings}
-    return Checkpoint(model, Path(path), "mamba_ssm", "bin", raw)
+    """Wraps a model built in code as a mamba-ssm-layout checkpoint, ready for :func:`save_checkpoint`
+    (a backend whose mamba_ssm layout has a ``write_config``: Mamba-1 and Mamba-2)."""
+    layout = _layout(type(model), "mamba_ssm", path)
+    if layout.write_config is None:
+        raise CheckpointError(f"{path}: {model.arch} is not written in the mamba_ssm layout from scratch")
+    return Checkpoint(model, Path(path), "mamba_ssm", "bin", layout.write_config(model.config))
 
 
 def mamba_ssm_module(model: RecurrentLM):
@@ -390,7 +331,8 @@ def mamba_ssm_module(model: RecurrentLM):
 
     twin = MambaLMHeadModel(MambaConfig(**mamba_ssm_checkpoint(model).raw_config), device=model.device,
                             dtype=model.dtype)
-    twin.load_state_dict({_external_name(k, "mamba_ssm", model.arch): v for k, v in model.state_dict().items()})
+    layout = _layout(type(model), "mamba_ssm", model.arch)
+    twin.load_state_dict({_external_name(k, layout): v for k, v in model.state_dict().items()})
     return twin.eval()
 
 

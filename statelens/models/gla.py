@@ -41,6 +41,7 @@ Hook points per block (shapes for a forward over ``l`` tokens):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.models import kernels
-from statelens.models.base import backends, check_dims
+from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import RMSNorm
 from statelens.models.lm import LMHeadModel
@@ -166,19 +167,31 @@ _FLA_DEFAULTS = {
 
 # -- the recurrence ---------------------------------------------------------------------------------
 
+def gla_steps(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor
+) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The recurrence one token at a time: ``step(t, S) -> (o_t [b, h, v], S_t [b, h, k, v])`` from
+    S = S_{t-1}. q, k, gk [b, l, h, k]; v [b, l, h, v]."""
+    scale = q.shape[-1] ** -0.5
+
+    def step(t: int, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = gk[:, t, :, :, None].exp() * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        return torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S), S
+    return step
+
+
 def gla_sequential(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, S0: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: one step per token.
+    """The reference: one step per token (:func:`gla_steps`).
 
     q, k [b, l, h, k]; v [b, l, h, v]; gk [b, l, h, k] (log-decay, <= 0); S0 [b, h, k, v]
     -> o [b, l, h, v] (already times scale = d_k ** -0.5), final state [b, h, k, v].
     """
-    scale = q.shape[-1] ** -0.5
-    S, os = S0, []
+    step, S, os = gla_steps(q, k, v, gk), S0, []
     for t in range(q.shape[1]):
-        S = gk[:, t, :, :, None].exp() * S + k[:, t, :, :, None] * v[:, t, :, None, :]
-        os.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        o, S = step(t, S)
+        os.append(o)
     return torch.stack(os, dim=1), S
 
 
@@ -334,6 +347,34 @@ class GLABlock(nn.Module):
         return x, state, self.hook_conv_state(conv_state)
 
 
+# -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------
+# The scan's inputs, as GatedLinearAttention hands them to ``scan``: q, k, gk [b, l, h, k], v [b, l, h, v],
+# S0 [b, h, k, v], chunk the chunk length.
+
+def _steps(q, k, v, gk, S0, chunk):
+    """The GLA recurrence a token at a time (no block states)."""
+    return gla_steps(q, k, v, gk), S0.to(q.dtype), q.shape[1], None
+
+
+def _window(extend, q, k, v, gk, S0, chunk):
+    """The GLA scan with the sliding window: the removal step of token t inserts
+    (alpha_{t-r+1:t} k_{t-r})^T (-v_{t-r}), the decay being one number per key dimension."""
+    (k_old, v_old, _), window = extend([k, v, gk])
+    k_out = k_old * window.exp()                            # alpha_{t-r+1:t} k_{t-r}, per key dim
+    o, S = gla_chunked(interleave(torch.zeros_like(q), q), interleave(k_out, k), interleave(-v_old, v),
+                       interleave(gk, torch.zeros_like(gk)), S0, 2 * chunk)
+    return o[:, 1::2], S
+
+
+def _window_width(cfg: GLAConfig) -> int:
+    """k [h, k], v [h, v] and gk [h, k] of one token."""
+    return cfg.num_heads * (2 * cfg.head_k_dim + cfg.head_v_dim)
+
+
+# flash-linear-attention's weight names: (ours, fla's) prefixes; lm_head.weight is the same in both.
+_FLA_NAMES = (("blocks.", "model.layers."), ("embedding.", "model.embeddings."), ("norm_f.", "model.norm."))
+
+
 @backends.register("gla")
 class GLALM(LMHeadModel):
     """Gated linear attention language model. State per layer: ssm [b, num_heads, head_k_dim, head_v_dim],
@@ -345,6 +386,10 @@ class GLALM(LMHeadModel):
 
     arch = "gla"
     config_class = GLAConfig
+    layouts = (Layout("hf", "gla", gla_config_kwargs, _FLA_NAMES),)   # fla's config.json (model_type gla)
+    # The keys are the input the scaling multiplies (hook_B); the scan lives on each block's attn.
+    scan_adapter = ScanAdapter(mixer="attn", decay_hook="hook_decay", input_hook="hook_B", chunked=gla_chunked,
+                               steps=_steps, window=_window, window_width=_window_width)
 
     def __init__(self, cfg: GLAConfig):
         super().__init__()

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.models import kernels
-from statelens.models.base import backends, check_dims
+from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.lm import LMHeadModel
-from statelens.models.selective_scan import selective_scan_chunked
+from statelens.models.mamba_layouts import (HF_KEYS, HF_NAMES, MAMBA_SSM_NAMES, hf_kwargs, mamba_ssm_config,
+                                            mamba_ssm_kwargs)
+from statelens.models.selective_scan import selective_scan_chunked, selective_scan_steps
 
 
 @dataclass
@@ -124,12 +126,73 @@ class Mamba1Mixer(nn.Module):
         return self.hook_out(self.out_proj(y.to(u.dtype))), ssm_state, conv_state
 
 
+# -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------
+# The scan's inputs, as Mamba1Mixer hands them to ``scan``: u, dt [b, l, d]; A [d, n]; B, C [b, l, n];
+# h0 [b, d, n]; log_decay [b, l, d, n] or None (a patched hook_decay).
+
+def _steps(u, dt, A, B, C, h0, log_decay=None):
+    """The selective scan a token at a time (no block states)."""
+    return selective_scan_steps(u, dt, A, B, C, log_decay), h0.to(u.dtype), u.shape[1], None
+
+
+def _window(extend, u, dt, A, B, C, h0, log_decay=None):
+    """The selective scan with the sliding window. The decay differs per (channel, state index), so the
+    removal is a full [b, l, d, n] input; dt is carried rather than the log-decay, A * sum(dt) being
+    the window's."""
+    if log_decay is not None:
+        raise ValueError("the window on Mamba-1 needs the backend's own decay (hook_decay is patched)")
+    du = dt * u
+    (du_old, B_old, _), window = extend([du, B, dt])
+    removal = -(window[..., None] * A).exp() * du_old[..., None] * B_old[:, :, None, :]     # [b, l, d, n]
+    insertion = du[..., None] * B[:, :, None, :]
+    log_a = dt[..., None] * A
+    y, state = selective_scan_chunked(
+        interleave(u, u), interleave(dt, dt), A, interleave(B, B), interleave(C, C), h0,
+        log_decay=interleave(log_a, torch.zeros_like(log_a)), inputs=interleave(removal, insertion))
+    return y[:, 1::2], state
+
+
+def _window_width(cfg: Mamba1Config) -> int:
+    """dt * u [d], B [n] and dt [d] of one token."""
+    return 2 * cfg.d_inner + cfg.d_state
+
+
+# -- its checkpoints (statelens.models.base.Layout) -----------------------------------------------------
+
+_SSM_KEYS = frozenset({"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"})   # what ssm_cfg may set
+
+
+def _from_hf(raw: dict) -> dict:
+    """transformers' MambaConfig (its config.json) -> Mamba1Config keyword arguments."""
+    rank = raw.get("time_step_rank", "auto")
+    return hf_kwargs(raw) | dict(
+        d_state=raw.get("state_size", 16), dt_rank=None if rank == "auto" else rank,
+        tie_embeddings=raw.get("tie_word_embeddings", True),
+    )
+
+
+def _from_mamba_ssm(raw: dict) -> dict:
+    """mamba-ssm's config.json with ``ssm_cfg.layer`` Mamba1 -> Mamba1Config keyword arguments."""
+    kwargs = mamba_ssm_kwargs(raw, "Mamba1", _SSM_KEYS)
+    if kwargs.get("dt_rank") == "auto":
+        kwargs["dt_rank"] = None
+    return kwargs
+
+
 @backends.register("mamba1")
 class Mamba1LM(LMHeadModel):
     """Mamba-1 language model. State per layer: ssm [b, d_inner, d_state], conv [b, d_inner, d_conv - 1]."""
 
     arch = "mamba1"
     config_class = Mamba1Config
+    layouts = (
+        Layout("hf", "mamba", _from_hf, HF_NAMES, config_keys=HF_KEYS | {"dt_rank": "time_step_rank"}),
+        Layout("mamba_ssm", "Mamba1", _from_mamba_ssm, MAMBA_SSM_NAMES,
+               write_config=lambda cfg: mamba_ssm_config(cfg, "Mamba1", {"dt_rank": cfg.dt_rank})),
+    )
+    scan_adapter = ScanAdapter(mixer="mixer", decay_hook="hook_decay", input_hook="hook_B",
+                               chunked=selective_scan_chunked, steps=_steps, window=_window,
+                               window_width=_window_width)
 
     def __init__(self, cfg: Mamba1Config):
         super().__init__()

@@ -34,11 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.models import kernels
-from statelens.models.base import backends, check_dims
+from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import gated_rms_norm
 from statelens.models.lm import LMHeadModel
-from statelens.models.ssd import ssd_chunked, ssd_chunked_with_block_states
+from statelens.models.mamba_layouts import (HF_KEYS, HF_NAMES, MAMBA_SSM_NAMES, hf_kwargs, json_number,
+                                            mamba_ssm_config, mamba_ssm_kwargs)
+from statelens.models.ssd import ssd_chunked, ssd_chunked_with_block_states, ssd_steps
 
 
 @dataclass
@@ -205,6 +207,66 @@ class Mamba2Mixer(nn.Module):
         return self.hook_out(self.out_proj(y)), ssm_state, conv_state
 
 
+# -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------
+# The scan's inputs, as Mamba2Mixer hands them to ``scan``: x [b, l, h, p] (times dt), log_a [b, l, h],
+# B, C [b, l, g, n], h0 [b, h, p, n], chunk the SSD block length.
+
+def _steps(x, log_a, B, C, h0, chunk):
+    """The SSD recurrence a token at a time, with the block states ssd_chunked_with_block_states returns."""
+    return ssd_steps(x, log_a, B, C), h0.to(x.dtype), x.shape[1], min(chunk, x.shape[1])
+
+
+def _window(extend, x, log_a, B, C, h0, chunk):
+    """The SSD scan with the sliding window: the removal step of token t inserts
+    -alpha_{t-r+1:t} x_{t-r} B_{t-r}^T (the decay is one number per head)."""
+    (x_old, B_old, _), window = extend([x, B, log_a])
+    x_out = -x_old * window.exp()[..., None]              # the token leaving: -alpha_{t-r+1:t} x_{t-r}
+    y, state, starts = ssd_chunked_with_block_states(
+        interleave(x_out, x), interleave(log_a, torch.zeros_like(log_a)), interleave(B_old, B),
+        interleave(C, C), h0, 2 * chunk)
+    return y[:, 1::2], state, starts
+
+
+def _window_width(cfg: Mamba2Config) -> int:
+    """x [h, p], B [g, n] and log_a [h] of one token."""
+    return cfg.nheads * cfg.headdim + cfg.ngroups * cfg.d_state + cfg.nheads
+
+
+# -- its checkpoints (statelens.models.base.Layout) -----------------------------------------------------
+
+_SSM_KEYS = frozenset({"d_state", "d_conv", "expand", "headdim", "d_ssm", "ngroups", "chunk_size", "dt_limit", "bias",
+                       "conv_bias", "D_has_hdim", "rmsnorm", "norm_before_gate"})   # what ssm_cfg may set
+
+
+def _from_hf(raw: dict) -> dict:
+    """transformers' Mamba2Config (its config.json) -> Mamba2Config keyword arguments."""
+    common = hf_kwargs(raw)
+    heads, headdim = raw.get("num_heads", 128), raw.get("head_dim", 64)
+    return common | dict(
+        d_state=raw.get("state_size", 128), headdim=headdim, d_ssm=heads * headdim,
+        ngroups=raw.get("n_groups", 8), chunk_size=raw.get("chunk_size", 256),
+        dt_limit=tuple(json_number(v) for v in raw.get("time_step_limit", (0.0, math.inf))),
+        gated_norm_eps=common["norm_eps"], tie_embeddings=raw.get("tie_word_embeddings", False),
+    )
+
+
+def _from_mamba_ssm(raw: dict) -> dict:
+    """mamba-ssm's config.json with ``ssm_cfg.layer`` Mamba2 -> Mamba2Config keyword arguments."""
+    kwargs = mamba_ssm_kwargs(raw, "Mamba2", _SSM_KEYS)
+    if "dt_limit" in kwargs:
+        kwargs["dt_limit"] = tuple(json_number(v) for v in kwargs["dt_limit"])
+    return kwargs
+
+
+def _to_mamba_ssm(cfg: Mamba2Config) -> dict:
+    """mamba-ssm's config.json for ``cfg``."""
+    ssm_cfg = {k: getattr(cfg, k) for k in ("headdim", "ngroups", "d_ssm", "chunk_size", "D_has_hdim", "rmsnorm",
+                                            "norm_before_gate")}
+    if cfg.dt_limit != (0.0, math.inf):
+        ssm_cfg["dt_limit"] = list(cfg.dt_limit)
+    return mamba_ssm_config(cfg, "Mamba2", ssm_cfg)
+
+
 @backends.register("mamba2")
 class Mamba2LM(LMHeadModel):
     """Mamba-2 language model. State per layer: ssm [b, nheads, headdim, d_state],
@@ -212,6 +274,14 @@ class Mamba2LM(LMHeadModel):
 
     arch = "mamba2"
     config_class = Mamba2Config
+    layouts = (
+        Layout("hf", "mamba2", _from_hf, HF_NAMES,
+               config_keys=HF_KEYS | {"headdim": "head_dim", "ngroups": "n_groups", "d_ssm": "num_heads * head_dim"}),
+        Layout("mamba_ssm", "Mamba2", _from_mamba_ssm, MAMBA_SSM_NAMES, write_config=_to_mamba_ssm),
+    )
+    scan_adapter = ScanAdapter(mixer="mixer", decay_hook="hook_decay", input_hook="hook_B",
+                               chunked=ssd_chunked_with_block_states, steps=_steps, window=_window,
+                               window_width=_window_width)
 
     def __init__(self, cfg: Mamba2Config):
         super().__init__()

@@ -15,20 +15,35 @@ not part of the scan.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+
+def selective_scan_steps(
+    u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The recurrence one token at a time: ``step(t, h) -> (y_t [b, d], h_t [b, d, n])`` from h = h_{t-1}.
+    u, dt [b, l, d]; A [d, n]; B, C [b, l, n]; ``log_decay`` [b, l, d, n], when given, replaces ``dt * A``."""
+    def step(t: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_a = log_decay[:, t] if log_decay is not None else dt[:, t, :, None] * A
+        h = log_a.exp() * h + (dt[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
+        return torch.einsum("bdn,bn->bd", h, C[:, t]), h
+    return step
 
 
 def selective_scan_sequential(
     u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: one step per token.
+    """The reference: one step per token (:func:`selective_scan_steps`).
 
     u, dt [b, l, d]; A [d, n]; B, C [b, l, n]; h0 [b, d, n] -> y [b, l, d], final state [b, d, n].
     """
-    h, ys = h0, []
+    step, h, ys = selective_scan_steps(u, dt, A, B, C), h0, []
     for t in range(u.shape[1]):
-        h = (dt[:, t, :, None] * A).exp() * h + (dt[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+        y, h = step(t, h)
+        ys.append(y)
     return torch.stack(ys, dim=1), h
 
 

@@ -17,25 +17,38 @@ B and C are shared by the ``r`` heads of a group; heads are grouped group-major,
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 
+def ssd_steps(
+    x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The recurrence one token at a time: ``step(t, h) -> (y_t [b, h, p], h_t [b, h, p, n])`` from
+    h = h_{t-1}. x [b, l, h, p] (times dt), log_a [b, l, h], B and C [b, l, g, n]."""
+    r = x.shape[2] // B.shape[2]
+    B, C = B.repeat_interleave(r, dim=2), C.repeat_interleave(r, dim=2)  # [b, l, h, n]
+
+    def step(t: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = log_a[:, t, :, None, None].exp() * h + x[:, t, :, :, None] * B[:, t, :, None, :]
+        return torch.einsum("bhpn,bhn->bhp", h, C[:, t]), h
+    return step
+
+
 def ssd_sequential(
     x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: one step per token.
+    """The reference: one step per token (:func:`ssd_steps`).
 
     x [b, l, h, p] (times dt), log_a [b, l, h], B and C [b, l, g, n], h0 [b, h, p, n]
     -> y [b, l, h, p], final state [b, h, p, n].
     """
-    r = x.shape[2] // B.shape[2]
-    B, C = B.repeat_interleave(r, dim=2), C.repeat_interleave(r, dim=2)  # [b, l, h, n]
-    h, ys = h0, []
+    step, h, ys = ssd_steps(x, log_a, B, C), h0, []
     for t in range(x.shape[1]):
-        h = log_a[:, t, :, None, None].exp() * h + x[:, t, :, :, None] * B[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+        y, h = step(t, h)
+        ys.append(y)
     return torch.stack(ys, dim=1), h
 
 
