@@ -19,7 +19,6 @@ AFTER = [("chunk", Chunk, 2048), ("group", Group, 1), ("resume", Resume, False),
          ("backend", Backend, BackendName.auto), ("dtype", Dtype, DType.float32), ("seed", Seed, 0),
          ("out", Out, None), ("mitigation", MitigationSpec, None), ("tokenizer", TokenizerOpt, None),
          ("text_field", TextField, "text")]
-SHARED = [name for name, _, _ in BEFORE + AFTER]
 
 
 def command(spec):
@@ -27,15 +26,16 @@ def command(spec):
     from statelens.analysis.spec import option_fields
 
     own = [_spec_option(*field) for field in option_fields(spec.options)]
+    shared = [p for p in BEFORE if p[0] in spec.shared] + own + [p for p in AFTER if p[0] in spec.shared]
     parameters = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-                  for name, annotation, default in BEFORE + own + AFTER]
+                  for name, annotation, default in shared]
 
     def run_command(**given) -> None:
         from statelens.cli.common import execute
         from statelens.runs import RunSettings
 
         values = {name: value.value if isinstance(value, Enum) else value for name, value in given.items()}
-        settings = RunSettings(**{name: values.pop(name) for name in SHARED})
+        settings = RunSettings(**{name: values.pop(name) for name in spec.shared})
         execute(spec, settings, spec.options(**values))
 
     run_command.__signature__ = inspect.Signature(parameters)

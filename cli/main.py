@@ -8,8 +8,9 @@ import sys
 import typer
 
 from statelens.analysis import analyses
-from statelens.cli import check, demo, posttrain, report, tasks
+from statelens.cli import check, demo, posttrain, report
 from statelens.cli.analysis import command
+from statelens.tasks import tasks
 
 app = typer.Typer(
     name="statelens",
@@ -24,9 +25,8 @@ for spec in analyses:
     app.command(spec.name)(command(spec))
 app.command("report")(report.report)
 app.command("compare")(report.compare)
-app.command("passkey")(tasks.passkey)
-app.command("copying")(tasks.copying)
-app.command("babilong")(tasks.babilong)
+for spec in tasks:
+    app.command(spec.name)(command(spec))
 app.command("posttrain")(posttrain.posttrain)
 
 

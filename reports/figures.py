@@ -944,13 +944,13 @@ def accuracy_figure(df: pd.DataFrame, x: str = "length", *, title: str = "Accura
 def draw(plot, tables: dict[str, pd.DataFrame], train_len: int | None = None, **style) -> Figure:
     """The figure an analysis spec names (a :class:`statelens.analysis.spec.Plot`): its function here,
     called with the plot's tables in order (a missing one as None), ``train_len`` where the function
-    takes one, and ``style`` (``label``, ``color``, ``ax``)."""
+    takes one, the plot's own ``style`` and ``style`` (``label``, ``color``, ``ax``)."""
     import inspect
 
     function = globals()[plot.function]
     if "train_len" in inspect.signature(function).parameters:
         style["train_len"] = train_len
-    return function(*(tables.get(name) for name in plot.tables), **style)
+    return function(*(tables.get(name) for name in plot.tables), **plot.style, **style)
 
 
 def save(fig: Figure, path_without_suffix: str | Path) -> list[Path]:

@@ -35,12 +35,13 @@ from statelens.analysis.positionwise import TOLERANCE_NATS, generalizes_to, in_c
 from statelens.errors import BadInput
 from statelens.outputs import atomic_write
 from statelens.reports.page_figures import PANEL, report_figures, task_figures
+from statelens.tasks import tasks
 
 #: Table name -> the command that writes it (its output folder under a ``--from`` directory): every
 #: registered analysis' tables (statelens.analysis.table_owners).
 TABLES = table_owners()
 #: The long-context task tables (``statelens passkey|copying|babilong``): name -> the command's folder.
-TASK_TABLES = {"passkey": "passkey", "copying": "copying", "babilong": "babilong"}
+TASK_TABLES = table_owners(tasks)
 #: Rows of a table shown in the page; the rest is in the CSV.
 MAX_ROWS = 50
 #: Collapsed heads named in a summary card.

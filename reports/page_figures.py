@@ -15,8 +15,6 @@ from statelens.reports import figures as F
 
 #: One panel's size (inches): the standalone figures' single size.
 PANEL = (6.4, 4.2)
-#: (table, title, x column) of each long-context task figure.
-TASKS = [("passkey", "Passkey retrieval", "length"), ("copying", "Copying", "n"), ("babilong", "BABILong", "length")]
 
 
 def _shared_train_len(train_lens: list[int]) -> int | None:
@@ -24,7 +22,7 @@ def _shared_train_len(train_lens: list[int]) -> int | None:
     return train_lens[0] if len(set(train_lens)) == 1 else None
 
 
-def _per_checkpoint(section, have: list, colors: dict, train_len: int | None) -> Figure:
+def _maps_and_lines(section, have: list, colors: dict, train_len: int | None) -> Figure:
     """One heatmap per checkpoint (heatmaps cannot overlay) and the shared lines panel of all: for one
     checkpoint a row of two panels; for two, the heatmaps on a row and the lines panel below."""
     n = len(have)
@@ -43,6 +41,16 @@ def _per_checkpoint(section, have: list, colors: dict, train_len: int | None) ->
     return fig
 
 
+def _side_by_side(section, have: list, colors: dict, train_len: int | None) -> Figure:
+    """One panel per checkpoint, on a row (a little taller: heatmaps carry their colour bar's title)."""
+    with F.figure_style():
+        fig = Figure(figsize=(len(have) * PANEL[0], PANEL[1] + 0.4), layout="constrained")
+        axes = [fig.add_subplot(1, len(have), i + 1) for i in range(len(have))]
+    for ax, (r, lab) in zip(axes, have):
+        F.draw(section.plot, r.tables, train_len, label=lab, color=colors[lab], ax=ax)
+    return fig
+
+
 def _overlaid(section, have: list, colors: dict, train_len: int | None) -> Figure:
     """Every checkpoint drawn into the same ``section.panels`` panels."""
     with F.figure_style():
@@ -53,45 +61,37 @@ def _overlaid(section, have: list, colors: dict, train_len: int | None) -> Figur
     return fig
 
 
-def report_figures(results_list: list, labels: list[str], train_lens: list[int]) -> list[dict]:
-    """Every analysis section (:mod:`statelens.analysis` specs, in registration order) whose drawn table
-    some checkpoint (a :class:`~statelens.reports.html.Results`) has."""
-    from statelens.analysis import analyses
+LAYOUTS = {"overlay": _overlaid, "side-by-side": _side_by_side, "maps-and-lines": _maps_and_lines}
 
+
+def _sections(specs, results_list: list, labels: list[str], train_lens: list[int]) -> list[dict]:
+    """Every section of ``specs`` whose drawn table some checkpoint (a
+    :class:`~statelens.reports.html.Results`) has, in registration order."""
     colors = F.checkpoint_colors(labels)
     train_len = _shared_train_len(train_lens)
     shown = []
-    for section in (section for spec in analyses for section in spec.sections):
+    for section in (section for spec in specs for section in spec.sections):
         have = [(r, lab) for r, lab in zip(results_list, labels) if section.plot.tables[0] in r.tables]
         if not have:
             continue
-        layout = _per_checkpoint if section.per_checkpoint else _overlaid
         tables = [(f"{lab}: {name}.csv", r.tables[name]) for r, lab in have for name in section.shown
                   if name in r.tables]
-        shown.append({"id": section.id, "title": section.title, "figure": layout(section, have, colors, train_len),
-                      "tables": tables})
+        figure = LAYOUTS[section.layout](section, have, colors, train_len)
+        shown.append({"id": section.id, "title": section.title, "figure": figure, "tables": tables})
     return shown
+
+
+def report_figures(results_list: list, labels: list[str], train_lens: list[int]) -> list[dict]:
+    """The analyses' sections (:data:`statelens.analysis.analyses`)."""
+    from statelens.analysis import analyses
+
+    return _sections(analyses, results_list, labels, train_lens)
 
 
 def task_figures(results_list: list, labels: list[str], train_lens: list[int]) -> list[dict]:
-    """The long-context task figures, like :func:`report_figures`: the passkey heatmap of each checkpoint
-    side by side, copying accuracy by string length and BABILong accuracy by context length overlaid."""
-    colors = F.checkpoint_colors(labels)
-    train_len = _shared_train_len(train_lens)
-    shown = []
-    for name, title, x in TASKS:
-        have = [(r.tables[name], lab) for r, lab in zip(results_list, labels) if name in r.tables]
-        if not have:
-            continue
-        panels = len(have) if name == "passkey" else 1
-        with F.figure_style():
-            fig = Figure(figsize=(panels * PANEL[0], PANEL[1] + 0.4 * (name == "passkey")), layout="constrained")
-            axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
-        for i, (df, lab) in enumerate(have):
-            if name == "passkey":  # heatmaps cannot overlay: one per checkpoint
-                F.passkey_figure(df, train_len, label=lab, color=colors[lab], ax=axes[i])
-            else:
-                F.accuracy_figure(df, x, title=f"{title} accuracy", label=lab, color=colors[lab], ax=axes[0])
-        shown.append({"id": name, "title": title, "figure": fig,
-                      "tables": [(f"{lab}: {name}.csv", df) for df, lab in have]})
-    return shown
+    """The long-context tasks' sections (:data:`statelens.tasks.tasks`): the passkey heatmap of each
+    checkpoint side by side, copying accuracy by string length and BABILong accuracy by context length
+    overlaid."""
+    from statelens.tasks import tasks
+
+    return _sections(tasks, results_list, labels, train_lens)

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 import typer
-from statelens.cli import tasks as cli_tasks
+from statelens.cli.analysis import command
+from statelens.tasks import tasks
 from typer.testing import CliRunner
 
 from statelens.data.tokenizer import ByteTokenizer
@@ -238,7 +239,7 @@ def test_first_word_ignores_case_and_punctuation():
 def app():
     app = typer.Typer(pretty_exceptions_enable=False)
     for name in ("passkey", "copying", "babilong"):
-        app.command(name)(getattr(cli_tasks, name))
+        app.command(name)(command(tasks.get(name)))
     return app
 
 

@@ -11,9 +11,10 @@ analyses: Registry = Registry("analysis")
 from statelens.analysis import positionwise, remembrance, states, decay, coverage, logits_drift  # noqa: E402,F401,I001
 
 
-def table_owners() -> dict[str, str]:
-    """Every analysis table's name -> the command that writes it (its folder under a run directory)."""
-    return {table.name: spec.name for spec in analyses for table in spec.tables}
+def table_owners(specs=None) -> dict[str, str]:
+    """Every table of ``specs`` (default: the analyses) -> the command that writes it (its folder under a
+    run directory)."""
+    return {table.name: spec.name for spec in (analyses if specs is None else specs) for table in spec.tables}
 
 
 def watched() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -33,9 +34,11 @@ def analyse(spec, settings, options):
     from statelens.runs import start
 
     s = settings
-    config = ({"data": str(s.data) if s.data else None, "train_len": s.train_len, "length": s.length,
-               "num_seqs": s.num_seqs} | dataclasses.asdict(options) | {"chunk": s.chunk, "group": s.group})
-    run = start(spec.name, settings, config)
+    given = {"data": str(s.data) if s.data else None, "train_len": s.train_len, "length": s.length,
+             "num_seqs": s.num_seqs, "chunk": s.chunk, "group": s.group}
+    config = ({k: given[k] for k in ("data", "train_len", "length", "num_seqs") if k in spec.shared}
+              | dataclasses.asdict(options) | {k: given[k] for k in ("chunk", "group") if k in spec.shared})
+    run = start(spec.name, settings, config, draws_sequences=spec.draws_sequences)
     run.watched = watched()
     outcome = spec.compute(run, settings, options)
     run.lap("compute")

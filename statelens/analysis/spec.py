@@ -57,23 +57,25 @@ class Table:
 @dataclass(frozen=True)
 class Plot:
     """A figure: the function of ``statelens.reports.figures`` that draws it, called with these tables
-    in order (then ``train_len`` where the function takes one)."""
+    in order, then ``train_len`` where the function takes one, and the keyword arguments ``style``."""
 
     function: str
     tables: tuple[str, ...]
+    style: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Section:
-    """A section of the HTML report: a figure (every checkpoint overlaid, in ``panels`` panels side by
-    side; ``per_checkpoint``: a row of one panel per checkpoint, for heatmaps, then the shared panel
-    below) and the ``tables`` shown under it (default: the plot's)."""
+    """A section of the HTML report: a figure and the ``tables`` shown under it (default: the plot's).
+    ``layout``: "overlay" (every checkpoint drawn into the same ``panels`` panels), "side-by-side" (one
+    panel per checkpoint: heatmaps cannot overlay) or "maps-and-lines" (a heatmap per checkpoint on a
+    row, and below them one panel of lines every checkpoint draws into)."""
 
     id: str
     title: str
     plot: Plot
     panels: int = 1
-    per_checkpoint: bool = False
+    layout: str = "overlay"
     tables: tuple[str, ...] = ()
 
     @property
@@ -104,12 +106,21 @@ class Outcome:
     lines: list[str] = field(default_factory=list)
 
 
+#: The shared options (fields of statelens.runs.RunSettings) an analysis' command takes: all of them.
+ANALYSIS_SHARED = ("ckpt", "data", "train_len", "length", "num_seqs", "chunk", "group", "resume", "device",
+                   "backend", "dtype", "seed", "out", "mitigation", "tokenizer", "text_field")
+#: ... and those every task's command takes (a task makes its own prompts).
+TASK_SHARED = ("ckpt", "chunk", "resume", "device", "backend", "dtype", "seed", "out", "mitigation")
+
+
 @dataclass(frozen=True)
 class Analysis:
-    """One analysis, declared once: its command ``name`` and ``summary`` (the command's help), its
-    ``options`` dataclass, ``compute(run, settings, options) -> Outcome``, its ``tables``, the command's
-    figure ``plot``, its report ``sections``, and ``report(plan) -> options`` when report/compare/demo
-    run it (None: they do not)."""
+    """One analysis (or task), declared once: its command ``name`` and ``summary`` (the command's help),
+    its ``options`` dataclass, ``compute(run, settings, options) -> Outcome``, its ``tables``, the
+    command's figure ``plot``, its report ``sections``, ``report(plan) -> options`` when
+    report/compare/demo run it (None: they do not), the ``shared`` options its command takes, and
+    whether it draws its sequences from the data (``draws_sequences``; False: it makes its own
+    prompts, and refuses the calibrated cap mitigation)."""
 
     name: str
     summary: str
@@ -119,11 +130,15 @@ class Analysis:
     plot: Plot | None = None
     sections: tuple[Section, ...] = ()
     report: Callable[[ReportPlan], Any] | None = None
+    shared: tuple[str, ...] = ANALYSIS_SHARED
+    draws_sequences: bool = True
 
-    def register(self) -> Analysis:
-        from statelens.analysis import analyses
+    def register(self, registry=None) -> Analysis:
+        """Registers the spec in ``registry`` (default: :data:`statelens.analysis.analyses`)."""
+        if registry is None:
+            from statelens.analysis import analyses as registry
 
-        return analyses.register(self.name)(self)
+        return registry.register(self.name)(self)
 
     def table(self, name: str) -> Table:
         return next(t for t in self.tables if t.name == name)

@@ -197,6 +197,6 @@ SPEC = Analysis(
             Table("collapse", ("layer", "head", "collapsed", "statistic", "ratio", "start_position", "nonfinite",
                                "within_max", "beyond_max"))),
     plot=_NORM,
-    sections=(Section("state-norm", "State norm and collapse", _NORM, per_checkpoint=True),
+    sections=(Section("state-norm", "State norm and collapse", _NORM, layout="maps-and-lines"),
               Section("state-std", "State standard deviation", Plot("state_std_figure", ("state_stats",)))),
     report=lambda plan: Options(stride=plan.stride)).register()

@@ -20,21 +20,28 @@ right when the first word of its answer (lowercased, punctuation stripped) equal
 """
 from __future__ import annotations
 
+import functools
 import json
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from statelens.analysis.spec import TASK_SHARED, Analysis, Outcome, Plot, Section, Table, option
 from statelens.data.tokenizer import Tokenizer
 from statelens.errors import BadInput, DataError
 from statelens.models.base import RecurrentLM
 from statelens.tasks import tasks
+from statelens.tasks.cells import parse_lengths
 from statelens.tasks.decode import greedy_continue
 from statelens.tasks.passkey import FILLER
+
+if TYPE_CHECKING:
+    from statelens.runs import Run, RunSettings
 
 COLUMNS = ["task", "length", "accuracy", "n"]
 FIELDS = ("input", "question", "target")
@@ -204,7 +211,6 @@ def babilong_cell(model: RecurrentLM, tokenizer: Tokenizer, found: Sequence[Samp
     return float(np.mean(correct)), len(found)
 
 
-@tasks.register("babilong")
 def babilong(model: RecurrentLM, tokenizer: Tokenizer, task_names: Sequence[str], lengths: Sequence[int], *,
              samples: int = 4, seed: int = 0, chunk: int = 2048, data: str | Path | None = None,
              progress: Callable[[int], None] | None = None) -> pd.DataFrame:
@@ -221,3 +227,51 @@ def babilong(model: RecurrentLM, tokenizer: Tokenizer, task_names: Sequence[str]
             accuracy, n = babilong_cell(model, tokenizer, found, chunk=chunk, progress=progress)
             rows.append((task, length, accuracy, n))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# --- the command: statelens babilong ------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    tasks: str = option("qa1,qa2", "BABILong tasks, comma-separated (qa1..qa20 with --data; qa1, qa2 generated).")
+    lengths: str = option("1024,2048,4096,8192", "Context lengths in tokens, comma-separated (4096 or 4k).")
+    samples: int = option(4, "Trials per cell.", min=1)
+    data: Path | None = option(None, "A local BABILong directory ({split}/{task}.json, {task}/{split}.json or "
+                                     "{task}_{split}.json; .jsonl too). Default: generated qa1/qa2 stories (seeded).",
+                               show_default=False)
+
+
+def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
+    """Every (task, length) cell, one resumable group each; every cell's questions are read (or made)
+    before the work starts, so bad --data or --tasks writes nothing."""
+    lengths = parse_lengths(options.lengths, minimum=0)
+    names = [name.strip() for name in options.tasks.split(",") if name.strip()]
+    data, samples, chunk = options.data, options.samples, settings.chunk
+    run.config |= {"tasks": names, "lengths": lengths, "data": str(data) if data else None}
+    tokenizer = run.tokenizer()
+    source = f"BABILong files in {data}" if data else f"generated qa1/qa2 stories in filler text (seed {settings.seed})"
+    run.data_description = f"{source}, tokenized with {tokenizer.name}"
+    cells = [(name, length) for name in names for length in lengths]
+    questions = [babilong_samples(tokenizer, name, length, samples, settings.seed, data) for name, length in cells]
+
+    def cell(found: list, advance) -> dict:
+        accuracy, n = babilong_cell(run.model, tokenizer, found, chunk=chunk, progress=advance)
+        return {"accuracy": accuracy, "n": n}
+
+    parts = run.groups([functools.partial(cell, found) for found in questions], description="babilong",
+                       tokens=[max(length, 1) * len(found) for (_, length), found in zip(cells, questions)])
+    df = pd.DataFrame([(name, length, float(part["accuracy"]), int(part["n"]))
+                       for (name, length), part in zip(cells, parts)], columns=COLUMNS)
+    return Outcome({"babilong": df}, lines=[f"{row.task} at {int(row.length)}: accuracy {row.accuracy:.2f} over "
+                                            f"{int(row.n)}" for row in df.itertuples()])
+
+
+SPEC = Analysis(
+    "babilong", "BABILong: bAbI questions with the facts hidden in long filler text (local files with --data, else "
+                "generated qa1/qa2 stories); writes babilong.csv and run.json. One (task, length) cell is the unit of "
+                "work that --resume keeps and torchrun shares out.",
+    Options, compute, tables=(Table("babilong", tuple(COLUMNS)),),
+    sections=(Section("babilong", "BABILong", Plot("accuracy_figure", ("babilong",),
+                                                   {"x": "length", "title": "BABILong accuracy"})),),
+    shared=TASK_SHARED + ("tokenizer",), draws_sequences=False).register(tasks)

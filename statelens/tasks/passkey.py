@@ -15,16 +15,24 @@ the key's five digits.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from statelens.analysis.spec import TASK_SHARED, Analysis, Outcome, Plot, Section, Table, option
 from statelens.data.tokenizer import Tokenizer
 from statelens.errors import BadInput
 from statelens.models.base import RecurrentLM
 from statelens.tasks import tasks
+from statelens.tasks.cells import parse_depths, parse_lengths
 from statelens.tasks.decode import greedy_continue
+
+if TYPE_CHECKING:
+    from statelens.runs import Run, RunSettings
 
 COLUMNS = ["length", "depth", "accuracy", "n"]
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -93,7 +101,6 @@ def passkey_cell(model: RecurrentLM, tokenizer: Tokenizer, length: int, depth: f
     return float(np.mean(correct))
 
 
-@tasks.register("passkey")
 def passkey(model: RecurrentLM, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float], *,
             samples: int = 4, seed: int = 0, chunk: int = 2048,
             progress: Callable[[int], None] | None = None) -> pd.DataFrame:
@@ -119,3 +126,53 @@ def capacity(df: pd.DataFrame, threshold: float = 0.9) -> int:
     by_length = df.groupby("length")["accuracy"].mean()
     passing = by_length[by_length >= threshold]
     return int(passing.index.max()) if len(passing) else 0
+
+
+# --- the command: statelens passkey -------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    lengths: str = option("1024,2048,4096,8192", "Context lengths in tokens, comma-separated (4096 or 4k).")
+    depths: str = option("0.1,0.5,0.9", "Key depths, fractions of the context in [0, 1], comma-separated.")
+    samples: int = option(4, "Trials per cell.", min=1)
+
+
+def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
+    """Every (length, depth) cell, one resumable group each; the capacity and the state size."""
+    lengths, depths = parse_lengths(options.lengths), parse_depths(options.depths)
+    check_depths(depths)
+    run.config |= {"lengths": lengths, "depths": depths}
+    samples, seed, chunk = options.samples, settings.seed, settings.chunk
+    tokenizer = run.tokenizer()
+    run.data_description = f"5-digit passkeys in repeated filler text (seed {seed}), tokenized with {tokenizer.name}"
+    for length in lengths:  # a length too short for the key and question: BadInput before any work
+        for key_seed in sample_seeds(seed, samples):
+            make_passkey(tokenizer, length, depths[0], key_seed)
+    cells = [(length, depth) for length in lengths for depth in depths]
+
+    def cell(length: int, depth: float, advance) -> dict:
+        accuracy = passkey_cell(run.model, tokenizer, length, depth, samples=samples, seed=seed, chunk=chunk)
+        advance(samples * length)
+        return {"accuracy": accuracy}
+
+    parts = run.groups([functools.partial(cell, *c) for c in cells],
+                       tokens=[samples * length for length, _ in cells], description="passkey")
+    df = pd.DataFrame([(length, depth, float(part["accuracy"]), samples)
+                       for (length, depth), part in zip(cells, parts)], columns=COLUMNS)
+    found = capacity(df)
+    state_size = run.model.zero_state(1, device="meta").numel_per_sequence()
+    by_length = df.groupby("length")["accuracy"].mean()
+    return Outcome({"passkey": df}, {"capacity": found, "state_size": state_size},
+                   [f"length {length}: accuracy {acc:.2f} (mean over depths)" for length, acc in by_length.items()]
+                   + [f"passkey capacity: {found} tokens (mean accuracy >= 0.9); state size {state_size} numbers"])
+
+
+PLOT = Plot("passkey_figure", ("passkey",))
+SPEC = Analysis(
+    "passkey", "Passkey retrieval: a 5-digit key hidden at each depth of filler text of each length; writes "
+               "passkey.csv, passkey.png and run.json (with the passkey capacity and the state size). One (length, "
+               "depth) cell is the unit of work that --resume keeps and torchrun shares out.",
+    Options, compute, tables=(Table("passkey", tuple(COLUMNS)),), plot=PLOT,
+    sections=(Section("passkey", "Passkey retrieval", PLOT, layout="side-by-side"),),
+    shared=TASK_SHARED + ("train_len", "tokenizer"), draws_sequences=False).register(tasks)
