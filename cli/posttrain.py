@@ -37,7 +37,6 @@ Fsdp = Annotated[bool, typer.Option(
     "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) "
                    "instead of replicating them (DDP), for models whose training state does not fit one device. "
                    "No effect in a single process.")]
-MAX_SEQUENCES = 256  # training chunks drawn from --data (fewer when the data holds fewer; batches cycle)
 
 
 def posttrain(
@@ -68,7 +67,7 @@ def posttrain(
     from statelens.runs import RunSettings, progress, start
     from statelens.train import PosttrainConfig
     from statelens.train import posttrain as train
-    from statelens.train.posttrain import LOG_WATCHED
+    from statelens.train.posttrain import LOG_WATCHED, training_draw
 
     settings = PosttrainConfig(intervention=intervention.value, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
                                warmup=warmup, clip=clip, seed=seed, save_every=save_every, fsdp=fsdp)  # checked
@@ -77,11 +76,7 @@ def posttrain(
                 config={"data": str(data) if data else None, "intervention": intervention.value, "steps": steps,
                         "seq_len": seq_len, "batch": batch, "lr": lr, "warmup": warmup, "clip": clip,
                         "save_every": save_every, "resume": resume, "fsdp": fsdp})
-    if intervention == Intervention.tbtt:  # documents of up to 8 chunks, `batch` of them per group
-        chunks = min(steps, 8)
-        n, length = batch * min(-(-steps // chunks), MAX_SEQUENCES // batch or 1), chunks * seq_len
-    else:
-        n, length = max(batch, min(steps * batch, MAX_SEQUENCES)), seq_len
+    n, length = training_draw(settings)
     try:
         tokens = run.sequences(data, n, length)
     except DataError:  # less data than asked for: one batch is the least that trains

@@ -7,6 +7,7 @@ exactly as the commands write it, so that folder can be passed to ``--from`` lat
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,65 +31,41 @@ Stride = Annotated[Optional[int], typer.Option(
     show_default=False)]
 
 
-def report(
-    ckpt: Ckpts = None,
-    label: Labels = None,
-    from_: From = None,
-    data: Data = None,
-    tokenizer: TokenizerOpt = None,
-    text_field: TextField = "text",
-    train_len: TrainLen = None,
-    length: Length = None,
-    num_seqs: NumSeqs = 8,
-    buckets: ReportBuckets = 32,
-    stride: Stride = None,
-    chunk: Chunk = 2048,
-    device: Device = "cpu",
-    backend: Backend = BackendName.auto,
-    dtype: Dtype = DType.float32,
-    seed: Seed = 0,
-    out: Out = None,
-    mitigation: MitigationSpec = None,
-    group: Group = 1,
-    resume: Resume = False,
-) -> None:
-    """The HTML report of one or two checkpoints: summary cards with verdicts, every figure (two
+#: (name, annotation, default) of the options report and compare share, after their checkpoints.
+SHARED = [("label", Labels, None), ("from_", From, None), ("data", Data, None), ("tokenizer", TokenizerOpt, None),
+          ("text_field", TextField, "text"), ("train_len", TrainLen, None), ("length", Length, None),
+          ("num_seqs", NumSeqs, 8), ("buckets", ReportBuckets, 32), ("stride", Stride, None), ("chunk", Chunk, 2048),
+          ("device", Device, "cpu"), ("backend", Backend, BackendName.auto), ("dtype", Dtype, DType.float32),
+          ("seed", Seed, 0), ("out", Out, None), ("mitigation", MitigationSpec, None), ("group", Group, 1),
+          ("resume", Resume, False)]
+
+
+def _command(name: str, checkpoints: list[inspect.Parameter], doc: str):
+    """The typer command ``name``: its ``checkpoints`` parameters, then :data:`SHARED`; it runs :func:`build`
+    with the checkpoints in order and the rest as the analyses' options."""
+    def run(**given) -> None:
+        ckpts = [p for c in checkpoints for p in ([given.pop(c.name)] if c.default is inspect.Parameter.empty
+                                                  else given.pop(c.name) or [])]
+        build(ckpts, list(given.pop("label") or []), list(given.pop("from_") or []),
+              given.pop("out") or Path("runs") / name, given)
+
+    run.__signature__ = inspect.Signature(checkpoints + [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in SHARED])
+    run.__doc__, run.__name__ = doc, name
+    return run
+
+
+report = _command("report", [inspect.Parameter("ckpt", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                               annotation=Ckpts)],
+                  """The HTML report of one or two checkpoints: summary cards with verdicts, every figure (two
     checkpoints overlaid) with its table, the differences in words, and the run manifests; writes
-    index.html (and each computed checkpoint's outputs under OUT/<label>/)."""
-    build(list(ckpt or []), list(label or []), list(from_ or []), out or Path("runs") / "report",
-          dict(data=data, tokenizer=tokenizer, text_field=text_field, train_len=train_len, length=length,
-               num_seqs=num_seqs, buckets=buckets, stride=stride, chunk=chunk, device=device, dtype=dtype, seed=seed,
-               backend=backend, mitigation=mitigation, group=group, resume=resume))
-
-
-def compare(
-    a: Annotated[Path, typer.Argument(help="First checkpoint (the baseline).", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Second checkpoint.", show_default=False)],
-    label: Labels = None,
-    from_: From = None,
-    data: Data = None,
-    tokenizer: TokenizerOpt = None,
-    text_field: TextField = "text",
-    train_len: TrainLen = None,
-    length: Length = None,
-    num_seqs: NumSeqs = 8,
-    buckets: ReportBuckets = 32,
-    stride: Stride = None,
-    chunk: Chunk = 2048,
-    device: Device = "cpu",
-    backend: Backend = BackendName.auto,
-    dtype: Dtype = DType.float32,
-    seed: Seed = 0,
-    out: Out = None,
-    mitigation: MitigationSpec = None,
-    group: Group = 1,
-    resume: Resume = False,
-) -> None:
-    """The report of two checkpoints, A and B, side by side (as `report --ckpt A --ckpt B`)."""
-    build([a, b], list(label or []), list(from_ or []), out or Path("runs") / "compare",
-          dict(data=data, tokenizer=tokenizer, text_field=text_field, train_len=train_len, length=length,
-               num_seqs=num_seqs, buckets=buckets, stride=stride, chunk=chunk, device=device, dtype=dtype, seed=seed,
-               backend=backend, mitigation=mitigation, group=group, resume=resume))
+    index.html (and each computed checkpoint's outputs under OUT/<label>/).""")
+compare = _command("compare", [
+    inspect.Parameter("a", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        Path, typer.Argument(help="First checkpoint (the baseline).", show_default=False)]),
+    inspect.Parameter("b", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        Path, typer.Argument(help="Second checkpoint.", show_default=False)])],
+    """The report of two checkpoints, A and B, side by side (as `report --ckpt A --ckpt B`).""")
 
 
 def build(ckpts: list[Path], labels: list[str], froms: list[Path], out: Path, options: dict) -> None:

@@ -64,6 +64,7 @@ from statelens.analysis.logits_drift import COLUMNS as LOGITS_DRIFT_COLUMNS
 from statelens.analysis.positionwise import COLUMNS as PERPLEXITY_COLUMNS
 from statelens.analysis.remembrance import COLUMNS as REMEMBRANCE_COLUMNS
 from statelens.analysis.states import COLUMNS as STATE_STATS_COLUMNS
+from statelens.errors import ParameterError
 from statelens.tasks.passkey import COLUMNS as PASSKEY_COLUMNS
 
 #: The columns of collapse.csv the state-norm figure reads.
@@ -188,7 +189,7 @@ def _two_axes(ax: Axes | Sequence[Axes] | None) -> tuple[Figure, Axes | None, Ax
 def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{what}: the DataFrame lacks column(s) {missing}; it has {list(df.columns)}")
+        raise ParameterError("df", f"{what}: the DataFrame lacks column(s) {missing}; it has {list(df.columns)}")
 
 
 def _floats(values) -> np.ndarray:
@@ -524,6 +525,36 @@ def _collapsed_title(ax: Axes, note: str, label: str | None) -> None:
     ax.set_title(f"{head}{part})", fontsize="medium")
 
 
+def _norm_heatmap(ax_map: Axes, df: pd.DataFrame, bad_rows: pd.Series, cmap, train_len: int | None) -> None:
+    """Panel (a) of :func:`state_norm_figure`: the state norm per layer and position, mean over heads;
+    a cell with any non-finite head blank and crossed; the training length as a line between columns."""
+    cells = _group_mean(df, ["layer", "position"], "norm", bad_rows).unstack("position")
+    bad_cells = (df.assign(_bad=bad_rows).groupby(["layer", "position"])["_bad"].any()
+                 .unstack("position").reindex_like(cells).fillna(False).to_numpy(dtype=bool))
+    values = cells.to_numpy(dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    norm = None
+    if positive.size and positive.max() > 100 * positive.min():
+        norm = LogNorm(vmin=positive.min(), vmax=positive.max())
+    _heatmap(ax_map, cells, cmap=cmap, norm=norm,
+             cbar_label="state norm (Frobenius), mean over heads" + (", log scale" if norm else ""))
+    ax_map.set_xlabel(_TOKENS)
+    ax_map.set_ylabel("layer")
+    ax_map.tick_params(axis="y", labelrotation=0)
+    _position_ticks(ax_map, cells.columns)
+    _cross_cells(ax_map, bad_cells)
+    if bad_cells.any():
+        columns = np.nonzero(bad_cells.any(axis=0))[0]
+        layers = [str(cells.index[i]) for i in np.nonzero(bad_cells.any(axis=1))[0]]
+        _heatmap_note(ax_map, f"non-finite (crossed) from position {_fmt(cells.columns[columns[0]])}: "
+                              f"layer {', '.join(layers)}")
+    if train_len is not None:
+        positions = cells.columns.to_numpy(dtype=float)
+        boundary = int(np.searchsorted(positions, train_len, side="right"))
+        if 0 < boundary < positions.size:
+            _train_len_line(ax_map, train_len, x=boundary)
+
+
 @_styled
 def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, train_len: int | None = None,
                       *, label: str | None = None, color: ColorType | None = None,
@@ -560,31 +591,7 @@ def state_norm_figure(df: pd.DataFrame, collapse: pd.DataFrame | None = None, tr
     color = _checkpoint_color(ax_lines, color)
 
     if ax_map is not None:
-        cells = _group_mean(df, ["layer", "position"], "norm", bad_rows).unstack("position")
-        bad_cells = (df.assign(_bad=bad_rows).groupby(["layer", "position"])["_bad"].any()
-                     .unstack("position").reindex_like(cells).fillna(False).to_numpy(dtype=bool))
-        values = cells.to_numpy(dtype=float)
-        positive = values[np.isfinite(values) & (values > 0)]
-        norm = None
-        if positive.size and positive.max() > 100 * positive.min():
-            norm = LogNorm(vmin=positive.min(), vmax=positive.max())
-        _heatmap(ax_map, cells, cmap=cmap, norm=norm,
-                 cbar_label="state norm (Frobenius), mean over heads" + (", log scale" if norm else ""))
-        ax_map.set_xlabel(_TOKENS)
-        ax_map.set_ylabel("layer")
-        ax_map.tick_params(axis="y", labelrotation=0)
-        _position_ticks(ax_map, cells.columns)
-        _cross_cells(ax_map, bad_cells)
-        if bad_cells.any():
-            columns = np.nonzero(bad_cells.any(axis=0))[0]
-            layers = [str(cells.index[i]) for i in np.nonzero(bad_cells.any(axis=1))[0]]
-            _heatmap_note(ax_map, f"non-finite (crossed) from position {_fmt(cells.columns[columns[0]])}: "
-                                  f"layer {', '.join(layers)}")
-        if train_len is not None:
-            positions = cells.columns.to_numpy(dtype=float)
-            boundary = int(np.searchsorted(positions, train_len, side="right"))
-            if 0 < boundary < positions.size:
-                _train_len_line(ax_map, train_len, x=boundary)
+        _norm_heatmap(ax_map, df, bad_rows, cmap, train_len)
 
     heads, note = _pick_heads(df, collapse)
     _collapsed_title(ax_lines, note, label)

@@ -32,7 +32,7 @@ import pandas as pd
 from statelens.analysis import table_owners, watched
 from statelens.analysis.nonfinite import describe, find_nonfinite
 from statelens.analysis.positionwise import TOLERANCE_NATS, generalizes_to, in_context_loss
-from statelens.errors import BadInput
+from statelens.errors import BadInput, ParameterError
 from statelens.outputs import atomic_write
 from statelens.reports.page_figures import PANEL, report_figures, task_figures
 from statelens.tasks import tasks
@@ -364,9 +364,9 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
     from jinja2 import Environment
 
     if len(results_list) != len(labels):
-        raise ValueError(f"{len(results_list)} results but {len(labels)} labels")
+        raise ParameterError("labels", f"{len(results_list)} results but {len(labels)} labels")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"labels must differ: {labels}")
+        raise ParameterError("labels", f"labels must differ: {labels}")
     from statelens.reports.figures import checkpoint_colors
 
     train_lens = train_lens or [r.train_len or 2048 for r in results_list]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from statelens import distributed
-from statelens.errors import BadInput
+from statelens.errors import BadInput, ParameterError
 from statelens.outputs import atomic_write, write_json
 
 Partial = dict[str, np.ndarray]
@@ -39,7 +39,7 @@ Work = Callable[[Callable[[int], None]], dict]   # advance -> a group's partial 
 def groups(n: int, size: int) -> list[slice]:
     """Sequences 0 .. n - 1 in consecutive groups of ``size`` (the last may be smaller), as slices."""
     if size < 1:
-        raise ValueError(f"group size must be >= 1, got {size}")
+        raise ParameterError("size", f"group size must be >= 1, got {size}")
     return [slice(first, min(first + size, n)) for first in range(0, n, size)]
 
 

@@ -5,6 +5,8 @@ from enum import Enum
 
 import numpy as np
 
+from statelens.errors import ParameterError
+
 
 class Scale(str, Enum):
     """Bucket spacing: ``log`` (geometric) or ``linear``."""
@@ -20,9 +22,9 @@ def bucket_edges(start: int, stop: int, n: int, scale: str = "log") -> np.ndarra
     loss changes fastest); ``"linear"``: equal widths. Duplicate edges from rounding are merged.
     """
     if scale not in ("log", "linear"):
-        raise ValueError(f"bucket scale must be 'log' or 'linear', got {scale!r}")
+        raise ParameterError("scale", f"bucket scale must be 'log' or 'linear', got {scale!r}")
     if stop <= start:
-        raise ValueError(f"empty position range [{start}, {stop})")
+        raise ParameterError("stop", f"empty position range [{start}, {stop})")
     if scale == "log":
         edges = np.geomspace(max(start, 1), stop, n + 1)
         edges[0] = start

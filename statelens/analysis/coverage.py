@@ -516,13 +516,11 @@ def coverage(
       tokens than ``sequences``, e.g. further rows of the same draw) by :func:`collect_reference` -- for
       state passing segments of different rows, for TBTT consecutive segments of the same row. All
       their states recorded every ``stride`` tokens within each segment form the reference
-      (M x chain x train_len // stride of them).
+      (M x chain x train_len // stride of them). The query sets are always the states of the rollouts
+      of ``sequences`` from zero past train_len.
 
-    The query sets are always the states of the rollouts of ``sequences`` from zero past train_len.
-
-    Recording runs in units of ``group`` sequences, then ``group`` reference chains (default: all at once);
-    ``run_groups(work, costs)`` runs ``work[i](advance)`` (a dict of arrays; ``costs[i]`` tokens) and returns
-    the results in order (the CLI's: resumably, over torchrun ranks); by default in turn, with ``progress``.
+    Recording runs in units of ``group`` sequences, then ``group`` reference chains (default: all at once),
+    through ``run_groups(work, costs)`` (a :meth:`statelens.runs.Run.groups`; by default in turn, with ``progress``).
 
     Returns three things:
 

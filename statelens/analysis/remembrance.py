@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
-from statelens.errors import BadInput
+from statelens.errors import BadInput, ParameterError
 from statelens.models.base import RecurrentLM
 from statelens.record.rollout import rollout
 
@@ -35,7 +35,7 @@ COLUMNS = ["t", "T", "effrem", "effrem_sem", "n_seqs"]
 def effrem_grid(T: int, points: int = 32) -> list[int]:
     """About ``points`` values of t in [0, T - 1]: half log-spaced, half linear; always 0."""
     if T < 2:
-        raise ValueError(f"T must be >= 2, got {T}")
+        raise ParameterError("T", f"T must be >= 2, got {T}")
     log = np.geomspace(1, T - 1, max(points // 2, 1))
     linear = np.linspace(0, T - 1, max(points - points // 2, 2))
     return sorted({0, *np.rint(log).astype(int).tolist(), *np.rint(linear).astype(int).tolist()})
@@ -70,7 +70,7 @@ def truncation_points(T: int, ts: Sequence[int] | None = None, points: int = 32)
     """The sorted truncation points: ``ts`` (default :func:`effrem_grid`) with 0 added, checked in [0, T - 1]."""
     ts = sorted({0, *(effrem_grid(T, points) if ts is None else (int(t) for t in ts))})
     if ts[-1] >= T or ts[0] < 0:
-        raise ValueError(f"truncation points must lie in [0, T - 1] = [0, {T - 1}]")
+        raise ParameterError("ts", f"truncation points must lie in [0, T - 1] = [0, {T - 1}]")
     return ts
 
 
@@ -82,7 +82,7 @@ def effrem_matrix(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, T
     sequences = sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy()
     n_seqs, length = sequences.shape
     if length < T:
-        raise ValueError(f"sequences hold {length} tokens, fewer than T = {T}")
+        raise ParameterError("sequences", f"sequences hold {length} tokens, fewer than T = {T}")
     rows = sorted((t, n) for n in range(n_seqs) for t in ts)   # t = 0 rows first: the references
     reference: dict[int, torch.Tensor] = {}                     # n -> q(. | x[0:T]) [vocab], float64
     effrem = np.zeros((n_seqs, len(ts)))

@@ -66,7 +66,7 @@ def state_cubes(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, pos
     sequences = as_batch(sequences)
     n_seqs = sequences.shape[0]
     if not resolve_positions(positions, sequences.shape[1]):
-        raise ValueError(f"no recording position in 1..{sequences.shape[1]} (positions={positions!r})")
+        raise ParameterError("positions", f"no recording position in 1..{sequences.shape[1]} (positions={positions!r})")
     on_chunk = None if progress is None else (lambda piece: progress(n_seqs * (piece.end - piece.start)))
     rec = record(model, sequences, names="blocks.*.hook_state", positions=positions, chunk=chunk,
                  on_chunk=on_chunk)
@@ -150,8 +150,10 @@ def compute(run: Run, settings: RunSettings, options: Options) -> Outcome:
     stats = stats_from_cubes(parts)
     try:
         heads = collapse(stats, run.train_len, k=k)
-    except ParameterError as e:  # the recorded positions leave nothing to compare
-        raise BadInput(f"--stride {stride}, --length {length}: {e}") from None
+    except ParameterError as e:
+        if e.parameter != "positions":  # a setting this function made itself, not the user: a bug
+            raise RuntimeError(f"collapse refused its {e.parameter}: {e}") from e
+        raise BadInput(f"--stride {stride}, --length {length}: {e}") from None  # nothing to compare
     return Outcome({"state_stats": stats, "collapse": heads},
                    *_summary(heads, run.model, run.train_len, k, settings.num_seqs, length, stride))
 

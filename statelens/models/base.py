@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from statelens.errors import ParameterError
 from statelens.models.hooks import HookPoint, name_hook_points
 from statelens.registry import Registry
 
@@ -156,7 +157,7 @@ def check_dims(config, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ParameterError(name, f"{name} must be a positive integer, got {value!r}")
 
 
 class RecurrentLM(nn.Module):

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelens.errors import ParameterError
 from statelens.models import kernels
 from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
@@ -92,20 +93,20 @@ class GLAConfig:
         check_dims(self, ("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "num_kv_heads",
                           "gate_low_rank_dim", "chunk_size"))
         if self.feature_map is not None:
-            raise ValueError(f"feature_map {self.feature_map!r} is not supported (only None)")
+            raise ParameterError("feature_map", f"feature_map {self.feature_map!r} is not supported (only None)")
         if self.use_short_conv:
-            raise ValueError("use_short_conv=True is not supported (GLA without short convolutions only)")
+            raise ParameterError("use_short_conv", "use_short_conv=True is not supported (GLA without short convolutions only)")
         if self.hidden_act not in ("swish", "silu"):
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only swish)")
+            raise ParameterError("hidden_act", f"hidden_act {self.hidden_act!r} is not supported (only swish)")
         for name, dim in (("expand_k", self.hidden_size * self.expand_k),
                           ("expand_v", self.hidden_size * self.expand_v)):
             if dim < 1 or not math.isclose(dim, round(dim)):
-                raise ValueError(f"hidden_size * {name} must be a positive integer, got {dim}")
+                raise ParameterError(name, f"hidden_size * {name} must be a positive integer, got {dim}")
             if round(dim) % self.num_heads:
-                raise ValueError(f"hidden_size * {name} ({round(dim)}) must be a multiple of num_heads "
+                raise ParameterError(name, f"hidden_size * {name} ({round(dim)}) must be a multiple of num_heads "
                                  f"({self.num_heads})")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ParameterError("num_heads", f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.intermediate_size is None:
             ratio = 4 if self.hidden_ratio is None else self.hidden_ratio
             self.intermediate_size = 256 * math.ceil(int(self.hidden_size * ratio * 2 / 3) / 256)
@@ -150,7 +151,7 @@ def gla_config_kwargs(raw: dict) -> dict:
     """
     for key in ("attn", "attnres_block_size"):
         if raw.get(key) is not None:
-            raise ValueError(f"{key} {raw[key]!r} is not supported (GLA layers only)")
+            raise ParameterError(key, f"{key} {raw[key]!r} is not supported (GLA layers only)")
     kwargs = {key: raw.get(key, default) for key, default in _FLA_DEFAULTS.items()}
     kwargs["elementwise_affine"] = bool(kwargs["elementwise_affine"])  # fla treats None as False
     return kwargs

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelens.errors import ParameterError
 from statelens.models import kernels
 from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
@@ -140,7 +141,7 @@ def _window(extend, u, dt, A, B, C, h0, log_decay=None):
     removal is a full [b, l, d, n] input; dt is carried rather than the log-decay, A * sum(dt) being
     the window's."""
     if log_decay is not None:
-        raise ValueError("the window on Mamba-1 needs the backend's own decay (hook_decay is patched)")
+        raise ParameterError("mitigation", "the window on Mamba-1 needs the backend's own decay (hook_decay is patched)")
     du = dt * u
     (du_old, B_old, _), window = extend([du, B, dt])
     removal = -(window[..., None] * A).exp() * du_old[..., None] * B_old[:, :, None, :]     # [b, l, d, n]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statelens.errors import ParameterError
 from statelens.models import kernels
 from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
@@ -73,11 +74,11 @@ class Mamba2Config:
         self.d_ssm = self.d_inner if self.d_ssm is None else self.d_ssm
         check_dims(self, ("d_ssm",))
         if self.d_ssm % self.headdim:
-            raise ValueError(f"d_ssm ({self.d_ssm}) must be a multiple of headdim ({self.headdim})")
+            raise ParameterError("d_ssm", f"d_ssm ({self.d_ssm}) must be a multiple of headdim ({self.headdim})")
         if self.nheads % self.ngroups:
-            raise ValueError(f"nheads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
+            raise ParameterError("nheads", f"nheads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
         if self.d_ssm > self.d_inner:
-            raise ValueError(f"d_ssm ({self.d_ssm}) exceeds d_inner ({self.d_inner})")
+            raise ParameterError("d_ssm", f"d_ssm ({self.d_ssm}) exceeds d_inner ({self.d_inner})")
         self.dt_limit = (float(self.dt_limit[0]), float(self.dt_limit[1]))
 
     @property

@@ -11,6 +11,8 @@ transformers: ``config.json`` with ``model_type`` ``mamba`` or ``mamba2`` and it
 """
 from __future__ import annotations
 
+from statelens.errors import ParameterError
+
 # ssm_cfg keys that only matter for initialisation or kernels, not for the forward pass.
 INIT_ONLY = frozenset({"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_init_range", "conv_init",
                        "use_fast_path", "use_mem_eff_path", "layer", "process_group", "sequence_parallel",
@@ -29,7 +31,7 @@ def hf_kwargs(raw: dict) -> dict:
     """The part transformers' MambaConfig and Mamba2Config share (their config.json) -> config keyword
     arguments. ValueError for an activation other than SiLU."""
     if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+        raise ParameterError("hidden_act", f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
     return dict(
         d_model=raw.get("hidden_size", 768), n_layer=raw.get("num_hidden_layers", 32),
         vocab_size=raw.get("vocab_size"), d_conv=raw.get("conv_kernel", 4), expand=raw.get("expand", 2),
@@ -44,10 +46,10 @@ def mamba_ssm_kwargs(raw: dict, layer: str, keys: frozenset[str]) -> dict:
     in :data:`INIT_ONLY`."""
     ssm = dict(raw.get("ssm_cfg") or {})
     if raw.get("d_intermediate", 0) or raw.get("attn_layer_idx"):
-        raise ValueError("hybrid models (d_intermediate, attn_layer_idx) are not supported")
+        raise ParameterError("d_intermediate", "hybrid models (d_intermediate, attn_layer_idx) are not supported")
     unknown = set(ssm) - keys - INIT_ONLY
     if unknown:
-        raise ValueError(f"ssm_cfg key(s) {', '.join(sorted(unknown))} not understood for {layer}")
+        raise ParameterError("ssm_cfg", f"ssm_cfg key(s) {', '.join(sorted(unknown))} not understood for {layer}")
     vocab, multiple = raw.get("vocab_size"), raw.get("pad_vocab_size_multiple", 8)
     if isinstance(vocab, int) and isinstance(multiple, int) and multiple > 0 and vocab % multiple:
         vocab += multiple - vocab % multiple  # as MambaLMHeadModel pads it

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from statelens.errors import ParameterError
 from statelens.models.base import RecurrentLM, State
 from statelens.models.hooks import HookPoint, NamesFilter, hooks, name_hook_points, names_matcher
 from statelens.outputs import remove_stale_temporaries, temporary_name
@@ -42,7 +43,7 @@ def resolve_positions(positions: int | Iterable[int], length: int) -> list[int]:
     """A stride ``s`` gives s, 2s, ... up to ``length``; a list is kept (sorted, deduplicated, in 1..length)."""
     if isinstance(positions, int):
         if positions < 1:
-            raise ValueError(f"a recording stride must be >= 1, got {positions}")
+            raise ParameterError("positions", f"a recording stride must be >= 1, got {positions}")
         return list(range(positions, length + 1, positions))
     return sorted({int(p) for p in positions if 1 <= int(p) <= length})
 
@@ -107,13 +108,13 @@ class Recorder:
         self.points: dict[str, HookPoint] = {
             n: p for n, p in points.items() if match(n) and not n.endswith(f".{BLOCK_HOOK}")}
         if not self.points:
-            raise ValueError(f"no hook point matches {names!r}")
+            raise ParameterError("names", f"no hook point matches {names!r}")
         self._block_points = {n.replace(".hook_state", f".{BLOCK_HOOK}"): n for n in self.points
                               if block and n.endswith(".hook_state")}
         raw_match = names_matcher(raw) if raw is not None else (lambda n: False)
         self.raw_names = [n for n in self.points if raw_match(n)]
         if self.raw_names and raw_dir is None:
-            raise ValueError("raw recording needs raw_dir")
+            raise ParameterError("raw_dir", "raw recording needs raw_dir")
         self.raw_dir = Path(raw_dir) if raw_dir is not None else None
         self._raw: dict[str, np.ndarray] = {}
         self._seen: dict[str, torch.Tensor] = {}
@@ -281,5 +282,5 @@ def layer_of(name: str) -> int:
     """``blocks.3.hook_state`` -> 3."""
     found = re.match(r"blocks\.(\d+)\.", name)
     if not found:
-        raise ValueError(f"{name!r} is not a per-layer hook point")
+        raise ParameterError("name", f"{name!r} is not a per-layer hook point")
     return int(found.group(1))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from statelens.errors import ParameterError
 from statelens.models.base import RecurrentLM, State
 
 
@@ -47,14 +48,14 @@ def as_batch(tokens: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     if tokens.ndim == 1:
         return tokens[None]
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must be 1-D or 2-D, got shape {tuple(tokens.shape)}")
+        raise ParameterError("tokens", f"tokens must be 1-D or 2-D, got shape {tuple(tokens.shape)}")
     return tokens
 
 
 def boundaries(length: int, chunk: int, extra: Iterable[int] = ()) -> list[int]:
     """Sorted chunk ends: every ``chunk`` tokens, each position in ``extra`` inside (0, length), and length."""
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise ParameterError("chunk", f"chunk must be >= 1, got {chunk}")
     ends = set(range(chunk, length, chunk)) | {int(p) for p in extra if 0 < int(p) < length}
     return sorted(ends | {length})
 
@@ -78,9 +79,9 @@ def rollout(
     initial = state if state is not None else model.zero_state(batch)
     reset_at = torch.as_tensor(list(resets) if resets is not None else [0] * batch, dtype=torch.long)
     if reset_at.shape != (batch,):
-        raise ValueError(f"resets must have one position per row ({batch}), got {tuple(reset_at.shape)}")
+        raise ParameterError("resets", f"resets must have one position per row ({batch}), got {tuple(reset_at.shape)}")
     if (reset_at < 0).any() or (reset_at > length).any():
-        raise ValueError(f"reset positions must lie in [0, {length}]")
+        raise ParameterError("resets", f"reset positions must lie in [0, {length}]")
     state, start = initial, 0
     for end in boundaries(length, chunk, [*stops, *reset_at.tolist()]):
         restart = reset_at == start

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from statelens.analysis.spec import TASK_SHARED, Analysis, Outcome, Plot, Section, Table, option
+from statelens.errors import ParameterError
 from statelens.models.base import RecurrentLM
 from statelens.tasks import tasks
 from statelens.tasks.cells import parse_lengths
@@ -34,7 +35,7 @@ def separator(vocab_size: int) -> int:
 def make_copy(vocab_size: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(prompt [n + 1] = string then separator, target [n] = the string), int64; deterministic for ``seed``."""
     if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        raise ParameterError("vocab_size", f"vocab_size must be >= 2, got {vocab_size}")
     target = np.random.default_rng(seed).integers(0, vocab_size - 1, size=n, dtype=np.int64)
     return np.append(target, separator(vocab_size)), target
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from statelens.errors import ParameterError
 from statelens.models.base import RecurrentLM
 from statelens.record.rollout import as_batch, rollout
 
@@ -23,9 +24,9 @@ def greedy_continue(model: RecurrentLM, prompt_tokens: np.ndarray | torch.Tensor
     prompt = as_batch(prompt_tokens)
     batch, length = prompt.shape
     if length < 1:
-        raise ValueError("the prompt must have at least one token")
+        raise ParameterError("prompt_tokens", "the prompt must have at least one token")
     if n_new < 0:
-        raise ValueError(f"n_new must be >= 0, got {n_new}")
+        raise ParameterError("n_new", f"n_new must be >= 0, got {n_new}")
     state, last = None, None
     for piece in rollout(model, prompt, chunk=chunk):
         state, last = piece.state, piece.hidden[:, -1:]          # [batch, 1, d_model]

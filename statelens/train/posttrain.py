@@ -98,6 +98,21 @@ class PosttrainConfig:
             raise BadInput(f"--lr and --clip must be positive, got {self.lr!r} and {self.clip!r}")
 
 
+MAX_SEQUENCES = 256  # training chunks drawn from the data (fewer when it holds fewer; batches cycle)
+
+
+def training_draw(config: PosttrainConfig) -> tuple[int, int]:
+    """How many sequences of how many tokens post-training draws from the data: for tbtt, documents of up
+    to 8 chunks of ``seq_len``, ``batch`` of them per group of steps; else one chunk per sequence, enough
+    for every step up to :data:`MAX_SEQUENCES` (batches cycle). A caller with less data than that may
+    draw one batch: the least that trains."""
+    c = config
+    if c.intervention == "tbtt":
+        chunks = min(c.steps, 8)
+        return c.batch * min(-(-c.steps // chunks), MAX_SEQUENCES // c.batch or 1), chunks * c.seq_len
+    return max(c.batch, min(c.steps * c.batch, MAX_SEQUENCES)), c.seq_len
+
+
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Multiplier of ``lr`` at 0-based ``step``: linear warm-up to 1 over ``warmup`` steps, then a cosine
     from 1 down to 0.1 at ``steps``."""
