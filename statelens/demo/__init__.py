@@ -35,7 +35,7 @@ def _weighted_loss(positionwise: pd.DataFrame, start: int) -> float:
 
 def findings(baseline: dict[str, pd.DataFrame], posttrained: dict[str, pd.DataFrame], train_len: int) -> pd.DataFrame:
     """The demo's claims, each a comparison of the two checkpoints' tables (``positionwise``,
-    ``remembrance``, ``coverage_buckets``, as the commands write them) with the margin it must clear.
+    ``remembrance``, ``coverage_buckets``, ``logits_drift``, as the commands write them) with the margin it must clear.
 
     Rows (columns as FINDING_COLUMNS; ``value`` is what ``required`` bounds):
 
@@ -45,7 +45,10 @@ def findings(baseline: dict[str, pd.DataFrame], posttrained: dict[str, pd.DataFr
     - in-context loss, ratio post-trained / baseline, <= 1.03;
     - EffRem for t in [T/8, T/2] (T the EffRem horizon), mean, ratio baseline / post-trained, >= 2.5;
     - out-of-support fraction past the training length (mean over buckets, each model under its own
-      training regime), ratio baseline / post-trained, >= 2.
+      training regime), ratio baseline / post-trained, >= 2;
+    - logits drift past 8 x train_len (``logits_drift``: mean TV over the buckets starting at or after
+      it, between the full-context prediction and the last train_len tokens' alone), ratio baseline /
+      post-trained, >= 3.
     """
     def beyond(tables):
         return _weighted_loss(tables["positionwise"], 8 * train_len)
@@ -61,6 +64,10 @@ def findings(baseline: dict[str, pd.DataFrame], posttrained: dict[str, pd.DataFr
     def oos(tables):
         return float(tables["coverage_buckets"].oos_fraction.mean())
 
+    def drift(tables):
+        rows = tables["logits_drift"]
+        return float(rows[rows.pos_start >= 8 * train_len].tv.mean())
+
     rows = []
     for name, measure, value, required, holds in [
         ("loss beyond 8T (nats): baseline / state-passing", beyond, lambda a, b: a / b, ">= 1.15", lambda v: v >= 1.15),
@@ -69,6 +76,8 @@ def findings(baseline: dict[str, pd.DataFrame], posttrained: dict[str, pd.DataFr
         ("EffRem, t in [T/8, T/2]: baseline / state-passing", effrem, lambda a, b: a / b, ">= 2.5", lambda v: v >= 2.5),
         ("out-of-support fraction beyond T: baseline / state-passing", oos, lambda a, b: a / b, ">= 2",
          lambda v: v >= 2),
+        ("logits drift beyond 8T (TV): baseline / state-passing", drift, lambda a, b: a / b, ">= 3",
+         lambda v: v >= 3),
     ]:
         a, b = measure(baseline), measure(posttrained)
         with np.errstate(divide="ignore", invalid="ignore"):
