@@ -9,4 +9,4 @@ from statelens.registry import Registry
 
 tasks: Registry = Registry("task")
 
-from statelens.tasks import babilong, copying, passkey  # noqa: F401
+from statelens.tasks import passkey, copying, babilong  # noqa: E402,F401,I001  (registration order = the report's)
