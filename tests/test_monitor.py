@@ -1,0 +1,190 @@
+"""statelens.monitor.StateMonitor: every number against the same quantity computed another way (the
+standalone analyses on the same weights, and brute-force transformers forwards), its out-of-support
+reference refitted on schedule, the model's modes restored, the CSV resumable, bad input refused."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import statelens
+from conftest import hf_mamba2
+from statelens.analysis.coverage import out_of_support
+from statelens.analysis.positionwise import positionwise
+from statelens.analysis.remembrance import remembrance
+from statelens.analysis.states import state_stats
+from statelens.errors import BadInput, ParameterError
+from statelens.monitor import COLUMNS, StateMonitor
+
+T, L, N = 16, 48, 3
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    return hf_mamba2(tmp_path_factory.mktemp("monitor") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return np.random.default_rng(0).integers(0, 64, size=(N, L), dtype=np.int64)
+
+
+def pick(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return df[df.metric == metric].reset_index(drop=True)
+
+
+def head_states(model, probe: np.ndarray, position: int) -> torch.Tensor:
+    """[layers, N, heads, headdim * d_state]: each head's Mamba-2 state after probe[:, :position], from
+    one forward of the model (no recorder, no rollout engine)."""
+    with torch.no_grad():
+        _, state = model(torch.as_tensor(probe[:, :position]))
+    return torch.stack([s.flatten(2) for s in state.ssm])
+
+
+def test_the_monitor_equals_the_standalone_analyses_and_brute_force(hf, probe):
+    model = statelens.wrap(hf)
+    df = StateMonitor(model, probe, train_len=T, every=1, effrem_ts=[2, 8])(7)
+    assert list(df.columns) == COLUMNS and (df.step == 7).all()
+
+    # loss: positionwise() one bucket per position, and one-shot transformers logits
+    pw = positionwise(model, probe, buckets=L - 1, scale="linear")
+    assert (pw.pos_end - pw.pos_start == 1).all()
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(probe)).logits                                    # [N, L, vocab]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), torch.as_tensor(probe[:, 1:]),
+                                            reduction="none").double().mean(0).numpy()   # [L - 1], p = 1 ..
+    for metric, inside, brute in (("loss_in_context", pw.pos_start <= T, nll[:T]),
+                                  ("loss_beyond", pw.pos_start > T, nll[T:])):
+        value = pick(df, metric).value.item()
+        assert value == pytest.approx(pw.loss[inside].mean(), rel=1e-6)
+        assert value == pytest.approx(brute.mean(), rel=1e-5)
+
+    # state norm and std ratios: state_stats() at [T, L], and the states of plain forwards
+    stats = state_stats(model, probe, positions=[T, L])
+    at = {p: stats[stats.position == p].reset_index(drop=True) for p in (T, L)}
+    at_t, at_end = head_states(model, probe, T).double(), head_states(model, probe, L).double()
+    for metric, column, statistic in (("state_norm_ratio", "norm", lambda s: s.norm(dim=-1)),
+                                      ("state_std_ratio", "std", lambda s: s.std(dim=-1, unbiased=False))):
+        rows = pick(df, metric)
+        np.testing.assert_allclose(rows.value, at[L][column] / at[T][column], rtol=1e-10)
+        brute = (statistic(at_end).mean(1) / statistic(at_t).mean(1)).flatten().numpy()   # [layers * heads]
+        np.testing.assert_allclose(rows.value, brute, rtol=1e-4)
+        assert rows[["layer", "head"]].to_numpy().tolist() == at[T][["layer", "head"]].to_numpy().tolist()
+
+    # EffRem with horizon L: remembrance(), and TV of transformers' next-token distributions
+    effrem = remembrance(model, probe, T=L, ts=[2, 8])
+    rows = pick(df, "effrem")
+    assert rows.t.tolist() == [2, 8]
+    np.testing.assert_allclose(rows.value, effrem.effrem[effrem.t > 0], rtol=1e-12)
+    with torch.no_grad():
+        q = {t: torch.softmax(hf(torch.as_tensor(probe[:, t:])).logits[:, -1].double(), -1) for t in (0, 2, 8)}
+    brute = [0.5 * (q[0] - q[t]).abs().sum(-1).mean().item() for t in (2, 8)]
+    np.testing.assert_allclose(rows.value, brute, rtol=1e-3, atol=1e-6)
+    assert rows.value.min() > 1e-6  # EffRem is not trivially 0 here
+
+    # out of support: out_of_support() on states from plain forwards (stride T // 16 = 1: positions 1..T)
+    reference = torch.stack([head_states(model, probe, p) for p in range(1, T + 1)], dim=2)  # [layers, N, T, H, d]
+    rows = pick(df, "oos_fraction")
+    expected = [out_of_support(reference[i, :, :, h].reshape(-1, reference.shape[-1]).numpy(),
+                               at_end[i, :, h].numpy())["oos_fraction"]
+                for i in range(reference.shape[0]) for h in range(reference.shape[3])]
+    np.testing.assert_allclose(rows.value, expected)
+    assert 0 < rows.value.mean() < 1  # some heads in, some out: the comparison is not between constants
+
+
+def test_a_transformers_model_a_checkpoint_and_its_wrapper_give_the_same_rows(hf, probe, tmp_path):
+    hf.save_pretrained(tmp_path / "again")
+    frames = [StateMonitor(model, probe, train_len=T, every=1)(0) for model in (hf, statelens.wrap(hf),
+                                                                               str(tmp_path / "again"))]
+    for other in frames[1:]:
+        pd.testing.assert_frame_equal(frames[0], other, rtol=1e-6)
+    assert pick(frames[0], "effrem").t.tolist() == [T // 8, T // 2]
+
+
+def test_the_reference_is_refitted_every_n_calls_and_the_monitor_follows_the_training_weights(tmp_path, probe):
+    hf = hf_mamba2(tmp_path / "ckpt", seed=3)
+    monitor = StateMonitor(hf, probe, train_len=T, every=1, refit_every=2)
+    model = statelens.wrap(hf)
+    old = {p: head_states(model, probe, p) for p in (*range(1, T + 1), L)}
+    first = pick(monitor(0), "oos_fraction")
+    with torch.no_grad():  # a training step that moves the states: larger inputs to every SSM
+        for layer in hf.backbone.layers:
+            layer.mixer.in_proj.weight.mul_(1.5)
+    new = {p: head_states(model, probe, p) for p in (*range(1, T + 1), L)}
+    second, third = pick(monitor(1), "oos_fraction"), pick(monitor(2), "oos_fraction")
+
+    def expected(ref: dict, query: torch.Tensor) -> list[float]:
+        reference = torch.stack([ref[p] for p in range(1, T + 1)], dim=2)          # [layers, N, T, H, d]
+        return [out_of_support(reference[i, :, :, h].reshape(-1, reference.shape[-1]).numpy(),
+                               query[i, :, h].numpy())["oos_fraction"]
+                for i in range(reference.shape[0]) for h in range(reference.shape[3])]
+
+    np.testing.assert_allclose(first.value, expected(old, old[L]))
+    np.testing.assert_allclose(second.value, expected(old, new[L]))   # call 1: the support of call 0
+    np.testing.assert_allclose(third.value, expected(new, new[L]))    # call 2: refitted
+    assert not np.allclose(second.value, third.value)                 # the two references differ here
+
+
+def test_eval_mode_and_no_gradients_during_a_call_and_each_module_mode_restored_after(hf, probe):
+    model = statelens.wrap(hf)   # a statelens model is run as it is: its own modules are seen
+    seen = []
+    hook = model.blocks[0].register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())))
+    try:
+        for source in (hf, model):
+            source.train()
+            list(source.children())[0].eval()   # a mixed state, as a trainer may leave it
+            modes = {name: m.training for name, m in source.named_modules()}
+            assert any(modes.values()) and not all(modes.values())
+            StateMonitor(source, probe, train_len=T, every=1)(0)
+            assert {name: m.training for name, m in source.named_modules()} == modes
+    finally:
+        hook.remove()
+        hf.eval()
+        model.eval()
+    assert seen and set(seen) == {(False, False)}
+    assert all(p.grad is None for p in hf.parameters())
+
+
+def test_step_runs_at_the_cadence_and_appends_a_csv_that_a_rerun_resumes(hf, probe, tmp_path):
+    out = tmp_path / "monitor.csv"
+    monitor = StateMonitor(hf, probe, train_len=T, every=2, out=out)
+    assert monitor.step(1).empty and not out.exists()
+    written = {s: monitor.step(s) for s in (0, 1, 2, 3, 4)}
+    assert [s for s, df in written.items() if len(df)] == [0, 2, 4]
+    csv = pd.read_csv(out)
+    assert list(csv.columns) == COLUMNS and sorted(set(csv.step)) == [0, 2, 4]
+    expected = pd.concat([written[s] for s in (0, 2, 4)], ignore_index=True)
+    pd.testing.assert_frame_equal(csv, expected, check_dtype=False)
+    rerun = monitor.step(2)   # resumed from step 2: the rows of steps 2 and 4 go, the new step 2 stays
+    csv = pd.read_csv(out)
+    assert sorted(set(csv.step)) == [0, 2]
+    pd.testing.assert_frame_equal(csv, pd.concat([written[0], rerun], ignore_index=True), check_dtype=False)
+
+
+def test_the_monitor_keeps_nothing_per_call(hf, probe):
+    monitor = StateMonitor(hf, probe, train_len=T, every=1, refit_every=1)
+    monitor(0)
+    before = {k: (type(v), len(v) if hasattr(v, "__len__") else None) for k, v in vars(monitor).items()}
+    for step in range(1, 4):
+        monitor(step)
+    after = {k: (type(v), len(v) if hasattr(v, "__len__") else None) for k, v in vars(monitor).items()}
+    assert before == after and monitor.calls == 4
+
+
+@pytest.mark.parametrize("kwargs, parameter, words", [
+    ({"train_len": 25}, "probe", "fewer than 2 x train_len = 50"),
+    ({"every": 0}, "every", "every must be a positive integer, got 0"),
+    ({"effrem_ts": [0, 8]}, "effrem_ts", "must lie in [1, 47]"),
+    ({"probe": np.zeros((2, 48))}, "probe", "probe must be an int array"),
+], ids=["short-probe", "cadence-0", "effrem-t-0", "float-probe"])
+def test_bad_input_is_refused_at_construction(hf, probe, kwargs, parameter, words):
+    args = {"train_len": T, "every": 10, "probe": probe} | kwargs
+    with pytest.raises(ParameterError) as info:
+        StateMonitor(hf, args.pop("probe"), **args)
+    assert info.value.parameter == parameter and words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_model_it_cannot_carry_state_for_is_refused_at_construction(probe):
+    with pytest.raises(BadInput, match="not a model statelens can wrap"):
+        StateMonitor(torch.nn.Linear(2, 2), probe, train_len=T)
