@@ -213,6 +213,28 @@ def _ratios(stats: pd.DataFrame, train_len: int, length: int) -> list[tuple]:
     return rows
 
 
+def log_values(df: pd.DataFrame, prefix: str = "statelens/") -> dict[str, float]:
+    """The rows of one call as a logger's flat dict: ``{prefix}{metric}``, then ``/layer{l}/head{h}`` or
+    ``/t{t}`` where those apply, e.g. ``statelens/state_norm_ratio/layer1/head3``, ``statelens/effrem/t8``."""
+    values = {}
+    for row in df.itertuples():
+        key = prefix + row.metric
+        key += "" if np.isnan(row.layer) else f"/layer{int(row.layer)}/head{int(row.head)}"
+        key += "" if np.isnan(row.t) else f"/t{int(row.t)}"
+        values[key] = float(row.value)
+    return values
+
+
+def __getattr__(name: str):
+    """``StateMonitorCallback`` from :mod:`statelens.monitor_hf`, imported on first use: it subclasses
+    transformers' ``TrainerCallback``, and transformers is optional (importing this module must not need it)."""
+    if name == "StateMonitorCallback":
+        from statelens.monitor_hf import StateMonitorCallback
+
+        return StateMonitorCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def append_rows(out: Path, df: pd.DataFrame, step: int) -> None:
     """Writes ``out`` (CSV with a header) as its rows of steps < ``step`` followed by ``df``, atomically."""
     old = pd.read_csv(out) if out.exists() else None

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import statelens
-from conftest import hf_mamba2
+from conftest import hf_mamba2, transformers
 from statelens.analysis.coverage import out_of_support
 from statelens.analysis.positionwise import positionwise
 from statelens.analysis.remembrance import remembrance
 from statelens.analysis.states import state_stats
 from statelens.errors import BadInput, ParameterError
-from statelens.monitor import COLUMNS, StateMonitor
+from statelens.monitor import COLUMNS, StateMonitor, StateMonitorCallback, log_values
 
 T, L, N = 16, 48, 3
 
@@ -188,3 +188,52 @@ def test_bad_input_is_refused_at_construction(hf, probe, kwargs, parameter, word
 def test_a_model_it_cannot_carry_state_for_is_refused_at_construction(probe):
     with pytest.raises(BadInput, match="not a model statelens can wrap"):
         StateMonitor(torch.nn.Linear(2, 2), probe, train_len=T)
+
+
+def train_tiny(hf, tmp_path, callbacks, steps: int = 4):
+    """``steps`` AdamW steps of transformers' Trainer on CPU over random T-token rows, batch 2."""
+    rows = np.random.default_rng(5).integers(0, 64, size=(2 * steps, T))
+    data = [{"input_ids": torch.as_tensor(r), "labels": torch.as_tensor(r)} for r in rows]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=steps,
+                                          per_device_train_batch_size=2, learning_rate=2e-2, logging_steps=1000,
+                                          report_to="none", use_cpu=True, save_strategy="no", seed=0,
+                                          disable_tqdm=True)
+    return transformers.Trainer(model=hf, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def test_the_trainer_callback_logs_the_monitor_through_the_trainers_log(tmp_path, probe):
+    hf = hf_mamba2(tmp_path / "ckpt", seed=2)
+    start = log_values(StateMonitor(hf, probe, train_len=T, every=1)(0))       # the weights before training
+    seen = []
+
+    class Logger(transformers.TrainerCallback):   # what TensorBoard / W&B callbacks are handed
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    # refit_every=1: each call's out-of-support reference is its own, as a fresh monitor's is
+    monitor = StateMonitor(hf, probe, train_len=T, every=2, out=tmp_path / "monitor.csv", refit_every=1)
+    trainer = train_tiny(hf, tmp_path, [Logger()])
+    StateMonitorCallback(monitor, trainer)
+    trainer.train()
+    end = log_values(StateMonitor(hf, probe, train_len=T, every=1)(4))         # the weights after it
+
+    logged = [entry for entry in trainer.state.log_history if "statelens/loss_in_context" in entry]
+    assert [entry["step"] for entry in logged] == [0, 2, 4]
+    assert [e for e in seen if "statelens/loss_in_context" in e] == [{k: v for k, v in e.items() if k != "step"}
+                                                                     for e in logged]
+    for entry, expected in ((logged[0], start), (logged[-1], end)):
+        assert set(expected) <= set(entry) and len(expected) == 2 + 2 * 16 + 2 + 16
+        np.testing.assert_allclose([entry[k] for k in expected], list(expected.values()), rtol=1e-6)
+    assert end["statelens/loss_in_context"] < start["statelens/loss_in_context"] - 0.05   # it trained
+    csv = pd.read_csv(tmp_path / "monitor.csv")
+    for entry in logged:
+        rows = csv[csv.step == entry["step"]].reset_index(drop=True)
+        np.testing.assert_allclose(list(log_values(rows).values()), [entry[k] for k in log_values(rows)])
+
+
+def test_the_trainer_callback_without_its_trainer_is_refused_before_the_first_step(hf, probe, tmp_path):
+    monitor = StateMonitor(hf, probe, train_len=T, every=1)
+    trainer = train_tiny(hf, tmp_path, [StateMonitorCallback(monitor)], steps=1)
+    with pytest.raises(ParameterError, match="no Trainer to log through"):
+        trainer.train()
+    assert trainer.state.global_step == 0
