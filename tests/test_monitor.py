@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import statelens
-from conftest import hf_mamba2, transformers
+from conftest import hf_mamba2, run_cli, transformers
 from statelens.analysis.coverage import out_of_support
 from statelens.analysis.positionwise import positionwise
 from statelens.analysis.remembrance import remembrance
@@ -237,3 +237,34 @@ def test_the_trainer_callback_without_its_trainer_is_refused_before_the_first_st
     with pytest.raises(ParameterError, match="no Trainer to log through"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_the_monitor_during_posttrain_equals_the_commands_on_the_saved_checkpoint(tmp_path, probe, monkeypatch, capsys):
+    """The issue's check: post-train with the monitor, then run `statelens perplexity`, `states` and
+    `remembrance` on the checkpoint saved at the last monitored step, on the probe (a 2-D .npy)."""
+    from statelens.models import load_checkpoint
+    from statelens.train import posttrain
+
+    hf_mamba2(tmp_path / "base", seed=4)
+    tokens = np.random.default_rng(6).integers(0, 64, size=(8, T), dtype=np.int64)
+    posttrain(load_checkpoint(tmp_path / "base"), tokens, intervention="state-passing", steps=4, seq_len=T, batch=2,
+              lr=3e-3, warmup=1, save_every=4, monitor_every=2, monitor_probe=probe, out=tmp_path / "run")
+    rows = pd.read_csv(tmp_path / "run" / "monitor.csv").query("step == 4").reset_index(drop=True)
+    np.save(tmp_path / "probe.npy", probe)
+    common = ["--ckpt", tmp_path / "run", "--data", tmp_path / "probe.npy", "--num-seqs", N, "--group", N]
+    for command, extra in (("perplexity", ["--length", L, "--buckets", L - 1, "--scale", "linear"]),
+                           ("states", ["--length", L, "--stride", T]),
+                           ("remembrance", ["--T", L, "--t", f"{T // 8},{T // 2}"])):
+        code, _, err = run_cli(monkeypatch, capsys, command, *common, *extra, "--out", tmp_path / command)
+        assert code == 0, err
+
+    pw = pd.read_csv(tmp_path / "perplexity" / "positionwise.csv")
+    assert pick(rows, "loss_in_context").value.item() == pytest.approx(pw.loss[pw.pos_start <= T].mean(), rel=1e-6)
+    assert pick(rows, "loss_beyond").value.item() == pytest.approx(pw.loss[pw.pos_start > T].mean(), rel=1e-6)
+    stats = pd.read_csv(tmp_path / "states" / "state_stats.csv")
+    at = {p: stats[stats.position == p].reset_index(drop=True) for p in (T, L)}
+    for metric, column in (("state_norm_ratio", "norm"), ("state_std_ratio", "std")):
+        np.testing.assert_allclose(pick(rows, metric).value, at[L][column] / at[T][column], rtol=1e-6)
+    effrem = pd.read_csv(tmp_path / "remembrance" / "remembrance.csv")
+    np.testing.assert_allclose(pick(rows, "effrem").value, effrem.effrem[effrem.t > 0], rtol=1e-6)
+    assert pick(rows, "effrem").t.tolist() == [T // 8, T // 2]
