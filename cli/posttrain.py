@@ -40,7 +40,7 @@ Fsdp = Annotated[bool, typer.Option(
 MonitorEvery = Annotated[int, typer.Option(
     "--monitor-every", help="Every N steps (and before the first), measure the state on a fixed probe "
                             "(statelens.monitor: losses within and beyond the training length, state norm and std "
-                            "ratios, EffRem, out-of-support fraction) into monitor.csv beside train_log.csv. "
+                            "ratios and collapsed heads, EffRem, out-of-support fraction) into monitor.csv beside train_log.csv. "
                             "0: off.")]
 MonitorSeqs = Annotated[int, typer.Option("--monitor-seqs", help="Probe sequences of the monitor.", min=1)]
 MonitorLength = Annotated[int | None, typer.Option(

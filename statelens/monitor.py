@@ -12,6 +12,8 @@ loss_in_context     mean next-token NLL (nats) of the predictions at positions p
 loss_beyond         the same over positions p in [T + 1, L - 1]                               positionwise
 state_norm_ratio    per layer and head: mean state norm at position L / at position T         states
 state_std_ratio     per layer and head: mean state std at position L / at position T          states
+state_collapsed     per layer and head: 1 when a ratio exceeds ``collapse_k`` (2) or the      collapse
+                    state turned non-finite at L, else 0 (the heads that cross the threshold)
 effrem              per t: EffRem_L(t), horizon the probe length L (default t = T/8, T/2)     remembrance
 oos_fraction        per layer and head: share of the n end-of-probe states (position L)       coverage
                     outside the support of the states at positions <= T
@@ -41,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from statelens.analysis.collapse import collapse
 from statelens.analysis.coverage import Support, StateSample, collect_states, head_support
 from statelens.analysis.positionwise import bucket_losses
 from statelens.analysis.remembrance import remembrance
@@ -50,7 +53,8 @@ from statelens.models.base import RecurrentLM
 from statelens.outputs import write_table
 
 COLUMNS = ["step", "metric", "layer", "head", "t", "value"]
-METRICS = ("loss_in_context", "loss_beyond", "state_norm_ratio", "state_std_ratio", "effrem", "oos_fraction")
+METRICS = ("loss_in_context", "loss_beyond", "state_norm_ratio", "state_std_ratio", "state_collapsed", "effrem",
+           "oos_fraction")
 
 
 class StateMonitor:
@@ -63,20 +67,24 @@ class StateMonitor:
     to. ``effrem_ts``: the EffRem truncation points (default T/8 and T/2). ``stride``: positions
     recorded within T for the out-of-support reference (default T // 16, at least 1). ``k``,
     ``components``, ``quantile``, ``projection_dim``, ``seed``: as in
-    :func:`statelens.analysis.coverage.coverage`. ``chunk``, ``batch``: rollout chunk and EffRem rows per
+    :func:`statelens.analysis.coverage.coverage`. ``collapse_k``: the k of
+    :func:`statelens.analysis.collapse.collapse` (positions T and L). ``chunk``, ``batch``: rollout chunk and EffRem rows per
     forward. Every refusal is a :class:`~statelens.errors.ParameterError` raised here, never mid-training.
     """
 
     def __init__(self, model, probe, *, train_len: int, every: int = 200, out: str | os.PathLike | None = None,
                  effrem_ts: Sequence[int] | None = None, refit_every: int = 10, stride: int | None = None,
                  k: int = 5, components: int = 16, quantile: float = 0.99, projection_dim: int = 256,
-                 seed: int = 0, chunk: int = 2048, batch: int = 32):
+                 seed: int = 0, chunk: int = 2048, batch: int = 32, collapse_k: float = 2.0):
         self.probe = _checked_probe(probe, train_len)
         for name, value in (("every", every), ("refit_every", refit_every), ("stride", stride or 1),
                             ("k", k), ("components", components), ("projection_dim", projection_dim)):
             if int(value) < 1:
                 raise ParameterError(name, f"{name} must be a positive integer, got {value}")
+        if not collapse_k > 0:
+            raise ParameterError("collapse_k", f"collapse_k must be positive, got {collapse_k}")
         self.train_len, self.every, self.refit_every = int(train_len), int(every), int(refit_every)
+        self.collapse_k = float(collapse_k)
         self.length = self.probe.shape[1]
         default_ts = (max(1, self.train_len // 8), self.train_len // 2)
         self.effrem_ts = sorted({int(t) for t in (default_ts if effrem_ts is None else effrem_ts)})
@@ -122,6 +130,7 @@ class StateMonitor:
             self.supports = self._fit(sample)
         self.calls += 1
         rows = [*self._losses(sample), *_ratios(stats, self.train_len, self.length),
+                *_collapsed(stats, self.train_len, self.collapse_k),
                 *(("effrem", np.nan, np.nan, t, v) for t, v in zip(effrem.t, effrem.effrem) if t != 0),
                 *self._oos(sample)]
         df = pd.DataFrame(rows, columns=COLUMNS[1:]).astype({c: np.float64 for c in COLUMNS[2:]})
@@ -233,6 +242,12 @@ def __getattr__(name: str):
 
         return StateMonitorCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _collapsed(stats: pd.DataFrame, train_len: int, k: float) -> list[tuple]:
+    """state_stats at positions [T, L] -> per layer and head 1.0 when it collapses past T, else 0.0."""
+    heads = collapse(stats, train_len, k=k).sort_values(["layer", "head"], ignore_index=True)
+    return [("state_collapsed", row.layer, row.head, np.nan, float(row.collapsed)) for row in heads.itertuples()]
 
 
 def append_rows(out: Path, df: pd.DataFrame, step: int) -> None:

@@ -10,6 +10,7 @@ import torch
 
 import statelens
 from conftest import hf_mamba2, run_cli, transformers
+from statelens.analysis.collapse import collapse
 from statelens.analysis.coverage import out_of_support
 from statelens.analysis.positionwise import positionwise
 from statelens.analysis.remembrance import remembrance
@@ -71,6 +72,14 @@ def test_the_monitor_equals_the_standalone_analyses_and_brute_force(hf, probe):
         brute = (statistic(at_end).mean(1) / statistic(at_t).mean(1)).flatten().numpy()   # [layers * heads]
         np.testing.assert_allclose(rows.value, brute, rtol=1e-4)
         assert rows[["layer", "head"]].to_numpy().tolist() == at[T][["layer", "head"]].to_numpy().tolist()
+
+    # collapsed heads: collapse() on those statistics, and "a norm or std ratio above k = 2" by hand
+    heads = collapse(stats, T, k=2.0).sort_values(["layer", "head"], ignore_index=True)
+    rows = pick(df, "state_collapsed")
+    np.testing.assert_array_equal(rows.value, heads.collapsed.astype(float))
+    by_hand = (pick(df, "state_norm_ratio").value > 2) | (pick(df, "state_std_ratio").value > 2)
+    np.testing.assert_array_equal(rows.value, by_hand.astype(float))
+    assert 0 < rows.value.sum() < len(rows)   # some heads collapse here, some do not
 
     # EffRem with horizon L: remembrance(), and TV of transformers' next-token distributions
     effrem = remembrance(model, probe, T=L, ts=[2, 8])
@@ -222,7 +231,7 @@ def test_the_trainer_callback_logs_the_monitor_through_the_trainers_log(tmp_path
     assert [e for e in seen if "statelens/loss_in_context" in e] == [{k: v for k, v in e.items() if k != "step"}
                                                                      for e in logged]
     for entry, expected in ((logged[0], start), (logged[-1], end)):
-        assert set(expected) <= set(entry) and len(expected) == 2 + 2 * 16 + 2 + 16
+        assert set(expected) <= set(entry) and len(expected) == 2 + 3 * 16 + 2 + 16
         np.testing.assert_allclose([entry[k] for k in expected], list(expected.values()), rtol=1e-6)
     assert end["statelens/loss_in_context"] < start["statelens/loss_in_context"] - 0.05   # it trained
     csv = pd.read_csv(tmp_path / "monitor.csv")
@@ -265,6 +274,8 @@ def test_the_monitor_during_posttrain_equals_the_commands_on_the_saved_checkpoin
     at = {p: stats[stats.position == p].reset_index(drop=True) for p in (T, L)}
     for metric, column in (("state_norm_ratio", "norm"), ("state_std_ratio", "std")):
         np.testing.assert_allclose(pick(rows, metric).value, at[L][column] / at[T][column], rtol=1e-6)
+    heads = pd.read_csv(tmp_path / "states" / "collapse.csv").sort_values(["layer", "head"], ignore_index=True)
+    np.testing.assert_array_equal(pick(rows, "state_collapsed").value, heads.collapsed.astype(float))
     effrem = pd.read_csv(tmp_path / "remembrance" / "remembrance.csv")
     np.testing.assert_allclose(pick(rows, "effrem").value, effrem.effrem[effrem.t > 0], rtol=1e-6)
     assert pick(rows, "effrem").t.tolist() == [T // 8, T // 2]

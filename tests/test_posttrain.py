@@ -252,8 +252,8 @@ def test_cli_monitor_every_writes_monitor_csv_beside_train_log(ckpt_dir, tmp_pat
     csv = pd.read_csv(out / "monitor.csv")
     assert list(csv.columns) == ["step", "metric", "layer", "head", "t", "value"]
     assert sorted(set(csv.step)) == [0, 2] and len(pd.read_csv(out / "train_log.csv")) == 2
-    assert set(csv.metric) == {"loss_in_context", "loss_beyond", "state_norm_ratio", "state_std_ratio", "effrem",
-                               "oos_fraction"}
+    assert set(csv.metric) == {"loss_in_context", "loss_beyond", "state_norm_ratio", "state_std_ratio",
+                               "state_collapsed", "effrem", "oos_fraction"}
     assert sorted(csv[csv.metric == "effrem"].t.unique()) == [SEQ_LEN // 8, SEQ_LEN // 2]
     assert json.loads((out / "run.json").read_text())["config"]["monitor_length"] == 4 * SEQ_LEN
 
