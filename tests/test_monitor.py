@@ -3,6 +3,10 @@ standalone analyses on the same weights, and brute-force transformers forwards),
 reference refitted on schedule, the model's modes restored, the CSV resumable, bad input refused."""
 from __future__ import annotations
 
+import gc
+import tracemalloc
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -171,14 +175,30 @@ def test_step_runs_at_the_cadence_and_appends_a_csv_that_a_rerun_resumes(hf, pro
     pd.testing.assert_frame_equal(csv, pd.concat([written[0], rerun], ignore_index=True), check_dtype=False)
 
 
+def live_objects() -> tuple[int, int, int]:
+    """How many torch tensors, numpy arrays and DataFrames are alive now."""
+    gc.collect()
+    with warnings.catch_warnings():   # isinstance on torch's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        return tuple(sum(isinstance(o, kind) for o in gc.get_objects())
+                     for kind in (torch.Tensor, np.ndarray, pd.DataFrame))
+
+
 def test_the_monitor_keeps_nothing_per_call(hf, probe):
+    """After two calls (caches warm), four more leave as many tensors, arrays and tables alive, and
+    Python's traced memory within 256 KiB (one call's rows and states would be more each)."""
     monitor = StateMonitor(hf, probe, train_len=T, every=1, refit_every=1)
-    monitor(0)
-    before = {k: (type(v), len(v) if hasattr(v, "__len__") else None) for k, v in vars(monitor).items()}
-    for step in range(1, 4):
-        monitor(step)
-    after = {k: (type(v), len(v) if hasattr(v, "__len__") else None) for k, v in vars(monitor).items()}
-    assert before == after and monitor.calls == 4
+    tracemalloc.start()
+    try:
+        for step in range(2):
+            monitor(step)
+        before, traced = live_objects(), tracemalloc.get_traced_memory()[0]
+        for step in range(2, 6):
+            monitor(step)
+        after, grown = live_objects(), tracemalloc.get_traced_memory()[0] - traced
+    finally:
+        tracemalloc.stop()
+    assert after == before and grown < 256 * 1024 and monitor.calls == 6
 
 
 @pytest.mark.parametrize("kwargs, parameter, words", [
