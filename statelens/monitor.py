@@ -235,12 +235,17 @@ def log_values(df: pd.DataFrame, prefix: str = "statelens/") -> dict[str, float]
 
 
 def __getattr__(name: str):
-    """``StateMonitorCallback`` from :mod:`statelens.monitor_hf`, imported on first use: it subclasses
-    transformers' ``TrainerCallback``, and transformers is optional (importing this module must not need it)."""
+    """``StateMonitorCallback`` (:mod:`statelens.monitor_hf`) and ``StateMonitorLightningCallback``
+    (:mod:`statelens.monitor_lightning`), imported on first use: they subclass transformers' and Lightning's
+    callbacks, and both packages are optional (importing this module must not need them)."""
     if name == "StateMonitorCallback":
         from statelens.monitor_hf import StateMonitorCallback
 
         return StateMonitorCallback
+    if name == "StateMonitorLightningCallback":
+        from statelens.monitor_lightning import StateMonitorLightningCallback
+
+        return StateMonitorLightningCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -299,3 +299,46 @@ def test_the_monitor_during_posttrain_equals_the_commands_on_the_saved_checkpoin
     effrem = pd.read_csv(tmp_path / "remembrance" / "remembrance.csv")
     np.testing.assert_allclose(pick(rows, "effrem").value, effrem.effrem[effrem.t > 0], rtol=1e-6)
     assert pick(rows, "effrem").t.tolist() == [T // 8, T // 2]
+
+
+def test_the_lightning_callback_logs_the_monitor_to_the_trainers_loggers(tmp_path, probe):
+    """Four optimizer steps of a Lightning Trainer on CPU, two batches each (gradient accumulation): the
+    CSV logger gets the monitor's values once at steps 0, 2 and 4, equal to fresh monitors on the weights
+    before and after training."""
+    pl = pytest.importorskip("lightning.pytorch", reason="Lightning is optional (pip install lightning)")
+    from statelens.monitor import StateMonitorLightningCallback
+
+    model = statelens.wrap(hf_mamba2(tmp_path / "ckpt", seed=7))
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model.train()
+
+        def training_step(self, batch, batch_idx):
+            tokens = batch[0]                                                       # [2, T]
+            logits, _ = self.model(tokens)
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=2e-2)
+
+    start = log_values(StateMonitor(model, probe, train_len=T, every=1)(0))
+    rows = torch.as_tensor(np.random.default_rng(5).integers(0, 64, size=(16, T)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(rows), batch_size=2)
+    monitor = StateMonitor(model, probe, train_len=T, every=2, refit_every=1)
+    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=2, accelerator="cpu", devices=1,
+                         logger=pl.loggers.CSVLogger(tmp_path / "logs"), callbacks=[StateMonitorLightningCallback(monitor)],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=1)
+    trainer.fit(Module(), loader)
+    end = log_values(StateMonitor(model, probe, train_len=T, every=1)(4))
+
+    logged = pd.read_csv(trainer.logger.log_dir + "/metrics.csv")
+    logged = logged[logged["statelens/loss_in_context"].notna()]
+    assert logged.step.tolist() == [0, 2, 4]
+    for step, expected in ((0, start), (4, end)):
+        row = logged[logged.step == step].iloc[0]
+        np.testing.assert_allclose([row[k] for k in expected], list(expected.values()), rtol=1e-6)
+    assert abs(end["statelens/loss_in_context"] - start["statelens/loss_in_context"]) > 0.01   # the weights moved
+    assert model.training   # the monitor left the module in training mode
