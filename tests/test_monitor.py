@@ -342,3 +342,42 @@ def test_the_lightning_callback_logs_the_monitor_to_the_trainers_loggers(tmp_pat
         np.testing.assert_allclose([row[k] for k in expected], list(expected.values()), rtol=1e-6)
     assert abs(end["statelens/loss_in_context"] - start["statelens/loss_in_context"]) > 0.01   # the weights moved
     assert model.training   # the monitor left the module in training mode
+
+
+def test_the_report_draws_a_during_training_section_from_a_monitor_csv(tmp_path, probe):
+    """A folder holding monitor.csv gives the report a "During training" figure whose curves are the CSV's
+    numbers reduced by hand: the loss gap, the worst head's norm ratio, EffRem per t, the mean oos."""
+    from statelens.reports.html import load_results, render
+    from statelens.reports.page_figures import monitor_figures
+
+    hf = hf_mamba2(tmp_path / "ckpt", seed=8)
+    (tmp_path / "run").mkdir()
+    monitor = StateMonitor(hf, probe, train_len=T, every=1, out=tmp_path / "run" / "monitor.csv")
+    monitor.step(0)
+    with torch.no_grad():
+        for layer in hf.backbone.layers:
+            layer.mixer.in_proj.weight.mul_(1.3)
+    monitor.step(3)
+    csv = pd.read_csv(tmp_path / "run" / "monitor.csv")
+
+    def value(step: int, metric: str, **where) -> pd.Series:
+        rows = csv[(csv.step == step) & (csv.metric == metric)]
+        for column, wanted in where.items():
+            rows = rows[rows[column] == wanted]
+        return rows.value
+
+    expected = {"loss_gap": [value(s, "loss_beyond").item() - value(s, "loss_in_context").item() for s in (0, 3)],
+                "norm_ratio": [value(s, "state_norm_ratio").max() for s in (0, 3)],
+                "oos": [value(s, "oos_fraction").mean() for s in (0, 3)]}
+    expected |= {f"effrem t={t}": [value(s, "effrem", t=t).item() for s in (0, 3)] for t in (T // 8, T // 2)}
+    results = load_results(tmp_path / "run")
+    (shown,) = monitor_figures([results], ["post"])
+    drawn = {line.get_gid().removeprefix("monitor "): line for ax in shown["figure"].axes for line in ax.lines
+             if (line.get_gid() or "").startswith("monitor ")}
+    assert sorted(drawn) == sorted(expected)
+    for name, values in expected.items():
+        assert list(drawn[name].get_xdata()) == [0, 3]
+        np.testing.assert_allclose(drawn[name].get_ydata(), values, rtol=1e-12)
+    assert not np.allclose(*expected["norm_ratio"])   # the two steps differ: the curve is not flat
+    html = render([results], ["post"])
+    assert "During training" in html and 'id="fig-monitor"' in html
