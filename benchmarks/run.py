@@ -9,6 +9,8 @@ ratios within one run are what is reported).
 - CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
   FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
 - the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
+- the training monitor's cost (``monitor.py``): the demo baseline's post-training with the monitor at its
+  default cadence against the same run without;
 - where CUDA is available (``gpu.py``): the 130M shape on the kernels, 128k tokens recording every 1024
   against plain, and statelens's rollout and EffRem against mamba-ssm's own forward.
 
@@ -22,6 +24,7 @@ import torch
 
 from diagnostics import effrem_cost, recording_overhead, rss_ratio
 from efficiency import MatmulRate, flops_per_token
+from monitor import monitor_overhead
 from throughput import SHAPES, throughput
 
 from statelens.models import Mamba2Config
@@ -69,6 +72,9 @@ def main() -> None:
         row(f"recording every 256 tok / plain rollout, {shape} ({tokens} tok)", ratio, "<= 1.10", at_most, 1.10)
     what, ratio = effrem_cost()
     row(f"EffRem ({what}) / plain forward", ratio, "<= 1.25", at_most, 1.25)
+    ratio = monitor_overhead()
+    row("posttrain with the monitor every 200 steps / without (demo baseline, 400 steps)", ratio, "<= 1.05",
+        at_most, 1.05)
     small, large = rss_ratio(args.rss_tokens)
     row(f"peak RSS, recording {args.rss_tokens} / 32768 tok", large / small, "<= 1.20", at_most, 1.20)
     notes.append(f"peak RSS {large:.0f} / {small:.0f} MiB")

@@ -37,6 +37,15 @@ Fsdp = Annotated[bool, typer.Option(
     "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) "
                    "instead of replicating them (DDP), for models whose training state does not fit one device. "
                    "No effect in a single process.")]
+MonitorEvery = Annotated[int, typer.Option(
+    "--monitor-every", help="Every N steps (and before the first), measure the state on a fixed probe "
+                            "(statelens.monitor: losses within and beyond the training length, state norm and std "
+                            "ratios and collapsed heads, EffRem, out-of-support fraction) into monitor.csv beside train_log.csv. "
+                            "0: off.")]
+MonitorSeqs = Annotated[int, typer.Option("--monitor-seqs", help="Probe sequences of the monitor.", min=1)]
+MonitorLength = Annotated[int | None, typer.Option(
+    "--monitor-length", help="Tokens per probe sequence (at least 2 x --seq-len). Default: 4 x --seq-len.",
+    show_default=False)]
 
 
 def posttrain(
@@ -55,14 +64,18 @@ def posttrain(
     save_every: SaveEvery = 100,
     resume: Resume = False,
     fsdp: Fsdp = False,
+    monitor_every: MonitorEvery = 0,
+    monitor_seqs: MonitorSeqs = 4,
+    monitor_length: MonitorLength = None,
     device: Device = "cpu",
     dtype: Dtype = DType.float32,
     seed: Seed = 0,
 ) -> None:
     """Post-trains a checkpoint with an initial-state intervention; writes the checkpoint in its own format
-    plus statelens.json (training length, intervention), train_log.csv and run.json to --out."""
+    plus statelens.json (training length, intervention), train_log.csv and run.json to --out (and monitor.csv
+    with --monitor-every)."""
     from statelens.cli.common import report
-    from statelens.errors import DataError
+    from statelens.errors import BadInput, DataError
     from statelens.resumable import Interrupted
     from statelens.runs import RunSettings, progress, start
     from statelens.train import PosttrainConfig
@@ -70,22 +83,28 @@ def posttrain(
     from statelens.train.posttrain import LOG_WATCHED, training_draw
 
     settings = PosttrainConfig(intervention=intervention.value, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
-                               warmup=warmup, clip=clip, seed=seed, save_every=save_every, fsdp=fsdp)  # checked
+                               warmup=warmup, clip=clip, seed=seed, save_every=save_every, fsdp=fsdp,
+                               monitor_every=monitor_every)  # checked
+    monitor_length = monitor_length or 4 * seq_len
+    if monitor_every and monitor_length < 2 * seq_len:
+        raise BadInput(f"--monitor-length {monitor_length} must be at least 2 x --seq-len = {2 * seq_len}")
     run = start("posttrain", RunSettings(ckpt, tokenizer=tokenizer, text_field=text_field, device=device,
                                          dtype=dtype.value, backend="native", seed=seed, out=out, train_len=seq_len),
                 config={"data": str(data) if data else None, "intervention": intervention.value, "steps": steps,
                         "seq_len": seq_len, "batch": batch, "lr": lr, "warmup": warmup, "clip": clip,
-                        "save_every": save_every, "resume": resume, "fsdp": fsdp})
+                        "save_every": save_every, "resume": resume, "fsdp": fsdp, "monitor_every": monitor_every,
+                        "monitor_seqs": monitor_seqs, "monitor_length": monitor_length})
     n, length = training_draw(settings)
     try:
         tokens = run.sequences(data, n, length)
     except DataError:  # less data than asked for: one batch is the least that trains
         tokens = run.sequences(data, batch, length)
+    probe = run.sequences(data, monitor_seqs, monitor_length) if monitor_every else None
     run.lap("data")
     try:
         with progress(steps, f"{intervention.value} post-training, {batch} x {seq_len} tokens a step",
                       "steps") as advance:
-            log = train(run.ckpt, tokens, settings, out=out, resume=resume, progress=advance)
+            log = train(run.ckpt, tokens, settings, out=out, resume=resume, progress=advance, monitor_probe=probe)
     except Interrupted as e:
         e.saved = f"training saved in {out}"
         raise
@@ -93,7 +112,10 @@ def posttrain(
     run.watched = LOG_WATCHED
     first, last = log.iloc[0], log.iloc[-1]
     written = run.finish({"train_log": log}, results={"first_loss": float(first.loss), "final_loss": float(last.loss)})
-    report(run, [out, *written], [
-        f"loss {first.loss:.4f} at step {int(first.step)} -> {last.loss:.4f} at step {int(last.step)}",
-        (f"checkpoint in {out} ({run.ckpt.format}); statelens.json: train_len {seq_len}, "
-         f"intervention {intervention.value}")])
+    lines = [f"loss {first.loss:.4f} at step {int(first.step)} -> {last.loss:.4f} at step {int(last.step)}",
+             (f"checkpoint in {out} ({run.ckpt.format}); statelens.json: train_len {seq_len}, "
+              f"intervention {intervention.value}")]
+    if monitor_every:
+        lines.append(f"monitor.csv: the state every {monitor_every} steps on {monitor_seqs} probe sequences of "
+                     f"{monitor_length} tokens")
+    report(run, [out, *written], lines)

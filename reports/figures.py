@@ -65,6 +65,7 @@ from statelens.analysis.positionwise import COLUMNS as PERPLEXITY_COLUMNS
 from statelens.analysis.remembrance import COLUMNS as REMEMBRANCE_COLUMNS
 from statelens.analysis.states import COLUMNS as STATE_STATS_COLUMNS
 from statelens.errors import ParameterError
+from statelens.monitor import COLUMNS as MONITOR_COLUMNS
 from statelens.tasks.passkey import COLUMNS as PASSKEY_COLUMNS
 
 #: The columns of collapse.csv the state-norm figure reads.
@@ -93,6 +94,7 @@ HEATMAP_TICKS = 6
 
 _SINGLE = (6.4, 4.2)
 _DOUBLE = (12.8, 4.4)
+_DOUBLE_GRID = (12.8, 8.4)  # two rows of two panels
 _TOKENS = "position (tokens)"
 
 
@@ -946,6 +948,65 @@ def accuracy_figure(df: pd.DataFrame, x: str = "length", *, title: str = "Accura
 
 
 # --- saving -----------------------------------------------------------------------------------------
+
+
+# --- 10. During training: the monitor's CSV -----------------------------------------------------------
+
+
+def monitor_curves(df: pd.DataFrame) -> dict[str, pd.Series]:
+    """The monitor's rows (:mod:`statelens.monitor`) -> one series per panel of :func:`monitor_figure`, each
+    indexed by step: ``loss_gap`` (loss_beyond - loss_in_context, nats), ``norm_ratio`` (the largest
+    state_norm_ratio over layers and heads), ``oos`` (the mean oos_fraction over heads), and
+    ``effrem t={t}`` for each t."""
+    _require(df, MONITOR_COLUMNS, "monitor_figure")
+    wide = df[df.layer.isna() & df.t.isna()].pivot(index="step", columns="metric", values="value")
+    heads = df[df.layer.notna()].groupby(["metric", "step"]).value
+    curves = {"loss_gap": wide["loss_beyond"] - wide["loss_in_context"],
+              "norm_ratio": heads.max()["state_norm_ratio"], "oos": heads.mean()["oos_fraction"]}
+    for t, rows in df[df.metric == "effrem"].groupby("t"):
+        curves[f"effrem t={_fmt(t)}"] = rows.set_index("step").value
+    return curves
+
+
+@_styled
+def monitor_figure(df: pd.DataFrame, *, label: str | None = None, color: ColorType | None = None,
+                   ax: Sequence[Axes] | None = None) -> Figure:
+    """The state during training, against the optimizer step, four panels (``ax``: four Axes, or None for
+    a new 2 x 2 figure): the loss past the training length minus the loss within it; the largest state
+    norm ratio (position L over T) of any head; EffRem at each monitored t (shades of one colour);
+    the mean out-of-support fraction of the heads' end-of-probe states.
+
+    ``df``: the monitor's table (columns step, metric, layer, head, t, value; :mod:`statelens.monitor`).
+    """
+    if ax is None:
+        fig = Figure(figsize=_DOUBLE_GRID, layout="constrained")
+        axes = list(fig.subplots(2, 2).ravel())
+    else:
+        axes = list(ax)
+        fig = _root_figure(axes[0])
+    color = _checkpoint_color(axes[0], color)
+    curves = monitor_curves(df)
+    effrem = [name for name in curves if name.startswith("effrem")]
+    panels = [("loss_gap", ["loss_gap"], "loss past T - loss within T (nats)", "Loss gap past the training length"),
+              ("norm_ratio", ["norm_ratio"], "largest state norm ratio, L / T", "State norm growth (worst head)"),
+              ("effrem", effrem, "EffRem_L(t)", "Effective Remembrance"),
+              ("oos", ["oos"], "out-of-support fraction", "End-of-probe states out of support")]
+    for axis, (gid, names, ylabel, title) in zip(axes, panels):
+        shades = _shades(color, len(names))
+        for name, shade in zip(names, shades):
+            series = curves[name]
+            tag = name.removeprefix("effrem ") if gid == "effrem" else None
+            legend = f"{label}, {tag}" if label and tag else (tag or label)
+            _plot_line(axis, series.index, series.to_numpy(), color=shade, label=legend, gid=f"monitor {name}",
+                       checkpoint=label, logx=False, logy=False)
+        if gid == "loss_gap":
+            axis.axhline(0.0, color="0.5", lw=0.8, ls="--", gid="zero")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title, fontsize="medium")
+        _legend(axis)
+    return fig
 
 
 def draw(plot, tables: dict[str, pd.DataFrame], train_len: int | None = None, **style) -> Figure:

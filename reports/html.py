@@ -34,7 +34,7 @@ from statelens.analysis.nonfinite import describe, find_nonfinite
 from statelens.analysis.positionwise import TOLERANCE_NATS, generalizes_to, in_context_loss
 from statelens.errors import BadInput, ParameterError
 from statelens.outputs import atomic_write
-from statelens.reports.page_figures import PANEL, report_figures, task_figures
+from statelens.reports.page_figures import PANEL, monitor_figures, report_figures, task_figures
 from statelens.tasks import tasks
 
 #: Table name -> the command that writes it (its output folder under a ``--from`` directory): every
@@ -78,11 +78,9 @@ def load_results(folder: str | Path) -> Results:
     for name, command in {**TABLES, **TASK_TABLES}.items():
         for path in (folder / command / f"{name}.csv", folder / f"{name}.csv"):
             if path.is_file():
-                try:
-                    results.tables[name] = pd.read_csv(path)
-                except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-                    raise BadInput(f"--from {folder}: {path.name} is not a readable CSV ({e})") from None
+                results.tables[name] = _read_csv(folder, path)
                 break
+    _load_monitor(folder, results)
     if not results.tables:
         raise BadInput(f"--from {folder}: holds none of {', '.join(f'{n}.csv' for n in {**TABLES, **TASK_TABLES})} "
                        "(directly or in a command's folder)")
@@ -94,6 +92,23 @@ def load_results(folder: str | Path) -> Results:
         if isinstance(manifest, dict):
             results.manifests.setdefault(str(manifest.get("command", path.parent.name)), manifest)
     return results
+
+
+def _load_monitor(folder: Path, results: Results) -> None:
+    """``monitor.csv`` of ``statelens posttrain --monitor-every`` (in ``folder`` or its ``posttrain/``), as
+    the table ``monitor``."""
+    for path in (folder / "monitor.csv", folder / "posttrain" / "monitor.csv"):
+        if path.is_file():
+            results.tables["monitor"] = _read_csv(folder, path)
+            return
+
+
+def _read_csv(folder: Path, path: Path) -> pd.DataFrame:
+    """``path`` read; one that is not a CSV is BadInput naming it."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise BadInput(f"--from {folder}: {path.name} is not a readable CSV ({e})") from None
 
 
 # --- verdicts ---------------------------------------------------------------------------------------
@@ -380,7 +395,7 @@ def render(results_list: list[Results], labels: list[str], train_lens: list[int]
                       "manifests": [(cmd, json.dumps(m, indent=2, default=str)) for cmd, m in r.manifests.items()]})
     compared = comparison(cards[0]["v"], cards[1]["v"]) if len(cards) == 2 else []
     caveats = notes(results_list, [c["v"] for c in cards], labels)
-    figures = _embedded(report_figures(results_list, labels, train_lens))
+    figures = _embedded(report_figures(results_list, labels, train_lens) + monitor_figures(results_list, labels))
     tasks = _embedded(task_figures(results_list, labels, train_lens))
     template = (resources.files("statelens.reports") / "templates" / "report.html.j2").read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)

@@ -95,3 +95,20 @@ def task_figures(results_list: list, labels: list[str], train_lens: list[int]) -
     from statelens.tasks import tasks
 
     return _sections(tasks, results_list, labels, train_lens)
+
+
+def monitor_figures(results_list: list, labels: list[str]) -> list[dict]:
+    """The "During training" section when some checkpoint's folder holds a monitor.csv
+    (``statelens posttrain --monitor-every``): :func:`~statelens.reports.figures.monitor_figure` of each,
+    overlaid on one 2 x 2 grid."""
+    have = [(r, lab) for r, lab in zip(results_list, labels) if "monitor" in r.tables]
+    if not have:
+        return []
+    colors = F.checkpoint_colors(labels)
+    with F.figure_style():
+        fig = Figure(figsize=(2 * PANEL[0], 2 * PANEL[1]), layout="constrained")
+        axes = list(fig.subplots(2, 2).ravel())
+    for r, lab in have:
+        F.monitor_figure(r.tables["monitor"], label=lab, color=colors[lab], ax=axes)
+    return [{"id": "monitor", "title": "During training", "figure": fig,
+             "tables": [(f"{lab}: monitor.csv", r.tables["monitor"]) for r, lab in have]}]

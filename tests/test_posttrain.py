@@ -216,3 +216,54 @@ def test_corrupt_resume_file_is_bad_input(ckpt_dir, tmp_path):
     with pytest.raises(BadInput, match="cannot resume"):
         posttrain(load_checkpoint(ckpt_dir), data(), intervention="none", steps=2, seq_len=SEQ_LEN, batch=BATCH,
                   out=out, resume=True)
+
+
+def test_the_monitor_measures_the_training_weights_without_changing_the_training(ckpt_dir, tmp_path):
+    """monitor.csv at steps 0, 2, 4 equals a fresh StateMonitor on the weights before and after training
+    (the checkpoint it saves), and the run's weights and log equal those of the same run unmonitored."""
+    from statelens.monitor import StateMonitor
+
+    probe = data(n=3, length=2 * SEQ_LEN, seed=9)
+    kwargs = dict(intervention="state-passing", steps=4, seq_len=SEQ_LEN, batch=BATCH, lr=3e-3, warmup=1, seed=0,
+                  save_every=4)
+    before = StateMonitor(load_checkpoint(ckpt_dir).model, probe, train_len=SEQ_LEN, every=1)(0)
+    plain, watched = load_checkpoint(ckpt_dir), load_checkpoint(ckpt_dir)
+    log = posttrain(plain, data(), out=tmp_path / "plain", **kwargs)
+    watched_log = posttrain(watched, data(), out=tmp_path / "run", monitor_every=2, monitor_probe=probe, **kwargs)
+    pd.testing.assert_frame_equal(log, watched_log)
+    for (name, a), b in zip(plain.model.state_dict().items(), watched.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    csv = pd.read_csv(tmp_path / "run" / "monitor.csv")
+    assert sorted(set(csv.step)) == [0, 2, 4] and (tmp_path / "run" / "train_log.csv").is_file()
+    after = StateMonitor(load_checkpoint(tmp_path / "run").model, probe, train_len=SEQ_LEN, every=1)(4)
+    at = {s: csv[csv.step == s].reset_index(drop=True) for s in (0, 4)}
+    np.testing.assert_allclose(at[0].value, before.value, rtol=1e-6)
+    same_reference = after.metric != "oos_fraction"   # at step 4 the monitor's reference is still step 0's
+    np.testing.assert_allclose(at[4].value[same_reference], after.value[same_reference], rtol=1e-6)
+    assert not np.allclose(at[4].value, at[0].value)  # it trained, and the monitor saw it
+
+
+def test_cli_monitor_every_writes_monitor_csv_beside_train_log(ckpt_dir, tmp_path):
+    out = tmp_path / "run"
+    result = cli("--ckpt", ckpt_dir, "--intervention", "none", "--steps", 2, "--seq-len", SEQ_LEN, "--batch", BATCH,
+                 "--warmup", 1, "--monitor-every", 2, "--monitor-seqs", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    csv = pd.read_csv(out / "monitor.csv")
+    assert list(csv.columns) == ["step", "metric", "layer", "head", "t", "value"]
+    assert sorted(set(csv.step)) == [0, 2] and len(pd.read_csv(out / "train_log.csv")) == 2
+    assert set(csv.metric) == {"loss_in_context", "loss_beyond", "state_norm_ratio", "state_std_ratio",
+                               "state_collapsed", "effrem", "oos_fraction"}
+    assert sorted(csv[csv.metric == "effrem"].t.unique()) == [SEQ_LEN // 8, SEQ_LEN // 2]
+    assert json.loads((out / "run.json").read_text())["config"]["monitor_length"] == 4 * SEQ_LEN
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--monitor-every", 2, "--monitor-length", SEQ_LEN), f"--monitor-length {SEQ_LEN} must be at least 2 x"),
+    (("--monitor-every", -1), "--monitor-every must be an integer >= 0, got -1"),
+], ids=["short-probe", "negative-cadence"])
+def test_cli_monitor_bad_input(ckpt_dir, tmp_path, args, words):
+    result = cli("--ckpt", ckpt_dir, "--steps", 2, "--seq-len", SEQ_LEN, "--batch", BATCH, "--out", tmp_path / "run",
+                 *args)
+    assert isinstance(result.exception, BadInput) and words in str(result.exception)
+    assert not (tmp_path / "run").exists()

@@ -421,12 +421,7 @@ def coverage_from_states(sample: StateSample, *, train_len: int, buckets: int = 
         ref_states = reference.states[i]
         for h in range(layer_states.shape[2]):
             points = ref_states[:, ref, h].reshape(-1, ref_states.shape[-1])        # [N * n_ref, d]
-            finite = points[torch.isfinite(points).all(1)]  # a state that overflowed is no reference point
-            # A head whose states overflowed within the training length leaves too few finite reference
-            # states to test against: its scores are NaN (a finding). A reference set too small from
-            # the start is still refused by Support.fit.
-            usable = len(finite) == len(points) or len(finite) >= k + 2
-            support = Support.fit(finite, k=k, components=components, quantile=quantile) if usable else None
+            support, n_finite = head_support(points, k=k, components=components, quantile=quantile)
             ref_norms = reference.norms[:, ref, i, h].ravel()
             for b, (lo, hi) in enumerate(itertools.pairwise(edges)):
                 cols = np.flatnonzero(which == b)
@@ -434,7 +429,7 @@ def coverage_from_states(sample: StateSample, *, train_len: int, buckets: int = 
                 scores = support.score(query) if support else dict.fromkeys(UNSCORED, math.nan)
                 ratio = _median_ratio(sample.norms[:, cols, i, h].ravel(), ref_norms)
                 rows.append((int(lo), int(hi), i, h, scores["oos_fraction"], scores["maha_median"],
-                             scores["maha_p95"], ratio, len(query), len(finite)))
+                             scores["maha_p95"], ratio, len(query), n_finite))
     per_head = pd.DataFrame(rows, columns=HEAD_COLUMNS)
 
     # Loss at p predicts token p, so it exists for p <= L - 1: a bucket's loss averages the predictions
@@ -452,6 +447,20 @@ def coverage_from_states(sample: StateSample, *, train_len: int, buckets: int = 
     summary = {"spearman_rho": rho, "spearman_p": p_value, "n_buckets": used, "in_context_loss": in_context}
     bad = first_nonfinite_state(sample)
     return per_head, per_bucket, summary | ({"first_nonfinite_state": bad} if bad else {})
+
+
+def head_support(points: torch.Tensor, *, k: int = 5, components: int = 16,
+                 quantile: float = 0.99) -> tuple[Support | None, int]:
+    """One head's reference states [m, d] -> (its :class:`Support`, or None when it cannot be scored; the
+    number of finite reference points).
+
+    A state that overflowed is no reference point. A head whose states overflowed within the training
+    length leaves too few finite reference states to test against: None, and its scores are NaN (a
+    finding). A reference set too small from the start is still refused by :meth:`Support.fit`.
+    """
+    finite = points[torch.isfinite(points).all(1)]
+    usable = len(finite) == len(points) or len(finite) >= k + 2
+    return (Support.fit(finite, k=k, components=components, quantile=quantile) if usable else None), len(finite)
 
 
 def first_nonfinite_state(sample: StateSample) -> dict | None:

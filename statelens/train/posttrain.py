@@ -86,11 +86,13 @@ class PosttrainConfig:
     noise_std: float = 1.0               # "noise": its standard deviation
     pass_conv: bool | None = None        # carry/noise conv states too; None: True for state passing, TBTT
     fsdp: bool = False                   # under torchrun: shard (FSDP2) instead of replicate (DDP)
+    monitor_every: int = 0               # StateMonitor cadence in steps (out/monitor.csv); 0: no monitor
 
     def __post_init__(self) -> None:
         if self.intervention not in INTERVENTIONS:
             raise BadInput(f"unknown intervention {self.intervention!r} (choose from {', '.join(INTERVENTIONS)})")
-        for name, least in (("steps", 1), ("seq_len", 2), ("batch", 1), ("warmup", 0), ("save_every", 1)):
+        for name, least in (("steps", 1), ("seq_len", 2), ("batch", 1), ("warmup", 0), ("save_every", 1),
+                            ("monitor_every", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise BadInput(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
@@ -194,7 +196,7 @@ class _Run:
 
 def posttrain(ckpt: Checkpoint, sequences_or_documents, config: PosttrainConfig | None = None, *,
               out: str | Path, resume: bool = False, progress: Callable[[int], None] | None = None,
-              **settings) -> pd.DataFrame:
+              monitor_probe: np.ndarray | None = None, **settings) -> pd.DataFrame:
     """Post-trains ``ckpt.model`` in place; returns the training log (also written to out/train_log.csv).
 
     sequences_or_documents: int tokens [n, L]. TBTT: documents, ``batch`` of them per group, each cut
@@ -203,6 +205,10 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, config: PosttrainConfig 
         fields. ``fsdp`` has no effect in a single process; sharded, the parameters stay sharded after the run.
     resume: continue from the last save in ``out``.
     progress: called with 1 after each step (and its save).
+    monitor_probe: int tokens [n, >= 2 seq_len], required with ``monitor_every``: the probe of a
+        :class:`~statelens.monitor.StateMonitor` measured before the first step (or at the resumed step)
+        and every ``monitor_every`` steps, on the main process, into out/monitor.csv (rows of steps at or
+        after a resumed step are measured again; the out-of-support reference is refitted then).
 
     Log columns: step (1-based), loss (mean next-token NLL of the batch, nats), lr (the step's learning
     rate), grad_norm (total norm before clipping), mean_state_norm (mean Frobenius norm of the final SSM
@@ -212,12 +218,15 @@ def posttrain(ckpt: Checkpoint, sequences_or_documents, config: PosttrainConfig 
         raise TypeError(f"posttrain: give a config or settings, not both (got {', '.join(settings)})")
     config = config if config is not None else PosttrainConfig(**settings)
     run, start, batches = _prepare(ckpt, sequences_or_documents, config, Path(out), resume)
+    monitor = _monitor(run, monitor_probe)
     started = time.perf_counter()
     run.model.train()
     with stop_on_signals() as stop:
         try:
+            monitor(start)
             for step in range(start, config.steps):
                 run.log.append({"step": step + 1, **_train_step(run, *batches(step))})
+                monitor(step + 1)
                 stopping = distributed.any_rank(stop.signum is not None)
                 if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stopping:
                     _checkpoint(run, step + 1)
@@ -267,6 +276,22 @@ def _prepare(ckpt: Checkpoint, tokens, config: PosttrainConfig, out: Path, resum
     if distributed.active() and not shard:
         run.trained = torch.nn.parallel.DistributedDataParallel(model)
     return run, start, batches
+
+
+def _monitor(run: _Run, probe: np.ndarray | None) -> Callable[[int], object]:
+    """step -> measures when due: the :meth:`StateMonitor.step` of a run with ``monitor_every`` on the main
+    process; a no-op elsewhere. Built (and its probe checked) on every rank, before any step."""
+    every = run.config.monitor_every
+    if not every:
+        return lambda step: None
+    if probe is None:
+        raise BadInput(f"--monitor-every {every} needs a probe: token sequences [n, >= 2 x seq_len]")
+    if run.shard:
+        raise BadInput("--monitor-every with --fsdp: the monitor runs on one process and cannot run a sharded model")
+    from statelens.monitor import StateMonitor
+
+    monitor = StateMonitor(run.model, probe, train_len=run.config.seq_len, every=every, out=run.out / "monitor.csv")
+    return monitor.step if distributed.is_main() else (lambda step: None)
 
 
 def _my_rows(batch: int) -> slice:
