@@ -279,6 +279,26 @@ def test_remembrance_command_on_a_hybrid_equals_brute_force(tmp_path, monkeypatc
     assert written.effrem.iloc[1] > 1e-4 and written.effrem.iloc[-1] > 1e-3  # far from the tolerance
 
 
+# The multipliers of the released configs (Falcon-H1-0.5B's muP multipliers, Granite-4.0-H's logit scaling and
+# residual/attention/embedding multipliers): the head's lm_head_multiplier and logits_scaling enter the logits.
+FALCON_H1_MULTIPLIERS = dict(
+    lm_head_multiplier=0.0390625, embedding_multiplier=5.656854249492381, key_multiplier=0.390625,
+    attention_in_multiplier=1.0, attention_out_multiplier=0.9375, mlp_multipliers=[0.8838834764831844, 0.5859375],
+    ssm_multipliers=[0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738], ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.23570226039551587)
+GRANITE_4_H_MULTIPLIERS = dict(logits_scaling=4.0, embedding_multiplier=12.0, attention_multiplier=0.0078125,
+                               residual_multiplier=0.22)
+
+
+def granite_hybrid(**options):
+    """Mamba-2, attention, Mamba-2 (MoE with one expert and a shared MLP), with ``options`` on top."""
+    return transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16,
+        mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, num_local_experts=1, num_experts_per_tok=1,
+        shared_intermediate_size=64, **options))
+
+
 RELATIVES = {  # name -> (model, expected layer kinds)
     "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
         vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
@@ -287,12 +307,10 @@ RELATIVES = {  # name -> (model, expected layer kinds)
     "falcon_h1": (lambda: transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
-        mamba_chunk_size=16)), ["hybrid", "hybrid"]),
-    "granitemoehybrid": (lambda: transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16,
-        mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, num_local_experts=1, num_experts_per_tok=1,
-        shared_intermediate_size=64, position_embedding_type="rope")), ["recurrent", "attention", "recurrent"]),
+        mamba_chunk_size=16, **FALCON_H1_MULTIPLIERS)), ["hybrid", "hybrid"]),
+    "granitemoehybrid": (lambda: granite_hybrid(position_embedding_type="rope"), ["recurrent", "attention", "recurrent"]),
+    "granitemoehybrid-nope": (lambda: granite_hybrid(position_embedding_type="nope", **GRANITE_4_H_MULTIPLIERS),
+                              ["recurrent", "attention", "recurrent"]),
     "jamba": (lambda: transformers.JambaForCausalLM(transformers.JambaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, num_experts=1, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
@@ -313,6 +331,25 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     logits = logits_of(adapter, x, 7, resets=[0, 17])
     assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
     assert (logits[1, 17:] - hf_logits(hf, x[1:, 17:])[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name, key", [("falcon_h1", "lm_head_multiplier"), ("granitemoehybrid-nope", "logits_scaling")])
+def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
+    """The released configs scale the logits after lm_head: chunked with carried state, the adapter's logits
+    are the model's own to float32 rounding (relative to their size, which the scale shrinks), far from the
+    unscaled lm_head's."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(RELATIVES[name][0](), 0))
+    adapter = HFRecurrentAdapter(hf)
+    x = tokens[:, :40]
+    expected = hf_logits(hf, x)
+    with torch.no_grad():
+        unscaled = hf.lm_head(hf.base_model(input_ids=x).last_hidden_state)
+    size = expected.abs().max().item()
+    assert getattr(hf.config, key) != 1.0
+    for chunk in (6, 40):
+        assert (logits_of(adapter, x, chunk) - expected).abs().max().item() <= 1e-5 * size
+    assert (unscaled - expected).abs().max().item() > size
 
 
 @pytest.mark.parametrize("config, message", [

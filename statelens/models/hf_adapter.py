@@ -135,6 +135,16 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return nn.functional.pad(t, (0, 0, length - t.shape[2], 0))
 
 
+# The logit scales transformers' heads apply after lm_head, per model_type: (config key, how it enters), as the
+# *ForCausalLM.forward of transformers 5.24 writes it (the same float operation, so the logits are the model's
+# own bit for bit). check_chunking still compares with the model's own logits: a head not listed here that
+# scales or caps its logits is refused, never silently run unscaled.
+LOGIT_SCALES = {
+    "falcon_h1": ("lm_head_multiplier", lambda logits, m: logits * m),          # FalconH1ForCausalLM
+    "granitemoehybrid": ("logits_scaling", lambda logits, s: logits / s),       # GraniteMoeHybridForCausalLM
+}
+
+
 # Cache layer classes (by name) the adapter can carry: a recurrent state, a full-attention KV cache, or both.
 _RECURRENT, _ATTENTION, _BOTH = "LinearAttentionLayer", "DynamicLayer", "LinearAttentionAndFullAttentionLayer"
 
@@ -331,8 +341,13 @@ class HFRecurrentAdapter(RecurrentLM):
         return torch.cat(outs, dim=1), state
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., d_model] -> logits [..., vocab]: the HF model's output embedding (lm_head)."""
+        """hidden [..., d_model] -> logits [..., vocab]: the HF model's output embedding (lm_head), then
+        the logit scale its ``*ForCausalLM`` applies (:data:`LOGIT_SCALES`), in the same operation."""
         logits = self.hf.get_output_embeddings()(hidden)
+        scale = LOGIT_SCALES.get(getattr(self.config, "model_type", None))
+        if scale is not None:
+            key, op = scale
+            logits = op(logits, getattr(self.config, key))
         return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
     def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
