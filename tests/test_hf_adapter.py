@@ -333,6 +333,30 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     assert (logits[1, 17:] - hf_logits(hf, x[1:, 17:])[0]).abs().max().item() <= 1e-4
 
 
+def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tokens):
+    """Falcon-Mamba (Mamba-1 with RMS-normed B, C and dt; the released config's mixer_rms_eps, untied head) has no
+    native backend: through the adapter, token by token, chunked logits with a reset row equal transformers'
+    one-shot runs, and the states the hook sees equal transformers' own cache after the same tokens."""
+    torch.manual_seed(0)
+    cfg = transformers.FalconMambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                                         conv_kernel=4, time_step_rank=4, mixer_rms_eps=1e-6, tie_word_embeddings=False)
+    hf = perturb(transformers.FalconMambaForCausalLM(cfg), 0)
+    hf.save_pretrained(tmp_path)
+    adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
+    assert adapter.layer_kinds == ["recurrent", "recurrent"] and adapter.token_by_token
+    x = tokens[:, :30]
+    logits = logits_of(adapter, x, 7, resets=[0, 11])
+    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, 11:] - hf_logits(hf, x[1:, 11:])[0]).abs().max().item() <= 1e-4
+    seen = []
+    with hooks(adapter, {"blocks.1.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x[:1], 7)
+    cache = hf_cache_after(hf, x[:1])
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 64, 8)
+
+
 @pytest.mark.parametrize("name, key", [("falcon_h1", "lm_head_multiplier"), ("granitemoehybrid-nope", "logits_scaling")])
 def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
     """The released configs scale the logits after lm_head: chunked with carried state, the adapter's logits
