@@ -299,6 +299,16 @@ def granite_hybrid(**options):
         shared_intermediate_size=64, **options))
 
 
+def lfm2():
+    """LFM2's short-conv and attention layers with LFM2-350M's options (conv_L_cache 3, no conv bias, tied
+    embeddings, the feed-forward width adjusted as released), sizes scaled down."""
+    return transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3,
+        conv_bias=False, block_auto_adjust_ff_dim=True, block_ffn_dim_multiplier=1.0, block_multiple_of=16,
+        tie_word_embeddings=True))
+
+
 RELATIVES = {  # name -> (model, expected layer kinds)
     "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
         vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
@@ -311,6 +321,7 @@ RELATIVES = {  # name -> (model, expected layer kinds)
     "granitemoehybrid": (lambda: granite_hybrid(position_embedding_type="rope"), ["recurrent", "attention", "recurrent"]),
     "granitemoehybrid-nope": (lambda: granite_hybrid(position_embedding_type="nope", **GRANITE_4_H_MULTIPLIERS),
                               ["recurrent", "attention", "recurrent"]),
+    "lfm2": (lambda: lfm2(), ["recurrent", "recurrent", "attention", "recurrent"]),
     "jamba": (lambda: transformers.JambaForCausalLM(transformers.JambaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, num_experts=1, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
@@ -355,6 +366,24 @@ def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tok
     for k, i in enumerate(adapter.hf_layer_index):
         torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-4)
     assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 64, 8)
+
+
+def test_lfm2_short_conv_states_are_the_window_transformers_caches(tokens):
+    """LFM2's conv layers keep only a conv window: its state is the last conv_L_cache - 1 inputs of the
+    conv, which the hook sees and the chunked run carries; after the same tokens it equals the columns of
+    transformers' own cache that a later token reads."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(lfm2(), 0))
+    adapter = HFRecurrentAdapter(hf)
+    assert adapter.state_shapes() == [{"ssm": (32, 2), "conv": (32, 0)}] * 3 and adapter.n_heads == 1
+    x = tokens[:1, :30]
+    seen = []
+    with hooks(adapter, {"blocks.2.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x, 7)
+    cache = hf_cache_after(hf, x)
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], cache.layers[i].conv_states[0][..., 1:], atol=1e-5, rtol=1e-4)
+    assert len(seen) == 5 and torch.equal(seen[-1], state.ssm[2]) and state.ssm[2].abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name, key", [("falcon_h1", "lm_head_multiplier"), ("granitemoehybrid-nope", "logits_scaling")])

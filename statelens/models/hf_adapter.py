@@ -17,6 +17,10 @@ State layout, per recurrent layer ``k`` (``hf_layer_index[k]`` is its index in t
              ``conv_kernel``: one column more than statelens' native backends keep; the oldest
              column is never read (a width-k causal conv needs k - 1 past inputs), so
              ``conv[k][..., 1:]`` equals the native backend's conv state.
+    Short-conv layers (LFM2's), whose cache keeps a conv window and no recurrent state: the window is
+    the layer's whole state, so ``ssm[k]`` is its last ``conv_L_cache - 1`` inputs ``[b, hidden,
+    conv_L_cache - 1]`` (the cache's oldest column is never read, and is zeros when written back) and
+    ``conv[k]`` is empty, ``[b, hidden, 0]``.
 
 Hybrid models (layers with full attention beside the recurrent ones): the attention layers
 (``attention_layer_index``, HF indices; Zamba2's and Falcon-H1's layers that hold both are in both
@@ -33,8 +37,8 @@ model drops the carried state in multi-token calls (``transformers``' ``MambaFor
 the cached recurrent state unless the call has one token), the adapter runs every chunk token by
 token (``token_by_token = True``, with a line in ``notes``): exact, and slow.
 
-Hook points: only ``blocks.{k}.hook_state`` (``[b, heads, headdim, d_state]`` or ``[b, d_inner,
-d_state]``), called with each recurrent layer's state read back after each call (after each token
+Hook points: only ``blocks.{k}.hook_state`` (``[b, heads, headdim, d_state]``, ``[b, d_inner,
+d_state]`` or a short conv's ``[b, hidden, conv_L_cache - 1]``), called with each recurrent layer's state read back after each call (after each token
 when ``token_by_token``); a returned tensor replaces the carried state. The per-token quantities of
 the native backends (``hook_dt``, ``hook_decay``, ``hook_B`` ...) are inside the HF modules and are not
 available through this adapter.
@@ -259,12 +263,16 @@ class HFRecurrentAdapter(RecurrentLM):
         tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         with torch.no_grad():
             self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
-        shapes = []
+        shapes, self._conv_only = [], []
         for i in self.hf_layer_index:
             ssm, conv = cache.layers[i].recurrent_states[0], cache.layers[i].conv_states[0]
-            if ssm is None or conv is None:
-                raise CheckpointError(f"layer {i} of {type(self.hf).__name__} keeps no recurrent state and "
-                                      "conv state; the hf adapter needs both")
+            if conv is None:
+                held = "a recurrent state but " if ssm is not None else ""
+                raise CheckpointError(f"layer {i} of {type(self.hf).__name__} keeps {held}no conv state in its "
+                                      "cache; the hf adapter carries a conv state with or without a recurrent state")
+            self._conv_only.append(ssm is None)
+            if ssm is None:  # a short-conv layer (LFM2): its state is the window the conv reads, no column unread
+                ssm, conv = conv[..., 1:], conv[..., :0]
             shapes.append((tuple(ssm.shape[1:]), ssm.dtype, tuple(conv.shape[1:]), conv.dtype))
         kv_shapes = []
         for i in self.attention_layer_index:
@@ -287,9 +295,12 @@ class HFRecurrentAdapter(RecurrentLM):
             layer = cache.layers[i]
             _, ssm_dtype, _, conv_dtype = self._shapes[k]
             ssm, conv = state.ssm[k].to(ssm_dtype), state.conv[k].to(conv_dtype)
+            if self._conv_only[k]:  # the cache's window has one more (oldest, never read) column: zeros
+                conv, ssm = nn.functional.pad(ssm, (1, 0)), None
             layer.lazy_initialization(conv_states=conv, recurrent_states=ssm, conv_kernel_size=conv.shape[-1])
             layer.conv_states[0].copy_(conv)
-            layer.recurrent_states[0].copy_(ssm)
+            if ssm is not None:
+                layer.recurrent_states[0].copy_(ssm)
             layer.has_previous_state[0] = True
         if isinstance(state, HybridState) and state.kv_length:
             for j, i in enumerate(self.attention_layer_index):
@@ -307,15 +318,23 @@ class HFRecurrentAdapter(RecurrentLM):
         out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
-            layer = cache.layers[i]
-            ssm.append(self.blocks[k].hook_state(layer.recurrent_states[0].clone()))
-            conv.append(layer.conv_states[0].clone())
+            layer_ssm, layer_conv = self._read_layer(cache.layers[i], k)
+            ssm.append(self.blocks[k].hook_state(layer_ssm))
+            conv.append(layer_conv)
         if not self.attention_layer_index:
             return out.last_hidden_state, State(tuple(ssm), tuple(conv))
         keys = tuple(cache.layers[i].keys for i in self.attention_layer_index)
         values = tuple(cache.layers[i].values for i in self.attention_layer_index)
         seen = tuple(s + tokens.shape[1] for s in state.seen)
         return out.last_hidden_state, HybridState.of(State(tuple(ssm), tuple(conv)), keys, values, seen)
+
+    def _read_layer(self, layer, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recurrent layer ``k``'s (ssm, conv) copied out of its cache layer; a short-conv layer's ssm is
+        its conv window less the column no later token reads, its conv empty."""
+        conv = layer.conv_states[0].clone()
+        if self._conv_only[k]:
+            return conv[..., 1:], conv[..., :0]
+        return layer.recurrent_states[0].clone(), conv
 
     def _mask_and_positions(self, state: HybridState, length: int) -> dict[str, torch.Tensor]:
         """position_ids [b, length]: each row's own positions (``seen`` on); attention_mask [b, L + length]
@@ -363,8 +382,9 @@ class HFRecurrentAdapter(RecurrentLM):
 
     @property
     def n_heads(self) -> int:
-        """Mamba-2-like states: their head axis. Mamba-1-like [d_inner, d_state]: groups of 64
-        consecutive channels (fewer when 64 does not divide d_inner), as statelens' Mamba-1 backend."""
+        """Mamba-2-like states: their head axis. Mamba-1-like [d_inner, d_state] and short-conv windows
+        [hidden, w]: groups of 64 consecutive channels (fewer when 64 does not divide the channels), as
+        statelens' Mamba-1 backend."""
         shape = self._shapes[0][0]
         return shape[0] if len(shape) == 3 else shape[0] // math.gcd(shape[0], 64)
 
