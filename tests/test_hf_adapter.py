@@ -309,6 +309,20 @@ def lfm2():
         tie_word_embeddings=True))
 
 
+DELTA_RULE_KINDS = ["recurrent", "recurrent", "recurrent", "attention"]
+
+
+def delta_rule_hybrid(family: str, config: str | None = None, **options):
+    """Gated DeltaNet layers (conv and delta-rule state) with one full-attention layer in four, as the released
+    Qwen3-Next, Qwen3.5 and OLMo hybrid configs (their config class's defaults: twice as many value heads as
+    key heads, the gated attention, partial rotary, the same conv width), sizes scaled down."""
+    cfg = getattr(transformers, config or f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention"] * 3 + ["full_attention"], **options)
+    return getattr(transformers, f"{family}ForCausalLM")(cfg)
+
+
 RELATIVES = {  # name -> (model, expected layer kinds)
     "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
         vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
@@ -322,6 +336,10 @@ RELATIVES = {  # name -> (model, expected layer kinds)
     "granitemoehybrid-nope": (lambda: granite_hybrid(position_embedding_type="nope", **GRANITE_4_H_MULTIPLIERS),
                               ["recurrent", "attention", "recurrent"]),
     "lfm2": (lambda: lfm2(), ["recurrent", "recurrent", "attention", "recurrent"]),
+    "qwen3_next": (lambda: delta_rule_hybrid("Qwen3Next", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=32), DELTA_RULE_KINDS),
+    "qwen3_5": (lambda: delta_rule_hybrid("Qwen3_5", config="Qwen3_5TextConfig"), DELTA_RULE_KINDS),
+    "olmo_hybrid": (lambda: delta_rule_hybrid("OlmoHybrid", pad_token_id=0, eos_token_id=0), DELTA_RULE_KINDS),
     "jamba": (lambda: transformers.JambaForCausalLM(transformers.JambaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, num_experts=1, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
@@ -366,6 +384,24 @@ def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tok
     for k, i in enumerate(adapter.hf_layer_index):
         torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-4)
     assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 64, 8)
+
+
+@pytest.mark.parametrize("name", sorted(set(RELATIVES) - {"lfm2"}))
+def test_other_hybrids_hook_states_equal_transformers_cache(name, tokens):
+    """The recurrent and conv states that hook_state sees and the chunked run carries equal transformers' own
+    cache after one call on the same tokens."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(RELATIVES[name][0](), 0))
+    adapter = HFRecurrentAdapter(hf)
+    x = tokens[:1, :30]
+    seen = []
+    with hooks(adapter, {f"blocks.{adapter.n_layers - 1}.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x, 7)
+    cache = hf_cache_after(hf, x)
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(state.conv[k], cache.layers[i].conv_states[0], atol=1e-6, rtol=1e-4)
+    assert torch.equal(seen[-1], state.ssm[-1]) and state.ssm[-1].abs().max() > 1e-3  # far above the tolerance
 
 
 def test_lfm2_short_conv_states_are_the_window_transformers_caches(tokens):
