@@ -448,7 +448,22 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
     (lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1),
      "LlamaForCausalLM has no recurrent layers"),
-], ids=["sliding-window", "no-recurrent-layer"])
+    (lambda: transformers.RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                     intermediate_size=64),
+     r"RwkvForCausalLM keeps its state between calls in the `state` argument of its forward, not in transformers' "
+     "DynamicCache; the hf adapter carries only DynamicCache's"),
+    (lambda: transformers.xLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2),
+     r"xLSTMForCausalLM keeps its state between calls in its own xLSTMCache, not in transformers' DynamicCache"),
+    (lambda: transformers.MiniMaxConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=16, intermediate_size=64, num_local_experts=1,
+                                        num_experts_per_tok=1),
+     r"MiniMaxForCausalLM keeps its state between calls in its own MiniMaxCache, not in transformers' DynamicCache"),
+    (lambda: transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=64, lru_width=32, head_dim=16,
+                                               attention_window_size=8),
+     r"RecurrentGemmaForCausalLM: layers \[2\] keep a DynamicSlidingWindowLayer cache"),
+], ids=["sliding-window", "no-recurrent-layer", "rwkv-state-argument", "xlstm-own-cache", "minimax-own-cache",
+        "recurrent-gemma-local-attention"])
 def test_caches_the_adapter_cannot_carry_are_refused(config, message):
     cfg = config()
     model = transformers.AutoModelForCausalLM.from_config(cfg)

@@ -172,6 +172,32 @@ def layer_kinds(config) -> list[str]:
     return kinds
 
 
+def state_outside_cache(hf_class: type) -> str | None:
+    """Where a transformers model keeps its state between calls when not in ``DynamicCache``'s layers, in a few
+    words (None when it keeps it there): its own cache class (xLSTM's ``xLSTMCache``, MiniMax's
+    ``MiniMaxCache`` for its lightning attention, which refuses a DynamicCache) or a ``state`` argument of
+    its forward (RWKV). Read off the class's own module and signature; nothing is built or run."""
+    import sys
+
+    module = sys.modules.get(hf_class.__module__)
+    own = sorted(name for name, obj in vars(module).items() if isinstance(obj, type)
+                 and obj.__module__ == hf_class.__module__ and name.endswith("Cache")) if module else []
+    if own:
+        return f"its own {own[0]}"
+    if "state" in inspect.signature(hf_class.forward).parameters:
+        return "the `state` argument of its forward"
+    return None
+
+
+def _refuse_state_outside_cache(hf_class: type) -> None:
+    """A :class:`CheckpointError` naming where ``hf_class`` keeps its state, if not in DynamicCache's layers."""
+    holder = state_outside_cache(hf_class)
+    if holder is not None:
+        raise CheckpointError(f"{hf_class.__name__} keeps its state between calls in {holder}, not in transformers' "
+                              "DynamicCache; the hf adapter carries only DynamicCache's recurrent, conv and "
+                              "full-attention layers")
+
+
 class HFRecurrentAdapter(RecurrentLM):
     """A ``transformers`` causal LM with recurrent layers as a :class:`RecurrentLM` (see the module docstring).
 
@@ -187,6 +213,7 @@ class HFRecurrentAdapter(RecurrentLM):
         self.hf = hf_model.eval()
         self.config = hf_model.config
         name = type(hf_model).__name__
+        _refuse_state_outside_cache(type(hf_model))
         self.layer_kinds = layer_kinds(self.config)
         other = {i: kind for i, kind in enumerate(self.layer_kinds)
                  if kind not in ("recurrent", "attention", "hybrid", "none")}
@@ -235,6 +262,7 @@ class HFRecurrentAdapter(RecurrentLM):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{path}: not a transformers causal LM checkpoint "
                                   f"({type(error).__name__}: {error})") from None
+        _refuse_state_outside_cache(hf_class)  # before its weights are read
         try:
             hf_model = hf_class.from_pretrained(os.fspath(path), local_files_only=True, trust_remote_code=False,
                                                 dtype=dtype)
