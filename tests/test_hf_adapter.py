@@ -323,6 +323,17 @@ def delta_rule_hybrid(family: str, config: str | None = None, **options):
     return getattr(transformers, f"{family}ForCausalLM")(cfg)
 
 
+def kimi_linear():
+    """Kimi Delta Attention layers with one MLA layer in four, the layers named as the released config.json
+    names them (``linear_attn_config``, 1-indexed), MoE with a shared expert, sizes scaled down."""
+    return transformers.KimiLinearForCausalLM(transformers.KimiLinearConfig(
+        vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0, hidden_size=32, intermediate_size=64,
+        moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8,
+        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        linear_attn_config={"full_attn_layers": [4], "kda_layers": [1, 2, 3], "head_dim": 8, "num_heads": 2,
+                            "short_conv_kernel_size": 4}))
+
+
 RELATIVES = {  # name -> (model, expected layer kinds)
     "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
         vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
@@ -340,6 +351,7 @@ RELATIVES = {  # name -> (model, expected layer kinds)
                                              shared_expert_intermediate_size=32), DELTA_RULE_KINDS),
     "qwen3_5": (lambda: delta_rule_hybrid("Qwen3_5", config="Qwen3_5TextConfig"), DELTA_RULE_KINDS),
     "olmo_hybrid": (lambda: delta_rule_hybrid("OlmoHybrid", pad_token_id=0, eos_token_id=0), DELTA_RULE_KINDS),
+    "kimi_linear": (lambda: kimi_linear(), DELTA_RULE_KINDS),
     "jamba": (lambda: transformers.JambaForCausalLM(transformers.JambaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, num_experts=1, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
