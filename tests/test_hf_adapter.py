@@ -343,12 +343,14 @@ RELATIVES = {  # name -> (model, expected layer kinds)
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
         mamba_chunk_size=16, **FALCON_H1_MULTIPLIERS)), ["hybrid", "hybrid"]),
-    "granitemoehybrid": (lambda: granite_hybrid(position_embedding_type="rope"), ["recurrent", "attention", "recurrent"]),
+    "granitemoehybrid": (lambda: granite_hybrid(position_embedding_type="rope"),
+                         ["recurrent", "attention", "recurrent"]),
     "granitemoehybrid-nope": (lambda: granite_hybrid(position_embedding_type="nope", **GRANITE_4_H_MULTIPLIERS),
                               ["recurrent", "attention", "recurrent"]),
     "lfm2": (lambda: lfm2(), ["recurrent", "recurrent", "attention", "recurrent"]),
-    "qwen3_next": (lambda: delta_rule_hybrid("Qwen3Next", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                             shared_expert_intermediate_size=32), DELTA_RULE_KINDS),
+    "qwen3_next": (lambda: delta_rule_hybrid("Qwen3Next", num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, shared_expert_intermediate_size=32),
+                   DELTA_RULE_KINDS),
     "qwen3_5": (lambda: delta_rule_hybrid("Qwen3_5", config="Qwen3_5TextConfig"), DELTA_RULE_KINDS),
     "olmo_hybrid": (lambda: delta_rule_hybrid("OlmoHybrid", pad_token_id=0, eos_token_id=0), DELTA_RULE_KINDS),
     "kimi_linear": (lambda: kimi_linear(), DELTA_RULE_KINDS),
@@ -434,7 +436,44 @@ def test_lfm2_short_conv_states_are_the_window_transformers_caches(tokens):
     assert len(seen) == 5 and torch.equal(seen[-1], state.ssm[2]) and state.ssm[2].abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("name, key", [("falcon_h1", "lm_head_multiplier"), ("granitemoehybrid-nope", "logits_scaling")])
+def test_kernels_of_other_packages_are_not_run_on_a_cpu(monkeypatch, tokens):
+    """transformers runs flash-linear-attention's delta-rule kernel whenever that package imports, whatever the
+    device, and its Triton kernels cannot run on a CPU. Imitated with transformers' own decorator over a stand-in
+    package whose kernel fails: the adapter runs transformers' torch code instead, with the model's own logits,
+    and leaves the model as it found it."""
+    import sys
+    import types
+
+    from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
+    from transformers.models.qwen3_next import modeling_qwen3_next as modeling
+
+    torch.manual_seed(0)
+    hf = sharpen(perturb(RELATIVES["qwen3_next"][0](), 0))
+    x = tokens[:, :24]
+    expected = hf_logits(hf, x)  # transformers' torch code: flash-linear-attention's kernels do not import here
+
+    def kernel(*args, **kwargs):
+        raise RuntimeError("Triton kernels need a GPU")
+
+    ops = types.ModuleType("stand_in_fla.ops.gated_delta_rule")
+    ops.chunk_gated_delta_rule = kernel
+    for name, module in [("stand_in_fla", types.ModuleType("stand_in_fla")),
+                         ("stand_in_fla.ops", types.ModuleType("stand_in_fla.ops")), (ops.__name__, ops)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    decorate = use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "stand_in_fla")
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule",
+                        decorate(modeling.torch_chunk_gated_delta_rule.__wrapped__))
+    with pytest.raises(RuntimeError, match="Triton"):
+        hf_logits(hf, x)
+    adapter = HFRecurrentAdapter(hf)
+    assert len(adapter._kernel_swaps) == 1
+    assert (logits_of(adapter, x, 5) - expected).abs().max().item() <= 1e-4
+    with pytest.raises(RuntimeError, match="Triton"):  # the module's function is put back after each call
+        hf_logits(hf, x)
+
+
+@pytest.mark.parametrize("name, key", [("falcon_h1", "lm_head_multiplier"),
+                                       ("granitemoehybrid-nope", "logits_scaling")])
 def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
     """The released configs scale the logits after lm_head: chunked with carried state, the adapter's logits
     are the model's own to float32 rounding (relative to their size, which the scale shrinks), far from the
@@ -470,9 +509,9 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
                                         num_key_value_heads=1, head_dim=16, intermediate_size=64, num_local_experts=1,
                                         num_experts_per_tok=1),
      r"MiniMaxForCausalLM keeps its state between calls in its own MiniMaxCache, not in transformers' DynamicCache"),
-    (lambda: transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                               num_key_value_heads=1, intermediate_size=64, lru_width=32, head_dim=16,
-                                               attention_window_size=8),
+    (lambda: transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                               lru_width=32, head_dim=16, attention_window_size=8),
      r"RecurrentGemmaForCausalLM: layers \[2\] keep a DynamicSlidingWindowLayer cache"),
 ], ids=["sliding-window", "no-recurrent-layer", "rwkv-state-argument", "xlstm-own-cache", "minimax-own-cache",
         "recurrent-gemma-local-attention"])

@@ -37,9 +37,15 @@ model drops the carried state in multi-token calls (``transformers``' ``MambaFor
 the cached recurrent state unless the call has one token), the adapter runs every chunk token by
 token (``token_by_token = True``, with a line in ``notes``): exact, and slow.
 
+Other packages' kernels: transformers calls flash-linear-attention's (mamba-ssm's, causal-conv1d's) function
+in place of its own torch code whenever that package imports, whatever the device; their Triton and CUDA
+kernels cannot run on a CPU. On a CPU the adapter swaps transformers' torch function back in for each of its
+calls (:func:`kernel_swaps`, :meth:`HFRecurrentAdapter.torch_path`) and restores the module afterwards.
+
 Hook points: only ``blocks.{k}.hook_state`` (``[b, heads, headdim, d_state]``, ``[b, d_inner,
-d_state]`` or a short conv's ``[b, hidden, conv_L_cache - 1]``), called with each recurrent layer's state read back after each call (after each token
-when ``token_by_token``); a returned tensor replaces the carried state. The per-token quantities of
+d_state]`` or a short conv's ``[b, hidden, conv_L_cache - 1]``), called with each recurrent layer's
+state read back after each call (after each token when ``token_by_token``); a returned tensor
+replaces the carried state. The per-token quantities of
 the native backends (``hook_dt``, ``hook_decay``, ``hook_B`` ...) are inside the HF modules and are not
 available through this adapter.
 """
@@ -48,6 +54,8 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -177,8 +185,6 @@ def state_outside_cache(hf_class: type) -> str | None:
     words (None when it keeps it there): its own cache class (xLSTM's ``xLSTMCache``, MiniMax's
     ``MiniMaxCache`` for its lightning attention, which refuses a DynamicCache) or a ``state`` argument of
     its forward (RWKV). Read off the class's own module and signature; nothing is built or run."""
-    import sys
-
     module = sys.modules.get(hf_class.__module__)
     own = sorted(name for name, obj in vars(module).items() if isinstance(obj, type)
                  and obj.__module__ == hf_class.__module__ and name.endswith("Cache")) if module else []
@@ -187,6 +193,47 @@ def state_outside_cache(hf_class: type) -> str | None:
     if "state" in inspect.signature(hf_class.forward).parameters:
         return "the `state` argument of its forward"
     return None
+
+
+def kernel_swaps(hf_model: nn.Module) -> list[tuple[object, str, object]]:
+    """(module, name, torch function) for each function of ``hf_model``'s transformers modules that runs another
+    package's kernel in place of transformers' torch code: transformers picks flash-linear-attention's (or
+    mamba-ssm's, causal-conv1d's) function when that package imports, whatever the device, and their Triton and
+    CUDA kernels cannot run on a CPU. Found by the wrapper's own closure (``use_kernel_func_from_hub_with_fallback``
+    keeps ``torch_function`` and ``is_new_implementation`` there); the torch function is called as the wrapper
+    calls it, with only the keywords it takes."""
+    swaps = []
+    modules = {type(m).__module__ for m in hf_model.modules()}
+    for name in sorted(n for n in modules if n.startswith("transformers.")):
+        for attr, fn in vars(sys.modules[name]).items():
+            if not inspect.isfunction(fn) or fn.__closure__ is None:
+                continue
+            cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
+            kernel = {"is_new_implementation", "torch_function"} <= set(cells)
+            if kernel and cells["is_new_implementation"].cell_contents:
+                swaps.append((sys.modules[name], attr, _with_its_keywords(cells["torch_function"].cell_contents)))
+    return swaps
+
+
+def _with_its_keywords(fn):
+    """``fn`` called with only the keywords its signature names (all of them when it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn
+    return lambda *args, **kwargs: fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+@contextmanager
+def swapped(swaps: list[tuple[object, str, object]]):
+    """The functions ``swaps`` names replaced (module attributes) while the block runs, restored after."""
+    saved = [getattr(module, attr) for module, attr, _ in swaps]
+    try:
+        for module, attr, fn in swaps:
+            setattr(module, attr, fn)
+        yield
+    finally:
+        for (module, attr, _), fn in zip(swaps, saved):
+            setattr(module, attr, fn)
 
 
 def _refuse_state_outside_cache(hf_class: type) -> None:
@@ -235,6 +282,7 @@ class HFRecurrentAdapter(RecurrentLM):
         self.token_by_token = False
         self.notes: list[str] = [self.layout()] if self.attention_layer_index else []
         self.blocks = nn.ModuleList(_StateHooks(k) for k in range(len(self.hf_layer_index)))
+        self._kernel_swaps = kernel_swaps(hf_model)  # used on a CPU only (see torch_path)
         try:
             self._shapes, self._kv_shapes = self._probe_shapes()
         except RuntimeError as error:  # the HF model's own forward, e.g. a GPU-only kernel on the CPU
@@ -282,6 +330,11 @@ class HFRecurrentAdapter(RecurrentLM):
         return line
 
     # -- the cache round trip ------------------------------------------------------------------
+    def torch_path(self):
+        """A context in which the HF model runs transformers' torch code where, on a CPU, it would call another
+        package's GPU kernel (empty on other devices and where no such package is installed)."""
+        return swapped(self._kernel_swaps if self.device.type == "cpu" else [])
+
     def _probe_shapes(self):
         """Per recurrent layer: (ssm shape, dtype, conv shape, dtype); per attention layer: (key shape,
         value shape, dtype) with a zero-length sequence axis. One sequence, batch axis dropped."""
@@ -289,7 +342,7 @@ class HFRecurrentAdapter(RecurrentLM):
 
         cache = DynamicCache(config=self.config)
         tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.torch_path():
             self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
         shapes, self._conv_only = [], []
         for i in self.hf_layer_index:
@@ -343,7 +396,8 @@ class HFRecurrentAdapter(RecurrentLM):
             state = self._as_hybrid(state)
             extra = self._mask_and_positions(state, tokens.shape[1])
         cache = self._cache_from(state)
-        out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
+        with self.torch_path():
+            out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
             layer_ssm, layer_conv = self._read_layer(cache.layers[i], k)
@@ -448,7 +502,8 @@ def check_chunking(model: HFRecurrentAdapter, *, length: int = 64, chunk: int = 
         return (a - b).abs().max().item() <= tolerance(model.dtype, b.abs().max().item())
 
     with torch.no_grad():
-        reference = model.hf(input_ids=tokens).logits.float()
+        with model.torch_path():
+            reference = model.hf(input_ids=tokens).logits.float()
         one_shot = model(tokens)[0].float()
         if not close(one_shot, reference):
             raise CheckpointError(f"{type(model.hf).__name__}: lm_head(last hidden state) differs from the "
