@@ -436,6 +436,29 @@ def test_lfm2_short_conv_states_are_the_window_transformers_caches(tokens):
     assert len(seen) == 5 and torch.equal(seen[-1], state.ssm[2]) and state.ssm[2].abs().max() > 1e-2
 
 
+def test_a_released_qwen3_5_checkpoint_runs_its_text_model(tmp_path, tokens):
+    """Qwen3.5 is released as an image-text model (``model_type`` qwen3_5, a vision tower beside the text model):
+    ``--backend auto`` loads its text model through transformers' Qwen3_5ForCausalLM, whose chunked logits with
+    a reset row equal the released class's own on text."""
+    from statelens.models.auto import load_model
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=8, linear_value_head_dim=8,
+                layer_types=["linear_attention"] * 3 + ["full_attention"])
+    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32)
+    released = transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(text_config=text,
+                                                                                        vision_config=vision))
+    sharpen(perturb(released, 0)).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.backend == "hf" and type(loaded.model.hf).__name__ == "Qwen3_5ForCausalLM"
+    x = tokens[:, :30]
+    logits = logits_of(loaded.model, x, 7, resets=[0, 9])
+    assert (logits[0] - hf_logits(released, x[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, 9:] - hf_logits(released, x[1:, 9:])[0]).abs().max().item() <= 1e-4
+
+
 def test_kernels_of_other_packages_are_not_run_on_a_cpu(monkeypatch, tokens):
     """transformers runs flash-linear-attention's delta-rule kernel whenever that package imports, whatever the
     device, and its Triton kernels cannot run on a CPU. Imitated with transformers' own decorator over a stand-in
