@@ -348,6 +348,15 @@ RELATIVES = {  # name -> (model, expected layer kinds)
     "granitemoehybrid-nope": (lambda: granite_hybrid(position_embedding_type="nope", **GRANITE_4_H_MULTIPLIERS),
                               ["recurrent", "attention", "recurrent"]),
     "lfm2": (lambda: lfm2(), ["recurrent", "recurrent", "attention", "recurrent"]),
+    "lfm2_moe": (lambda: transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, layer_types=["conv", "conv", "full_attention", "conv"],
+        num_experts=4, num_experts_per_tok=2, num_dense_layers=1)),
+                 ["recurrent", "recurrent", "attention", "recurrent"]),
+    "zamba": (lambda: transformers.ZambaForCausalLM(transformers.ZambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, n_mamba_heads=2,
+        mamba_dt_rank=4)), ["recurrent", "recurrent", "hybrid", "recurrent", "hybrid", "recurrent"]),
     "qwen3_next": (lambda: delta_rule_hybrid("Qwen3Next", num_experts=4, num_experts_per_tok=2,
                                              moe_intermediate_size=32, shared_expert_intermediate_size=32),
                    DELTA_RULE_KINDS),
@@ -369,7 +378,8 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     hf.save_pretrained(tmp_path)
     adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
     assert adapter.layer_kinds == kinds
-    assert adapter.token_by_token == (name == "jamba")  # Jamba's Mamba-1 mixer drops the state in multi-token calls
+    # Jamba's Mamba-1 mixer and Zamba's per-head Mamba mixer drop the carried state in multi-token calls
+    assert adapter.token_by_token == (name in ("jamba", "zamba"))
     x = tokens[:, :40]
     logits = logits_of(adapter, x, 7, resets=[0, 17])
     assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
@@ -400,7 +410,10 @@ def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tok
     assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 64, 8)
 
 
-@pytest.mark.parametrize("name", sorted(set(RELATIVES) - {"lfm2"}))
+SHORT_CONV = ["lfm2", "lfm2_moe"]  # conv-only recurrent layers
+
+
+@pytest.mark.parametrize("name", sorted(set(RELATIVES) - set(SHORT_CONV)))
 def test_other_hybrids_hook_states_equal_transformers_cache(name, tokens):
     """The recurrent and conv states that hook_state sees and the chunked run carries equal transformers' own
     cache after one call on the same tokens."""
@@ -418,12 +431,13 @@ def test_other_hybrids_hook_states_equal_transformers_cache(name, tokens):
     assert torch.equal(seen[-1], state.ssm[-1]) and state.ssm[-1].abs().max() > 1e-3  # far above the tolerance
 
 
-def test_lfm2_short_conv_states_are_the_window_transformers_caches(tokens):
+@pytest.mark.parametrize("name", SHORT_CONV)
+def test_lfm2_short_conv_states_are_the_window_transformers_caches(name, tokens):
     """LFM2's conv layers keep only a conv window: its state is the last conv_L_cache - 1 inputs of the
     conv, which the hook sees and the chunked run carries; after the same tokens it equals the columns of
     transformers' own cache that a later token reads."""
     torch.manual_seed(0)
-    hf = sharpen(perturb(lfm2(), 0))
+    hf = sharpen(perturb(RELATIVES[name][0](), 0))
     adapter = HFRecurrentAdapter(hf)
     assert adapter.state_shapes() == [{"ssm": (32, 2), "conv": (32, 0)}] * 3 and adapter.n_heads == 1
     x = tokens[:1, :30]
