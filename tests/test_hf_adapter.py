@@ -279,6 +279,61 @@ def test_remembrance_command_on_a_hybrid_equals_brute_force(tmp_path, monkeypatc
     assert written.effrem.iloc[1] > 1e-4 and written.effrem.iloc[-1] > 1e-3  # far from the tolerance
 
 
+# The multipliers of the released configs (Falcon-H1-0.5B's muP multipliers, Granite-4.0-H's logit scaling and
+# residual/attention/embedding multipliers): the head's lm_head_multiplier and logits_scaling enter the logits.
+FALCON_H1_MULTIPLIERS = dict(
+    lm_head_multiplier=0.0390625, embedding_multiplier=5.656854249492381, key_multiplier=0.390625,
+    attention_in_multiplier=1.0, attention_out_multiplier=0.9375, mlp_multipliers=[0.8838834764831844, 0.5859375],
+    ssm_multipliers=[0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738], ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.23570226039551587)
+GRANITE_4_H_MULTIPLIERS = dict(logits_scaling=4.0, embedding_multiplier=12.0, attention_multiplier=0.0078125,
+                               residual_multiplier=0.22)
+
+
+def granite_hybrid(**options):
+    """Mamba-2, attention, Mamba-2 (MoE with one expert and a shared MLP), with ``options`` on top."""
+    return transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16,
+        mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, num_local_experts=1, num_experts_per_tok=1,
+        shared_intermediate_size=64, **options))
+
+
+def lfm2():
+    """LFM2's short-conv and attention layers with LFM2-350M's options (conv_L_cache 3, no conv bias, tied
+    embeddings, the feed-forward width adjusted as released), sizes scaled down."""
+    return transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3,
+        conv_bias=False, block_auto_adjust_ff_dim=True, block_ffn_dim_multiplier=1.0, block_multiple_of=16,
+        tie_word_embeddings=True))
+
+
+DELTA_RULE_KINDS = ["recurrent", "recurrent", "recurrent", "attention"]
+
+
+def delta_rule_hybrid(family: str, config: str | None = None, **options):
+    """Gated DeltaNet layers (conv and delta-rule state) with one full-attention layer in four, as the released
+    Qwen3-Next, Qwen3.5 and OLMo hybrid configs (their config class's defaults: twice as many value heads as
+    key heads, the gated attention, partial rotary, the same conv width), sizes scaled down."""
+    cfg = getattr(transformers, config or f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention"] * 3 + ["full_attention"], **options)
+    return getattr(transformers, f"{family}ForCausalLM")(cfg)
+
+
+def kimi_linear():
+    """Kimi Delta Attention layers with one MLA layer in four, the layers named as the released config.json
+    names them (``linear_attn_config``, 1-indexed), MoE with a shared expert, sizes scaled down."""
+    return transformers.KimiLinearForCausalLM(transformers.KimiLinearConfig(
+        vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0, hidden_size=32, intermediate_size=64,
+        moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8,
+        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        linear_attn_config={"full_attn_layers": [4], "kda_layers": [1, 2, 3], "head_dim": 8, "num_heads": 2,
+                            "short_conv_kernel_size": 4}))
+
+
 RELATIVES = {  # name -> (model, expected layer kinds)
     "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
         vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
@@ -287,12 +342,27 @@ RELATIVES = {  # name -> (model, expected layer kinds)
     "falcon_h1": (lambda: transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
-        mamba_chunk_size=16)), ["hybrid", "hybrid"]),
-    "granitemoehybrid": (lambda: transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16,
-        mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, num_local_experts=1, num_experts_per_tok=1,
-        shared_intermediate_size=64, position_embedding_type="rope")), ["recurrent", "attention", "recurrent"]),
+        mamba_chunk_size=16, **FALCON_H1_MULTIPLIERS)), ["hybrid", "hybrid"]),
+    "granitemoehybrid": (lambda: granite_hybrid(position_embedding_type="rope"),
+                         ["recurrent", "attention", "recurrent"]),
+    "granitemoehybrid-nope": (lambda: granite_hybrid(position_embedding_type="nope", **GRANITE_4_H_MULTIPLIERS),
+                              ["recurrent", "attention", "recurrent"]),
+    "lfm2": (lambda: lfm2(), ["recurrent", "recurrent", "attention", "recurrent"]),
+    "lfm2_moe": (lambda: transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, layer_types=["conv", "conv", "full_attention", "conv"],
+        num_experts=4, num_experts_per_tok=2, num_dense_layers=1)),
+                 ["recurrent", "recurrent", "attention", "recurrent"]),
+    "zamba": (lambda: transformers.ZambaForCausalLM(transformers.ZambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, n_mamba_heads=2,
+        mamba_dt_rank=4)), ["recurrent", "recurrent", "hybrid", "recurrent", "hybrid", "recurrent"]),
+    "qwen3_next": (lambda: delta_rule_hybrid("Qwen3Next", num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, shared_expert_intermediate_size=32),
+                   DELTA_RULE_KINDS),
+    "qwen3_5": (lambda: delta_rule_hybrid("Qwen3_5", config="Qwen3_5TextConfig"), DELTA_RULE_KINDS),
+    "olmo_hybrid": (lambda: delta_rule_hybrid("OlmoHybrid", pad_token_id=0, eos_token_id=0), DELTA_RULE_KINDS),
+    "kimi_linear": (lambda: kimi_linear(), DELTA_RULE_KINDS),
     "jamba": (lambda: transformers.JambaForCausalLM(transformers.JambaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, num_experts=1, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
@@ -308,11 +378,155 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     hf.save_pretrained(tmp_path)
     adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
     assert adapter.layer_kinds == kinds
-    assert adapter.token_by_token == (name == "jamba")  # Jamba's Mamba-1 mixer drops the state in multi-token calls
+    # Jamba's Mamba-1 mixer and Zamba's per-head Mamba mixer drop the carried state in multi-token calls
+    assert adapter.token_by_token == (name in ("jamba", "zamba"))
     x = tokens[:, :40]
     logits = logits_of(adapter, x, 7, resets=[0, 17])
     assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
     assert (logits[1, 17:] - hf_logits(hf, x[1:, 17:])[0]).abs().max().item() <= 1e-4
+
+
+def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tokens):
+    """Falcon-Mamba (Mamba-1 with RMS-normed B, C and dt; the released config's mixer_rms_eps, untied head) has no
+    native backend: through the adapter, token by token, chunked logits with a reset row equal transformers'
+    one-shot runs, and the states the hook sees equal transformers' own cache after the same tokens."""
+    torch.manual_seed(0)
+    cfg = transformers.FalconMambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                                         conv_kernel=4, time_step_rank=4, mixer_rms_eps=1e-6, tie_word_embeddings=False)
+    hf = perturb(transformers.FalconMambaForCausalLM(cfg), 0)
+    hf.save_pretrained(tmp_path)
+    adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
+    assert adapter.layer_kinds == ["recurrent", "recurrent"] and adapter.token_by_token
+    x = tokens[:, :30]
+    logits = logits_of(adapter, x, 7, resets=[0, 11])
+    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, 11:] - hf_logits(hf, x[1:, 11:])[0]).abs().max().item() <= 1e-4
+    seen = []
+    with hooks(adapter, {"blocks.1.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x[:1], 7)
+    cache = hf_cache_after(hf, x[:1])
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 64, 8)
+
+
+SHORT_CONV = ["lfm2", "lfm2_moe"]  # conv-only recurrent layers
+
+
+@pytest.mark.parametrize("name", sorted(set(RELATIVES) - set(SHORT_CONV)))
+def test_other_hybrids_hook_states_equal_transformers_cache(name, tokens):
+    """The recurrent and conv states that hook_state sees and the chunked run carries equal transformers' own
+    cache after one call on the same tokens."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(RELATIVES[name][0](), 0))
+    adapter = HFRecurrentAdapter(hf)
+    x = tokens[:1, :30]
+    seen = []
+    with hooks(adapter, {f"blocks.{adapter.n_layers - 1}.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x, 7)
+    cache = hf_cache_after(hf, x)
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(state.conv[k], cache.layers[i].conv_states[0], atol=1e-6, rtol=1e-4)
+    assert torch.equal(seen[-1], state.ssm[-1]) and state.ssm[-1].abs().max() > 1e-3  # far above the tolerance
+
+
+@pytest.mark.parametrize("name", SHORT_CONV)
+def test_lfm2_short_conv_states_are_the_window_transformers_caches(name, tokens):
+    """LFM2's conv layers keep only a conv window: its state is the last conv_L_cache - 1 inputs of the
+    conv, which the hook sees and the chunked run carries; after the same tokens it equals the columns of
+    transformers' own cache that a later token reads."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(RELATIVES[name][0](), 0))
+    adapter = HFRecurrentAdapter(hf)
+    assert adapter.state_shapes() == [{"ssm": (32, 2), "conv": (32, 0)}] * 3 and adapter.n_heads == 1
+    x = tokens[:1, :30]
+    seen = []
+    with hooks(adapter, {"blocks.2.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x, 7)
+    cache = hf_cache_after(hf, x)
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], cache.layers[i].conv_states[0][..., 1:], atol=1e-5, rtol=1e-4)
+    assert len(seen) == 5 and torch.equal(seen[-1], state.ssm[2]) and state.ssm[2].abs().max() > 1e-2
+
+
+def test_a_released_qwen3_5_checkpoint_runs_its_text_model(tmp_path, tokens):
+    """Qwen3.5 is released as an image-text model (``model_type`` qwen3_5, a vision tower beside the text model):
+    ``--backend auto`` loads its text model through transformers' Qwen3_5ForCausalLM, whose chunked logits with
+    a reset row equal the released class's own on text."""
+    from statelens.models.auto import load_model
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=8, linear_value_head_dim=8,
+                layer_types=["linear_attention"] * 3 + ["full_attention"])
+    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32)
+    released = transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(text_config=text,
+                                                                                        vision_config=vision))
+    sharpen(perturb(released, 0)).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.backend == "hf" and type(loaded.model.hf).__name__ == "Qwen3_5ForCausalLM"
+    x = tokens[:, :30]
+    logits = logits_of(loaded.model, x, 7, resets=[0, 9])
+    assert (logits[0] - hf_logits(released, x[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, 9:] - hf_logits(released, x[1:, 9:])[0]).abs().max().item() <= 1e-4
+
+
+def test_kernels_of_other_packages_are_not_run_on_a_cpu(monkeypatch, tokens):
+    """transformers runs flash-linear-attention's delta-rule kernel whenever that package imports, whatever the
+    device, and its Triton kernels cannot run on a CPU. Imitated with transformers' own decorator over a stand-in
+    package whose kernel fails: the adapter runs transformers' torch code instead, with the model's own logits,
+    and leaves the model as it found it."""
+    import sys
+    import types
+
+    from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
+    from transformers.models.qwen3_next import modeling_qwen3_next as modeling
+
+    torch.manual_seed(0)
+    hf = sharpen(perturb(RELATIVES["qwen3_next"][0](), 0))
+    x = tokens[:, :24]
+    expected = hf_logits(hf, x)  # transformers' torch code: flash-linear-attention's kernels do not import here
+
+    def kernel(*args, **kwargs):
+        raise RuntimeError("Triton kernels need a GPU")
+
+    ops = types.ModuleType("stand_in_fla.ops.gated_delta_rule")
+    ops.chunk_gated_delta_rule = kernel
+    for name, module in [("stand_in_fla", types.ModuleType("stand_in_fla")),
+                         ("stand_in_fla.ops", types.ModuleType("stand_in_fla.ops")), (ops.__name__, ops)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    decorate = use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "stand_in_fla")
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule",
+                        decorate(modeling.torch_chunk_gated_delta_rule.__wrapped__))
+    with pytest.raises(RuntimeError, match="Triton"):
+        hf_logits(hf, x)
+    adapter = HFRecurrentAdapter(hf)
+    assert len(adapter._kernel_swaps) == 1
+    assert (logits_of(adapter, x, 5) - expected).abs().max().item() <= 1e-4
+    with pytest.raises(RuntimeError, match="Triton"):  # the module's function is put back after each call
+        hf_logits(hf, x)
+
+
+@pytest.mark.parametrize("name, key", [("falcon_h1", "lm_head_multiplier"),
+                                       ("granitemoehybrid-nope", "logits_scaling")])
+def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
+    """The released configs scale the logits after lm_head: chunked with carried state, the adapter's logits
+    are the model's own to float32 rounding (relative to their size, which the scale shrinks), far from the
+    unscaled lm_head's."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(RELATIVES[name][0](), 0))
+    adapter = HFRecurrentAdapter(hf)
+    x = tokens[:, :40]
+    expected = hf_logits(hf, x)
+    with torch.no_grad():
+        unscaled = hf.lm_head(hf.base_model(input_ids=x).last_hidden_state)
+    size = expected.abs().max().item()
+    assert getattr(hf.config, key) != 1.0
+    for chunk in (6, 40):
+        assert (logits_of(adapter, x, chunk) - expected).abs().max().item() <= 1e-5 * size
+    assert (unscaled - expected).abs().max().item() > size
 
 
 @pytest.mark.parametrize("config, message", [
@@ -322,7 +536,22 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     (lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1),
      "LlamaForCausalLM has no recurrent layers"),
-], ids=["sliding-window", "no-recurrent-layer"])
+    (lambda: transformers.RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                     intermediate_size=64),
+     r"RwkvForCausalLM keeps its state between calls in the `state` argument of its forward, not in transformers' "
+     "DynamicCache; the hf adapter carries only DynamicCache's"),
+    (lambda: transformers.xLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2),
+     r"xLSTMForCausalLM keeps its state between calls in its own xLSTMCache, not in transformers' DynamicCache"),
+    (lambda: transformers.MiniMaxConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=16, intermediate_size=64, num_local_experts=1,
+                                        num_experts_per_tok=1),
+     r"MiniMaxForCausalLM keeps its state between calls in its own MiniMaxCache, not in transformers' DynamicCache"),
+    (lambda: transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                               lru_width=32, head_dim=16, attention_window_size=8),
+     r"RecurrentGemmaForCausalLM: layers \[2\] keep a DynamicSlidingWindowLayer cache"),
+], ids=["sliding-window", "no-recurrent-layer", "rwkv-state-argument", "xlstm-own-cache", "minimax-own-cache",
+        "recurrent-gemma-local-attention"])
 def test_caches_the_adapter_cannot_carry_are_refused(config, message):
     cfg = config()
     model = transformers.AutoModelForCausalLM.from_config(cfg)

@@ -75,8 +75,13 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
         return "transformers is not installed (pip install transformers)"
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return f"transformers {transformers.__version__} has no causal LM for it"
-    from statelens.models.hf_adapter import layer_kinds
+    from statelens.models.hf_adapter import layer_kinds, state_outside_cache
 
+    hf_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
+    holder = state_outside_cache(hf_class) if hf_class is not None else None
+    if holder is not None:
+        return (f"it keeps its state between calls in {holder}, not in transformers' DynamicCache, which the hf "
+                "adapter carries")
     try:
         config = transformers.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True,
                                                          trust_remote_code=False)

@@ -17,6 +17,10 @@ State layout, per recurrent layer ``k`` (``hf_layer_index[k]`` is its index in t
              ``conv_kernel``: one column more than statelens' native backends keep; the oldest
              column is never read (a width-k causal conv needs k - 1 past inputs), so
              ``conv[k][..., 1:]`` equals the native backend's conv state.
+    Short-conv layers (LFM2's), whose cache keeps a conv window and no recurrent state: the window is
+    the layer's whole state, so ``ssm[k]`` is its last ``conv_L_cache - 1`` inputs ``[b, hidden,
+    conv_L_cache - 1]`` (the cache's oldest column is never read, and is zeros when written back) and
+    ``conv[k]`` is empty, ``[b, hidden, 0]``.
 
 Hybrid models (layers with full attention beside the recurrent ones): the attention layers
 (``attention_layer_index``, HF indices; Zamba2's and Falcon-H1's layers that hold both are in both
@@ -33,9 +37,15 @@ model drops the carried state in multi-token calls (``transformers``' ``MambaFor
 the cached recurrent state unless the call has one token), the adapter runs every chunk token by
 token (``token_by_token = True``, with a line in ``notes``): exact, and slow.
 
-Hook points: only ``blocks.{k}.hook_state`` (``[b, heads, headdim, d_state]`` or ``[b, d_inner,
-d_state]``), called with each recurrent layer's state read back after each call (after each token
-when ``token_by_token``); a returned tensor replaces the carried state. The per-token quantities of
+Other packages' kernels: transformers calls flash-linear-attention's (mamba-ssm's, causal-conv1d's) function
+in place of its own torch code whenever that package imports, whatever the device; their Triton and CUDA
+kernels cannot run on a CPU. On a CPU the adapter swaps transformers' torch function back in for each of its
+calls (:func:`kernel_swaps`, :meth:`HFRecurrentAdapter.torch_path`) and restores the module afterwards.
+
+Hook points: only ``blocks.{k}.hook_state`` (``[b, heads, headdim, d_state]``, ``[b, d_inner,
+d_state]`` or a short conv's ``[b, hidden, conv_L_cache - 1]``), called with each recurrent layer's
+state read back after each call (after each token when ``token_by_token``); a returned tensor
+replaces the carried state. The per-token quantities of
 the native backends (``hook_dt``, ``hook_decay``, ``hook_B`` ...) are inside the HF modules and are not
 available through this adapter.
 """
@@ -44,6 +54,8 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -135,6 +147,16 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return nn.functional.pad(t, (0, 0, length - t.shape[2], 0))
 
 
+# The logit scales transformers' heads apply after lm_head, per model_type: (config key, how it enters), as the
+# *ForCausalLM.forward of transformers 5.24 writes it (the same float operation, so the logits are the model's
+# own bit for bit). check_chunking still compares with the model's own logits: a head not listed here that
+# scales or caps its logits is refused, never silently run unscaled.
+LOGIT_SCALES = {
+    "falcon_h1": ("lm_head_multiplier", lambda logits, m: logits * m),          # FalconH1ForCausalLM
+    "granitemoehybrid": ("logits_scaling", lambda logits, s: logits / s),       # GraniteMoeHybridForCausalLM
+}
+
+
 # Cache layer classes (by name) the adapter can carry: a recurrent state, a full-attention KV cache, or both.
 _RECURRENT, _ATTENTION, _BOTH = "LinearAttentionLayer", "DynamicLayer", "LinearAttentionAndFullAttentionLayer"
 
@@ -158,6 +180,71 @@ def layer_kinds(config) -> list[str]:
     return kinds
 
 
+def state_outside_cache(hf_class: type) -> str | None:
+    """Where a transformers model keeps its state between calls when not in ``DynamicCache``'s layers, in a few
+    words (None when it keeps it there): its own cache class (xLSTM's ``xLSTMCache``, MiniMax's
+    ``MiniMaxCache`` for its lightning attention, which refuses a DynamicCache) or a ``state`` argument of
+    its forward (RWKV). Read off the class's own module and signature; nothing is built or run."""
+    module = sys.modules.get(hf_class.__module__)
+    own = sorted(name for name, obj in vars(module).items() if isinstance(obj, type)
+                 and obj.__module__ == hf_class.__module__ and name.endswith("Cache")) if module else []
+    if own:
+        return f"its own {own[0]}"
+    if "state" in inspect.signature(hf_class.forward).parameters:
+        return "the `state` argument of its forward"
+    return None
+
+
+def kernel_swaps(hf_model: nn.Module) -> list[tuple[object, str, object]]:
+    """(module, name, torch function) for each function of ``hf_model``'s transformers modules that runs another
+    package's kernel in place of transformers' torch code: transformers picks flash-linear-attention's (or
+    mamba-ssm's, causal-conv1d's) function when that package imports, whatever the device, and their Triton and
+    CUDA kernels cannot run on a CPU. Found by the wrapper's own closure (``use_kernel_func_from_hub_with_fallback``
+    keeps ``torch_function`` and ``is_new_implementation`` there); the torch function is called as the wrapper
+    calls it, with only the keywords it takes."""
+    swaps = []
+    modules = {type(m).__module__ for m in hf_model.modules()}
+    for name in sorted(n for n in modules if n.startswith("transformers.")):
+        for attr, fn in vars(sys.modules[name]).items():
+            if not inspect.isfunction(fn) or fn.__closure__ is None:
+                continue
+            cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
+            kernel = {"is_new_implementation", "torch_function"} <= set(cells)
+            if kernel and cells["is_new_implementation"].cell_contents:
+                swaps.append((sys.modules[name], attr, _with_its_keywords(cells["torch_function"].cell_contents)))
+    return swaps
+
+
+def _with_its_keywords(fn):
+    """``fn`` called with only the keywords its signature names (all of them when it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn
+    return lambda *args, **kwargs: fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+@contextmanager
+def swapped(swaps: list[tuple[object, str, object]]):
+    """The functions ``swaps`` names replaced (module attributes) while the block runs, restored after."""
+    saved = [getattr(module, attr) for module, attr, _ in swaps]
+    try:
+        for module, attr, fn in swaps:
+            setattr(module, attr, fn)
+        yield
+    finally:
+        for (module, attr, _), fn in zip(swaps, saved):
+            setattr(module, attr, fn)
+
+
+def _refuse_state_outside_cache(hf_class: type) -> None:
+    """A :class:`CheckpointError` naming where ``hf_class`` keeps its state, if not in DynamicCache's layers."""
+    holder = state_outside_cache(hf_class)
+    if holder is not None:
+        raise CheckpointError(f"{hf_class.__name__} keeps its state between calls in {holder}, not in transformers' "
+                              "DynamicCache; the hf adapter carries only DynamicCache's recurrent, conv and "
+                              "full-attention layers")
+
+
 class HFRecurrentAdapter(RecurrentLM):
     """A ``transformers`` causal LM with recurrent layers as a :class:`RecurrentLM` (see the module docstring).
 
@@ -173,6 +260,7 @@ class HFRecurrentAdapter(RecurrentLM):
         self.hf = hf_model.eval()
         self.config = hf_model.config
         name = type(hf_model).__name__
+        _refuse_state_outside_cache(type(hf_model))
         self.layer_kinds = layer_kinds(self.config)
         other = {i: kind for i, kind in enumerate(self.layer_kinds)
                  if kind not in ("recurrent", "attention", "hybrid", "none")}
@@ -194,6 +282,7 @@ class HFRecurrentAdapter(RecurrentLM):
         self.token_by_token = False
         self.notes: list[str] = [self.layout()] if self.attention_layer_index else []
         self.blocks = nn.ModuleList(_StateHooks(k) for k in range(len(self.hf_layer_index)))
+        self._kernel_swaps = kernel_swaps(hf_model)  # used on a CPU only (see torch_path)
         try:
             self._shapes, self._kv_shapes = self._probe_shapes()
         except RuntimeError as error:  # the HF model's own forward, e.g. a GPU-only kernel on the CPU
@@ -221,6 +310,7 @@ class HFRecurrentAdapter(RecurrentLM):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{path}: not a transformers causal LM checkpoint "
                                   f"({type(error).__name__}: {error})") from None
+        _refuse_state_outside_cache(hf_class)  # before its weights are read
         try:
             hf_model = hf_class.from_pretrained(os.fspath(path), local_files_only=True, trust_remote_code=False,
                                                 dtype=dtype)
@@ -240,6 +330,11 @@ class HFRecurrentAdapter(RecurrentLM):
         return line
 
     # -- the cache round trip ------------------------------------------------------------------
+    def torch_path(self):
+        """A context in which the HF model runs transformers' torch code where, on a CPU, it would call another
+        package's GPU kernel (empty on other devices and where no such package is installed)."""
+        return swapped(self._kernel_swaps if self.device.type == "cpu" else [])
+
     def _probe_shapes(self):
         """Per recurrent layer: (ssm shape, dtype, conv shape, dtype); per attention layer: (key shape,
         value shape, dtype) with a zero-length sequence axis. One sequence, batch axis dropped."""
@@ -247,14 +342,18 @@ class HFRecurrentAdapter(RecurrentLM):
 
         cache = DynamicCache(config=self.config)
         tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.torch_path():
             self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
-        shapes = []
+        shapes, self._conv_only = [], []
         for i in self.hf_layer_index:
             ssm, conv = cache.layers[i].recurrent_states[0], cache.layers[i].conv_states[0]
-            if ssm is None or conv is None:
-                raise CheckpointError(f"layer {i} of {type(self.hf).__name__} keeps no recurrent state and "
-                                      "conv state; the hf adapter needs both")
+            if conv is None:
+                held = "a recurrent state but " if ssm is not None else ""
+                raise CheckpointError(f"layer {i} of {type(self.hf).__name__} keeps {held}no conv state in its "
+                                      "cache; the hf adapter carries a conv state with or without a recurrent state")
+            self._conv_only.append(ssm is None)
+            if ssm is None:  # a short-conv layer (LFM2): its state is the window the conv reads, no column unread
+                ssm, conv = conv[..., 1:], conv[..., :0]
             shapes.append((tuple(ssm.shape[1:]), ssm.dtype, tuple(conv.shape[1:]), conv.dtype))
         kv_shapes = []
         for i in self.attention_layer_index:
@@ -277,9 +376,12 @@ class HFRecurrentAdapter(RecurrentLM):
             layer = cache.layers[i]
             _, ssm_dtype, _, conv_dtype = self._shapes[k]
             ssm, conv = state.ssm[k].to(ssm_dtype), state.conv[k].to(conv_dtype)
+            if self._conv_only[k]:  # the cache's window has one more (oldest, never read) column: zeros
+                conv, ssm = nn.functional.pad(ssm, (1, 0)), None
             layer.lazy_initialization(conv_states=conv, recurrent_states=ssm, conv_kernel_size=conv.shape[-1])
             layer.conv_states[0].copy_(conv)
-            layer.recurrent_states[0].copy_(ssm)
+            if ssm is not None:
+                layer.recurrent_states[0].copy_(ssm)
             layer.has_previous_state[0] = True
         if isinstance(state, HybridState) and state.kv_length:
             for j, i in enumerate(self.attention_layer_index):
@@ -294,18 +396,27 @@ class HFRecurrentAdapter(RecurrentLM):
             state = self._as_hybrid(state)
             extra = self._mask_and_positions(state, tokens.shape[1])
         cache = self._cache_from(state)
-        out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
+        with self.torch_path():
+            out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
-            layer = cache.layers[i]
-            ssm.append(self.blocks[k].hook_state(layer.recurrent_states[0].clone()))
-            conv.append(layer.conv_states[0].clone())
+            layer_ssm, layer_conv = self._read_layer(cache.layers[i], k)
+            ssm.append(self.blocks[k].hook_state(layer_ssm))
+            conv.append(layer_conv)
         if not self.attention_layer_index:
             return out.last_hidden_state, State(tuple(ssm), tuple(conv))
         keys = tuple(cache.layers[i].keys for i in self.attention_layer_index)
         values = tuple(cache.layers[i].values for i in self.attention_layer_index)
         seen = tuple(s + tokens.shape[1] for s in state.seen)
         return out.last_hidden_state, HybridState.of(State(tuple(ssm), tuple(conv)), keys, values, seen)
+
+    def _read_layer(self, layer, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recurrent layer ``k``'s (ssm, conv) copied out of its cache layer; a short-conv layer's ssm is
+        its conv window less the column no later token reads, its conv empty."""
+        conv = layer.conv_states[0].clone()
+        if self._conv_only[k]:
+            return conv[..., 1:], conv[..., :0]
+        return layer.recurrent_states[0].clone(), conv
 
     def _mask_and_positions(self, state: HybridState, length: int) -> dict[str, torch.Tensor]:
         """position_ids [b, length]: each row's own positions (``seen`` on); attention_mask [b, L + length]
@@ -331,8 +442,13 @@ class HFRecurrentAdapter(RecurrentLM):
         return torch.cat(outs, dim=1), state
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., d_model] -> logits [..., vocab]: the HF model's output embedding (lm_head)."""
+        """hidden [..., d_model] -> logits [..., vocab]: the HF model's output embedding (lm_head), then
+        the logit scale its ``*ForCausalLM`` applies (:data:`LOGIT_SCALES`), in the same operation."""
         logits = self.hf.get_output_embeddings()(hidden)
+        scale = LOGIT_SCALES.get(getattr(self.config, "model_type", None))
+        if scale is not None:
+            key, op = scale
+            logits = op(logits, getattr(self.config, key))
         return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
     def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
@@ -348,8 +464,9 @@ class HFRecurrentAdapter(RecurrentLM):
 
     @property
     def n_heads(self) -> int:
-        """Mamba-2-like states: their head axis. Mamba-1-like [d_inner, d_state]: groups of 64
-        consecutive channels (fewer when 64 does not divide d_inner), as statelens' Mamba-1 backend."""
+        """Mamba-2-like states: their head axis. Mamba-1-like [d_inner, d_state] and short-conv windows
+        [hidden, w]: groups of 64 consecutive channels (fewer when 64 does not divide the channels), as
+        statelens' Mamba-1 backend."""
         shape = self._shapes[0][0]
         return shape[0] if len(shape) == 3 else shape[0] // math.gcd(shape[0], 64)
 
@@ -363,7 +480,9 @@ class HFRecurrentAdapter(RecurrentLM):
 
 
 def check_chunking(model: HFRecurrentAdapter, *, length: int = 64, chunk: int = 16, seed: int = 0) -> bool:
-    """Compares chunked with one-shot logits on random tokens; returns True when they agree.
+    """Compares chunked with one-shot logits and final recurrent states on random tokens; returns True when
+    they agree. The states are compared too because a model that drops the carried state in multi-token
+    calls can move the logits of a small random model by less than the tolerance (transformers' Zamba did).
 
     When they do not, switches ``model.token_by_token`` on (with a line in ``model.notes``) and checks
     again. Also checks the adapter's one-shot logits against the HF model's own. Raises
@@ -372,30 +491,35 @@ def check_chunking(model: HFRecurrentAdapter, *, length: int = 64, chunk: int = 
     vocab = model.hf.get_input_embeddings().weight.shape[0]
     tokens = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(model.device)
 
-    def chunked() -> torch.Tensor:
+    def chunked() -> tuple[torch.Tensor, State]:
         state, out = model.zero_state(1), []
         for start in range(0, length, chunk):
             logits, state = model(tokens[:, start:start + chunk], state)
             out.append(logits)
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1), state
 
     def close(a: torch.Tensor, b: torch.Tensor) -> bool:  # the tolerance `statelens check` holds backends to
         from statelens.models.verify import tolerance
 
+        a, b = a.float(), b.float()
         return (a - b).abs().max().item() <= tolerance(model.dtype, b.abs().max().item())
 
+    def agrees(run: tuple[torch.Tensor, State]) -> bool:
+        return close(run[0], one_shot) and all(map(close, run[1].ssm, final.ssm))
+
     with torch.no_grad():
-        reference = model.hf(input_ids=tokens).logits.float()
-        one_shot = model(tokens)[0].float()
+        with model.torch_path():
+            reference = model.hf(input_ids=tokens).logits.float()
+        one_shot, final = model(tokens)
         if not close(one_shot, reference):
             raise CheckpointError(f"{type(model.hf).__name__}: lm_head(last hidden state) differs from the "
                                   "model's logits (a logit scale or cap?); the hf adapter cannot run it")
-        if close(chunked().float(), one_shot):
+        if agrees(chunked()):
             return True
         model.token_by_token = True
         model.notes.append(f"{type(model.hf).__name__} drops the carried state in multi-token calls; "
                            "every chunk runs token by token (exact, slow)")
-        if not close(chunked().float(), one_shot):
+        if not agrees(chunked()):
             raise CheckpointError(f"{type(model.hf).__name__}: neither chunked nor token-by-token "
-                                  "continuation reproduces the one-shot logits")
+                                  "continuation reproduces the one-shot logits and states")
     return False
