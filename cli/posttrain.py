@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -42,6 +42,9 @@ MonitorEvery = Annotated[int, typer.Option(
                             "(statelens.monitor: losses within and beyond the training length, state norm and std "
                             "ratios and collapsed heads, EffRem, out-of-support fraction) into monitor.csv beside train_log.csv. "
                             "0: off.")]
+MonitorData = Annotated[Optional[Path], typer.Option(
+    "--monitor-data", help="Tokens of the monitor's probe, read as --data is (held-out text keeps the probe apart "
+                           "from the training sequences). Default: --data.", show_default=False)]
 MonitorSeqs = Annotated[int, typer.Option("--monitor-seqs", help="Probe sequences of the monitor.", min=1)]
 MonitorLength = Annotated[int | None, typer.Option(
     "--monitor-length", help="Tokens per probe sequence (at least 2 x --seq-len). Default: 4 x --seq-len.",
@@ -65,6 +68,7 @@ def posttrain(
     resume: Resume = False,
     fsdp: Fsdp = False,
     monitor_every: MonitorEvery = 0,
+    monitor_data: MonitorData = None,
     monitor_seqs: MonitorSeqs = 4,
     monitor_length: MonitorLength = None,
     device: Device = "cpu",
@@ -93,13 +97,13 @@ def posttrain(
                 config={"data": str(data) if data else None, "intervention": intervention.value, "steps": steps,
                         "seq_len": seq_len, "batch": batch, "lr": lr, "warmup": warmup, "clip": clip,
                         "save_every": save_every, "resume": resume, "fsdp": fsdp, "monitor_every": monitor_every,
-                        "monitor_seqs": monitor_seqs, "monitor_length": monitor_length})
+                        "monitor_data": str(monitor_data) if monitor_data else None, "monitor_seqs": monitor_seqs, "monitor_length": monitor_length})
     n, length = training_draw(settings)
     try:
         tokens = run.sequences(data, n, length)
     except DataError:  # less data than asked for: one batch is the least that trains
         tokens = run.sequences(data, batch, length)
-    probe = run.sequences(data, monitor_seqs, monitor_length) if monitor_every else None
+    probe = run.sequences(monitor_data or data, monitor_seqs, monitor_length) if monitor_every else None
     run.lap("data")
     try:
         with progress(steps, f"{intervention.value} post-training, {batch} x {seq_len} tokens a step",

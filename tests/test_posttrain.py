@@ -267,3 +267,20 @@ def test_cli_monitor_bad_input(ckpt_dir, tmp_path, args, words):
                  *args)
     assert isinstance(result.exception, BadInput) and words in str(result.exception)
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_monitor_data_is_the_probe_measured_at_step_0(ckpt_dir, tmp_path):
+    """--monitor-data PROBE.npy ([n, L] exactly as asked): the step-0 rows equal a fresh StateMonitor on the
+    checkpoint before training with that probe."""
+    from statelens.monitor import StateMonitor
+
+    probe = data(n=2, length=3 * SEQ_LEN, seed=11)
+    np.save(tmp_path / "probe.npy", probe)
+    out = tmp_path / "run"
+    result = cli("--ckpt", ckpt_dir, "--intervention", "none", "--steps", 2, "--seq-len", SEQ_LEN, "--batch", BATCH,
+                 "--warmup", 1, "--monitor-every", 2, "--monitor-data", tmp_path / "probe.npy", "--monitor-seqs", 2,
+                 "--monitor-length", 3 * SEQ_LEN, "--out", out)
+    assert result.exit_code == 0, result.output
+    csv = pd.read_csv(out / "monitor.csv")
+    expected = StateMonitor(load_checkpoint(ckpt_dir).model, probe, train_len=SEQ_LEN, every=1)(0)
+    np.testing.assert_allclose(csv[csv.step == 0].value, expected.value, rtol=1e-6)
