@@ -47,7 +47,7 @@ def command(spec):
 def _spec_option(name: str, kind: type, default, meta: dict) -> tuple[str, object, object]:
     """(name, typer annotation, default) of one field of an options dataclass (see
     :func:`statelens.analysis.spec.option`); a field with ``choices`` takes that Enum's values."""
-    optional = kind != type(default) and default is None
+    optional = default is None  # the fields that default to None are the optional ones (X | None)
     choices = meta.get("choices")
     if choices is not None:
         kind, default = choices, (None if default is None else choices(default))

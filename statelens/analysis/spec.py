@@ -140,9 +140,6 @@ class Analysis:
 
         return registry.register(self.name)(self)
 
-    def table(self, name: str) -> Table:
-        return next(t for t in self.tables if t.name == name)
-
     @property
     def shows(self) -> str:
         """The table whose presence shows the analysis ran (its first)."""
