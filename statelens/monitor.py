@@ -23,10 +23,13 @@ Columns: step, metric, layer, head, t, value; layer, head and t are NaN where th
 
 **The out-of-support reference is refitted every ``refit_every`` calls** (default 10): on those calls
 the per-head support (PCA and k-NN threshold, :class:`statelens.analysis.coverage.Support`) is fitted on
-the current states at the recorded positions stride, 2 stride, ... <= T; on the calls between, the
+the current states at the recorded positions stride, 2 stride, ... <= T and T; on the calls between, the
 current end-of-probe states are scored against the last fitted support, so the fraction also moves when
 the weights move the states away from where they were. On a refit call it equals
 :func:`statelens.analysis.coverage.out_of_support` of this call's states.
+
+Cost: one rollout of the probe, cut at the recorded positions, gives the losses, the states and their
+statistics; EffRem adds its truncated rollouts (:func:`statelens.analysis.remembrance.remembrance`).
 
 Memory: the monitor keeps its probe, its settings and the last fitted supports (per head, the reference
 points in PCA coordinates), never anything per call; :meth:`StateMonitor.step` writes its rows to
@@ -44,10 +47,10 @@ import pandas as pd
 import torch
 
 from statelens.analysis.collapse import collapse
-from statelens.analysis.coverage import Support, StateSample, collect_states, head_support
+from statelens.analysis.coverage import Support, StateSample, head_support, record_states
 from statelens.analysis.positionwise import bucket_losses
 from statelens.analysis.remembrance import remembrance
-from statelens.analysis.states import state_stats
+from statelens.analysis.states import recording_cubes, stats_from_cubes
 from statelens.errors import ParameterError
 from statelens.models.base import RecurrentLM
 from statelens.outputs import write_table
@@ -92,7 +95,9 @@ class StateMonitor:
             raise ParameterError("effrem_ts", f"EffRem truncation points must lie in [1, {self.length - 1}], "
                                               f"got {self.effrem_ts}")
         stride = stride or max(1, self.train_len // 16)
-        self.positions = [*range(stride, self.train_len + 1, stride), self.length]  # reference ..., query L
+        # the reference positions stride, 2 stride, ... <= T, then T (the ratios' denominator), then L
+        self.reference = sorted({*range(stride, self.train_len + 1, stride), self.train_len})
+        self.positions = [*self.reference, self.length]
         self.support_options = {"k": k, "components": components, "quantile": quantile}
         self.record_options = {"projection_dim": projection_dim, "seed": seed, "chunk": chunk}
         self.batch, self.out = batch, None if out is None else Path(out)
@@ -121,9 +126,9 @@ class StateMonitor:
         """All metrics on the current weights, as rows labelled ``step`` (columns as COLUMNS)."""
         model = self.model()
         with _evaluating([self.source, model] if isinstance(self.source, torch.nn.Module) else [model]):
-            sample = collect_states(model, self.probe, positions=self.positions, **self.record_options)
-            stats = state_stats(model, self.probe, positions=[self.train_len, self.length],
-                                chunk=self.record_options["chunk"])
+            sample, recording = record_states(model, self.probe, positions=self.positions, **self.record_options)
+            stats = stats_from_cubes([recording_cubes(recording, len(self.probe))])
+            stats = stats[stats.position.isin([self.train_len, self.length])]
             effrem = remembrance(model, self.probe, T=self.length, ts=self.effrem_ts,
                                  chunk=self.record_options["chunk"], batch=self.batch)
         if self.calls % self.refit_every == 0:

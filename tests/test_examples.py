@@ -45,3 +45,27 @@ def test_compare_report_builds_a_report_for_two_checkpoints(tmp_path):
     page = (tmp_path / "cr" / "index.html").read_text()
     HTMLParser().feed(page)
     assert "tiny-0" in page and "tiny-1" in page and "Comparison" in page
+
+
+def test_early_warning_prints_each_runs_trend_from_its_monitor_csv(tmp_path):
+    """Two steps of each run, monitored at every one: the printed first, last and rank correlation of each
+    curve are those of the run's monitor.csv, recomputed here (Pearson's correlation of pandas' ranks)."""
+    import pandas as pd
+
+    from statelens.reports.figures import monitor_curves
+
+    out = run("early_warning.py", tmp_path / "ew", "--steps", 2, "--every", 1, cwd=tmp_path)
+    assert (tmp_path / "ew" / "early-warning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = [line.split() for line in out.splitlines()[1:] if line.split()[:1] in (["state"], ["zero-state"])]
+    runs = {"state passing": "state-passing", "zero-state continuation": "none"}
+    expected = []
+    for label, folder in runs.items():
+        df = pd.read_csv(tmp_path / "ew" / folder / "monitor.csv")
+        assert sorted(df.step.unique()) == [0, 1, 2]
+        for name, series in monitor_curves(df).items():
+            ranks = series.rank(), pd.Series(series.index, dtype=float).rank()
+            with np.errstate(invalid="ignore", divide="ignore"):   # a constant curve: no correlation (NaN)
+                rho = np.corrcoef(ranks[0].to_numpy(), ranks[1].to_numpy())[0, 1]
+            expected.append([series.iloc[0], series.iloc[-1], rho])
+    values = [[float(v) for v in line[-3:]] for line in printed]
+    np.testing.assert_allclose(values, expected, atol=5e-5)   # printed to 4 decimals

@@ -72,7 +72,8 @@ def test_the_monitor_equals_the_standalone_analyses_and_brute_force(hf, probe):
     for metric, column, statistic in (("state_norm_ratio", "norm", lambda s: s.norm(dim=-1)),
                                       ("state_std_ratio", "std", lambda s: s.std(dim=-1, unbiased=False))):
         rows = pick(df, metric)
-        np.testing.assert_allclose(rows.value, at[L][column] / at[T][column], rtol=1e-10)
+        # the same statistics, read from a rollout cut at other positions: equal to float32 rounding
+        np.testing.assert_allclose(rows.value, at[L][column] / at[T][column], rtol=1e-6)
         brute = (statistic(at_end).mean(1) / statistic(at_t).mean(1)).flatten().numpy()   # [layers * heads]
         np.testing.assert_allclose(rows.value, brute, rtol=1e-4)
         assert rows[["layer", "head"]].to_numpy().tolist() == at[T][["layer", "head"]].to_numpy().tolist()

@@ -57,7 +57,7 @@ from statelens.analysis.positionwise import bucket_losses, position_losses
 from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
 from statelens.errors import BadInput, ParameterError
 from statelens.models.base import RecurrentLM
-from statelens.record.recorder import Recorder
+from statelens.record.recorder import Recorder, Recording
 from statelens.record.rollout import as_batch, rollout
 
 if TYPE_CHECKING:
@@ -234,8 +234,12 @@ def out_of_support(reference: np.ndarray, query: np.ndarray, *, k: int = 5, comp
 
 # -- head states along a rollout -------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
 def random_projection(kdim: int, dim: int, seed: int) -> torch.Tensor:
-    """[kdim, dim] float64, entries N(0, 1 / dim): E ||x R||^2 = ||x||^2 (Johnson-Lindenstrauss)."""
+    """[kdim, dim] float64, entries N(0, 1 / dim): E ||x R||^2 = ||x||^2 (Johnson-Lindenstrauss).
+
+    Cached (the last four shapes and seeds): drawing it costs as much as projecting a small sample, and a
+    training monitor projects with the same matrix at every call. Read only: never modify it in place."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(kdim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
 
@@ -287,6 +291,16 @@ def collect_states(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, 
     reads each layer's ``hook_state`` and keeps it through :class:`_Projection`; ``progress(n)`` is told
     each time n more tokens have been consumed.
     """
+    return record_states(model, sequences, positions=positions, projection_dim=projection_dim, chunk=chunk,
+                         seed=seed, progress=progress)[0]
+
+
+def record_states(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, positions: list[int],
+                  projection_dim: int = 256, chunk: int = 2048, seed: int = 0,
+                  progress: Callable[[int], None] | None = None) -> tuple[StateSample, Recording]:
+    """:func:`collect_states`, and the :class:`~statelens.record.recorder.Recording` it read them from,
+    whose ``stats`` hold each sequence's unprojected state statistics at the same positions (what
+    :func:`statelens.analysis.states.recording_cubes` reduces), so one rollout serves both."""
     sequences = as_batch(sequences if isinstance(sequences, np.ndarray) else sequences.cpu().numpy())
     n_seqs, length = sequences.shape
     positions = sorted({int(p) for p in positions})
@@ -298,7 +312,8 @@ def collect_states(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, 
     with Recorder(model, names=STATE_HOOK, positions=positions, batch=n_seqs, keep=projection) as recorder:
         nll = position_losses(model, sequences, chunk=chunk, stops=positions, progress=progress,
                               on_chunk=recorder.update)
-    return _sample(model, recorder.result(), projection.projected, nll, length)
+    recording = recorder.result()
+    return _sample(model, recording, projection.projected, nll, length), recording
 
 
 class _Projection:

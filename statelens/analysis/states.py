@@ -29,7 +29,7 @@ import torch
 from statelens.analysis.spec import Analysis, Outcome, Plot, Section, Table, option
 from statelens.errors import BadInput, ParameterError
 from statelens.models.base import RecurrentLM
-from statelens.record.recorder import record, resolve_positions
+from statelens.record.recorder import Recording, record, resolve_positions
 from statelens.record.rollout import as_batch
 
 if TYPE_CHECKING:
@@ -70,7 +70,11 @@ def state_cubes(model: RecurrentLM, sequences: np.ndarray | torch.Tensor, *, pos
     on_chunk = None if progress is None else (lambda piece: progress(n_seqs * (piece.end - piece.start)))
     rec = record(model, sequences, names="blocks.*.hook_state", positions=positions, chunk=chunk,
                  on_chunk=on_chunk)
+    return recording_cubes(rec, n_seqs)
 
+
+def recording_cubes(rec: Recording, n_seqs: int) -> dict[str, np.ndarray]:
+    """The :func:`state_cubes` of a recording of every layer's ``hook_state`` over ``n_seqs`` sequences."""
     # rec.stats is complete and sorted by position, seq, layer, head: reshape to
     # [positions P, seqs N, layers * heads G] and reduce over N with numpy, where NaN propagates
     # (pandas' groupby would skip it and hide a non-finite sequence).
