@@ -321,3 +321,30 @@ def test_cap_steps_equal_the_chunked_scan_when_nothing_is_capped(tokens):
         with apply_mitigation(model, "cap:multiplier=1000", calibration=tokens[:, :30], train_len=30):
             got, _ = model(tokens[:, :30])
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+def test_report_renders_every_figure_on_a_tiny_mamba3(tmp_path):
+    """`statelens report` on a tiny Mamba-3 in mamba-ssm's layout: every figure drawn, and the decay table
+    holds one row per (bucket, layer, head) with alpha = exp(dt * A) in (0, 1)."""
+    import pandas as pd
+    import typer
+
+    from statelens.cli import report as report_cli
+
+    model = tiny(torch.float32, vocab_size=256)
+    ckpt = save_checkpoint(mamba_ssm_checkpoint(model, tmp_path / "src"), tmp_path / "ckpt")
+    text = tmp_path / "docs.txt"
+    text.write_text(" ".join(f"word{i % 97} and some more text number {i}." for i in range(100)))
+    app = typer.Typer()
+    app.command("report")(report_cli.report)
+    app.command("compare")(report_cli.compare)
+    app(["report", "--ckpt", str(ckpt), "--data", str(text), "--train-len", "16", "--length", "48", "--num-seqs", "1",
+         "--buckets", "4", "--out", str(tmp_path / "out")], standalone_mode=False)
+    html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    figures = ["perplexity", "remembrance", "state-norm", "state-std", "decay", "coverage", "logits-drift"]
+    assert all(f'id="fig-{f}"' in html for f in figures) and html.count("<svg") == len(figures)
+    decay = pd.read_csv(next((tmp_path / "out").rglob("decay/decay.csv")))
+    assert set(decay["head"]) == set(range(model.n_heads)) and set(decay["layer"]) == {0, 1}
+    assert decay["mean_alpha"].between(0, 1, inclusive="neither").all()
