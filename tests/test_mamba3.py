@@ -43,50 +43,66 @@ def tiny(dtype=torch.float64, n_layer=2, **overrides) -> Mamba3LM:
 
 def oracle_mixer(mx, cfg, u, h, B_prev, x_prev, theta):
     """One token through a Mamba-3 mixer in the complex form. u [b, d]; h [b, H, p, n] and B_prev
-    [b, H, n] in the rotated frame of theta [b, H, a] (as the backend stores them) -> (out [b, d], the
-    new h, B, x, theta, in the same frame)."""
-    H, P, N, G, a = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups, cfg.num_rope_angles
+    [b, H, R * n] in the rotated frame of theta [b, H, a] (as the backend stores them), x_prev [b, H, p]
+    -> (out [b, d], the new h, B, x, theta, in the same frame). MIMO (rank R): x and z are up-projected per
+    rank, the state takes the sum of the R insertions, the R readouts are gated and contracted."""
+    H, P, N, G, a, R = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups, cfg.num_rope_angles, cfg.rank
     z, x, B, C, dd_dt, dd_A, trap, angle = F.linear(u, mx.in_proj.weight).split(
-        [cfg.d_inner, cfg.d_inner, G * N, G * N, H, H, H, a], dim=-1)
-    x = x.view(-1, H, P)
+        [cfg.d_inner, cfg.d_inner, R * G * N, R * G * N, H, H, H, a], dim=-1)
+    x, z = x.view(-1, H, P), z.view(-1, H, P)
 
-    def norm_bias(v, norm, bias):
-        v = v.view(-1, G, N)
+    def norm_bias(v, norm, bias):   # -> [b, H, R, N]
+        v = v.view(-1, R, G, N)
         v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
-        return v.repeat_interleave(H // G, dim=1) + bias[:, 0]
+        return (v.repeat_interleave(H // G, dim=2) + bias.transpose(0, 1)).transpose(1, 2)
+
+    def per_rank(v, name):          # [b, H, P] -> [b, H, R, P]
+        return v[:, :, None] * getattr(mx, name) if cfg.is_mimo else v[:, :, None]
     B, C = norm_bias(B, mx.B_norm, mx.B_bias), norm_bias(C, mx.C_norm, mx.C_bias)
+    xr, xpr = per_rank(x, "mimo_x"), per_rank(x_prev, "mimo_x")
     dt = F.softplus(dd_dt + mx.dt_bias)
     act = F.softplus(dd_A) if cfg.a_activation == "softplus" else torch.where(dd_A >= 0, 1 + dd_A, 1 / (1 - dd_A))
     alpha = torch.exp(-dt * torch.clamp(act, min=cfg.A_floor))
     lam = torch.sigmoid(trap)
     dtheta = dt[..., None] * math.pi * torch.tanh(angle)[:, None, :]              # [b, H, a]
 
-    def complex_pairs(v):   # [..., n] -> rotated pairs as complex [..., a], the rest real
+    # the rotated pairs: adjacent dims (SISO), dims i and i + N / 2 (MIMO); first 2a of ``order`` pair up
+    pairs = [(2 * i, 2 * i + 1) if not cfg.is_mimo else (i, i + N // 2) for i in range(a)]
+    order = [d for pair in pairs for d in pair]
+    order += [d for d in range(N) if d not in order]
+
+    def complex_pairs(v):   # [..., N] -> rotated pairs as complex [..., a], the rest real
+        v = v[..., order]
         return torch.complex(v[..., 0:2 * a:2], v[..., 1:2 * a:2]), v[..., 2 * a:]
 
     def real(c, rest):
-        return torch.cat([torch.stack([c.real, c.imag], dim=-1).flatten(-2), rest], dim=-1)
+        ordered = torch.cat([torch.stack([c.real, c.imag], dim=-1).flatten(-2), rest], dim=-1)
+        return ordered[..., [order.index(d) for d in range(N)]]
     # into the complex frame of the previous token: undo theta (state) ...
     spin = torch.polar(torch.ones_like(theta), -theta)                             # exp(-i theta)
     hc, hr = complex_pairs(h)
-    Bpc, Bpr = complex_pairs(B_prev)
-    hc, Bpc = hc * spin[:, :, None], Bpc * spin
+    Bpc, Bpr = complex_pairs(B_prev.view(-1, H, R, N))
+    hc, Bpc = hc * spin[:, :, None], Bpc * spin[:, :, None]
     # ... then one step: the transition rotates the state (and the previous input) by -dtheta.
     turn = torch.polar(torch.ones_like(dtheta), -dtheta)
     Bc, Br = complex_pairs(B)
     beta, gamma = ((1 - lam) * dt * alpha)[..., None, None], (lam * dt)[..., None, None]
-    xs, xps = x[..., None], x_prev[..., None]
-    hc = alpha[..., None, None] * turn[:, :, None] * hc + beta * xps * (turn * Bpc)[:, :, None] + gamma * xs * Bc[:, :, None]
-    hr = alpha[..., None, None] * hr + beta * xps * Bpr[:, :, None] + gamma * xs * Br[:, :, None]
+    outer = lambda xs, Bs: torch.einsum("bhrp,bhrk->bhpk", xs.to(Bs.dtype), Bs)  # noqa: E731
+    hc = alpha[..., None, None] * turn[:, :, None] * hc + beta * outer(xpr, turn[:, :, None] * Bpc) + gamma * outer(xr, Bc)
+    hr = alpha[..., None, None] * hr + beta * outer(xpr, Bpr) + gamma * outer(xr, Br)
     Cc, Cr = complex_pairs(C)
-    y = (hc * Cc.conj()[:, :, None]).real.sum(-1) + (hr * Cr[:, :, None]).sum(-1) + mx.D[:, None] * x
-    if cfg.is_outproj_norm:  # mamba-ssm's RMSNormGated(norm_before_gate=True, group_size=headdim)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * mx.norm.weight.view(H, P)
-    out = F.linear((y.flatten(1) * F.silu(z)), mx.out_proj.weight)
+    y = (torch.einsum("bhpa,bhra->bhrp", hc, Cc.conj()).real + torch.einsum("bhpk,bhrk->bhrp", hr, Cr)
+         + mx.D[:, None, None] * xr)
+    zr = per_rank(z, "mimo_z")
+    if cfg.is_outproj_norm:  # mamba-ssm's RMSNormGated(norm_before_gate=True, group_size=headdim), per rank
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * mx.norm.weight.view(H, 1, P)
+    y = y * F.silu(zr)
+    y = (y * mx.mimo_o).sum(2) if cfg.is_mimo else y[:, :, 0]
+    out = F.linear(y.flatten(1), mx.out_proj.weight)
     # back to the rotated frame of the new theta
     theta = (theta + dtheta).remainder(2 * math.pi)
     back = torch.polar(torch.ones_like(theta), theta)
-    return out, real(hc * back[:, :, None], hr), real(Bc * back, Br), x, theta
+    return out, real(hc * back[:, :, None], hr), real(Bc * back[:, :, None], Br).flatten(-2), x, theta
 
 
 def oracle(model, tokens, state=None):
@@ -96,7 +112,7 @@ def oracle(model, tokens, state=None):
     n, p = cfg.d_state, cfg.headdim
     state = state or model.zero_state(tokens.shape[0])
     ssm = list(state.ssm)
-    carry = [c.split([n, p, cfg.num_rope_angles], dim=-1) for c in state.conv]
+    carry = [c.split([cfg.rank * n, p, cfg.num_rope_angles], dim=-1) for c in state.conv]
     logits = []
     for t in range(tokens.shape[1]):
         res = model.embedding(tokens[:, t])
@@ -119,17 +135,19 @@ def tokens():
     return torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
 
 
-def random_scan_inputs(b=2, l=37, h=3, p=4, n=6, seed=0):
+def random_scan_inputs(b=2, l=37, h=3, p=4, n=6, r=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     log_a = -torch.rand(b, l, h, generator=gen, dtype=torch.float64) * 2
     gamma, eta = torch.rand(b, l, h, generator=gen, dtype=torch.float64), torch.rand(b, l, h, generator=gen, dtype=torch.float64)
-    return r(b, l, h, p), log_a, r(b, l, h, n), r(b, l, h, n), gamma, eta, r(b, h, p, n), r(b, h, n), r(b, h, p)
+    return (rand(b, l, h, r, p), log_a, rand(b, l, h, r, n), rand(b, l, h, r, n), gamma, eta, rand(b, h, p, n),
+            rand(b, h, r, n), rand(b, h, r, p))
 
 
+@pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])
-def test_chunked_scan_equals_sequential(chunk):
-    inputs = random_scan_inputs()
+def test_chunked_scan_equals_sequential(chunk, rank):
+    inputs = random_scan_inputs(r=rank)
     y_ref, h_ref = mamba3_sequential(*inputs)
     y, h = mamba3_chunked(*inputs, chunk)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -151,11 +169,13 @@ def test_logits_and_states_equal_the_oracle_float64(model, tokens):
 
 
 @pytest.mark.parametrize("variant", [{"rope_fraction": 1.0}, {"is_outproj_norm": True}, {"a_activation": "heavy_tail"},
-                                     {"ngroups": 1, "d_state": 6}])
+                                     {"ngroups": 1, "d_state": 6}, {"is_mimo": True, "mimo_rank": 3},
+                                     {"is_mimo": True, "mimo_rank": 2, "is_outproj_norm": True, "rope_fraction": 1.0}])
 def test_variants_equal_the_oracle(variant, tokens):
     """Every rotated dimension, the per-head output norm, mamba-ssm main's A activation, one B/C group
     with an odd number of angles (d_state 6 at rope_fraction 0.5: one pair rotated, four dims not)."""
     model = tiny(n_layer=1, **variant)
+    assert model.num_parameters() == model.config.num_parameters()   # what the loader checks before allocating
     expected, ssm, _ = oracle(model, tokens[:, :24])
     with torch.no_grad():
         got, state = model(tokens[:, :24])
@@ -193,6 +213,17 @@ def test_one_shot_equals_chunked_equals_token_by_token(model, tokens):
         for part in ("ssm", "conv"):
             for s, s_ref in zip(getattr(chunks[-1].state, part), getattr(final, part)):
                 torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_mimo_one_shot_equals_chunked_equals_token_by_token(tokens):
+    model = tiny(is_mimo=True, mimo_rank=3)
+    with torch.no_grad():
+        expected, final = model(tokens[:, :40])
+        for chunk in (1, 7):
+            chunks = list(rollout(model, tokens[:, :40], chunk=chunk))
+            torch.testing.assert_close(torch.cat([c.logits() for c in chunks], 1), expected, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(chunks[-1].state.conv[1], final.conv[1], rtol=1e-9, atol=1e-9)
+    assert model.state_shapes()[0]["conv"] == (4, 3 * 8 + 8 + 2)
 
 
 def test_reset_rows_equal_separate_runs(model, tokens):
@@ -276,10 +307,11 @@ def test_fla_directory_loads(model, tokens, tmp_path):
 
 
 @pytest.mark.parametrize("ssm_cfg, needle", [
-    ({"is_mimo": True}, "is_mimo=True is not supported"),
+    ({"is_mimo": True, "d_state": 7}, "d_state (7) must be even for MIMO"),
     ({"rope_fraction": 0.25}, "rope_fraction must be 0.5 or 1.0"),
     ({"a_activation": "relu"}, "a_activation must be one of softplus, heavy_tail"),
     ({"d_conv": 4}, "ssm_cfg key(s) d_conv not understood for Mamba3"),
+    ({"is_mimo": True, "mimo_rank": 0}, "mimo_rank must be a positive integer"),
     ({"headdim": 7}, "must be a multiple of headdim"),
 ])
 def test_bad_mamba_ssm_configs_are_one_line(ssm_cfg, needle, tmp_path):
@@ -302,10 +334,11 @@ def test_heavy_tail_activation():
 
 # -- mitigations ---------------------------------------------------------------------------------------
 
-def test_window_state_is_the_state_difference(tokens):
+@pytest.mark.parametrize("mimo", [{}, {"is_mimo": True, "mimo_rank": 2}])
+def test_window_state_is_the_state_difference(tokens, mimo):
     """window:r keeps h_t - alpha_{t-r+1:t} h_{t-r} (computed from the plain run's states, token by token);
     one layer, so the layer's input does not depend on the mitigation."""
-    model, r = tiny(n_layer=1), 5
+    model, r = tiny(n_layer=1, **mimo), 5
     plain, alphas, state = [], [], model.zero_state(2)
     with torch.no_grad(), hooks(model, {"blocks.0.hook_decay": lambda t, hook: alphas.append(t[:, 0])}):
         for t in range(30):

@@ -1,4 +1,4 @@
-"""Mamba-3 language model (SISO), pure PyTorch, exact for any chunk length.
+"""Mamba-3 language model (SISO and MIMO), pure PyTorch, exact for any chunk length.
 
 Lahoti, Li, Chen, Wang, Bick, Kolter, Dao & Gu, 2026, "Mamba-3: Improved Sequence Modeling using State
 Space Principles" (ICLR 2026); mirrors mamba-ssm's ``Mamba3`` module (``mamba_ssm/modules/mamba3.py``,
@@ -41,13 +41,18 @@ division by alpha), the carried previous token folds into the initial state, and
 (s = t, whose beta term has not entered yet) is corrected. mamba-ssm's ``mamba3_siso_fwd_ref`` does the same.
 
 Hook points per block (shapes for a forward over ``l`` tokens):
-    hook_x [b, l, h, p]      hook_B, hook_C [b, l, h, n] (after norm, bias and rotation: what the state sees)
+    hook_x [b, l, h, p]      hook_B, hook_C [b, l, h, n] (after norm, bias and rotation: what the state sees;
+                             MIMO [b, l, h, r, n])
     hook_dt [b, l, h]        hook_decay [b, l, h] (alpha = exp(dt * A); patching it changes the scan, beta too)
     hook_lambda [b, l, h] (the trapezoid's mix; patchable)    hook_angle [b, l, h, a] (theta, cumulative)
     hook_state [b, h, p, n]  hook_conv_state [b, h, n + p + a] (previous B, x and theta; see above)
     hook_out [b, l, d]
 
-MIMO (``is_mimo``) is refused: statelens implements the SISO layer only.
+MIMO (``is_mimo``, rank ``r = mimo_rank``): x and z are up-projected per rank (``mimo_x``, ``mimo_z``
+[h, r, p]), B and C have r per head, each token inserts ``sum_r x_r B_r^T`` (both trapezoid points) and
+is read out r times, and the r gated outputs are contracted by ``mimo_o``; the rotation pairs dims
+(i, i + n / 2), as mamba-ssm's TileLang MIMO kernels do (its SISO kernels pair (2i, 2i + 1)). Then hook_B
+and hook_C are [b, l, h, r, n]; the conv state's B is [h, r * n].
 """
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ class Mamba3Config:
     A_floor: float = 1e-4            # A <= -A_floor
     a_activation: str = "softplus"   # A = -act(dd_A): softplus (mamba-ssm 2.3.x, fla) or heavy_tail
     is_outproj_norm: bool = False    # rmsnorm(y) * silu(z) per head instead of y * silu(z)
-    is_mimo: bool = False            # refused: SISO only
+    is_mimo: bool = False            # MIMO: each token inserts mimo_rank terms and is read out mimo_rank times
     mimo_rank: int = 4               # read for MIMO configs only
     chunk_size: int = 64             # the scan's block length (results do not depend on it)
     bias: bool = False               # in_proj / out_proj bias (fla's use_bias; mamba-ssm has none)
@@ -96,8 +101,9 @@ class Mamba3Config:
     def __post_init__(self):
         check_dims(self, ("d_model", "n_layer", "vocab_size", "d_state", "expand", "headdim", "ngroups",
                           "chunk_size"))
-        if self.is_mimo:
-            raise ParameterError("is_mimo", "is_mimo=True is not supported (statelens runs Mamba-3 SISO layers only)")
+        check_dims(self, ("mimo_rank",))
+        if self.is_mimo and self.d_state % 2:
+            raise ParameterError("d_state", f"d_state ({self.d_state}) must be even for MIMO (halves are rotated)")
         if self.rope_fraction not in (0.5, 1.0):
             raise ParameterError("rope_fraction", f"rope_fraction must be 0.5 or 1.0, got {self.rope_fraction!r}")
         if self.a_activation not in A_ACTIVATIONS:
@@ -123,25 +129,30 @@ class Mamba3Config:
         return self.d_inner // self.headdim
 
     @property
+    def rank(self) -> int:
+        """Terms per token: mimo_rank for MIMO, 1 for SISO."""
+        return self.mimo_rank if self.is_mimo else 1
+
+    @property
     def num_rope_angles(self) -> int:
         """Rotated pairs of state dimensions: mamba-ssm's ``split_tensor_size // 2``."""
         return int(self.d_state * self.rope_fraction) // 2
 
     @property
     def d_in_proj(self) -> int:
-        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + 3 * self.nheads + self.num_rope_angles
+        return 2 * self.d_inner + 2 * self.rank * self.ngroups * self.d_state + 3 * self.nheads + self.num_rope_angles
 
     @property
     def carry_width(self) -> int:
-        """The conv state's last axis: previous B [n], previous x [p], theta [a]."""
-        return self.d_state + self.headdim + self.num_rope_angles
+        """The conv state's last axis: previous B [r, n], previous x [p], theta [a]."""
+        return self.rank * self.d_state + self.headdim + self.num_rope_angles
 
     def num_parameters(self) -> int:
         """Parameter count, computed from the config alone (checked before allocating)."""
-        h, n = self.nheads, self.d_state
+        h, n, r = self.nheads, self.d_state, self.rank
         mixer = (self.d_model * self.d_in_proj + self.d_inner * self.d_model
                  + (self.d_in_proj + self.d_model) * self.bias
-                 + 2 * h + 2 * h * n + 2 * n + self.d_inner * self.is_outproj_norm)
+                 + 2 * h + 2 * h * r * n + 2 * n + self.d_inner * self.is_outproj_norm + 3 * h * r * self.headdim * self.is_mimo)
         norms = (self.n_layer + 1) * self.d_model * (1 if self.rms_norm else 2)
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         return self.vocab_size * self.d_model + self.n_layer * mixer + norms + head
@@ -153,21 +164,22 @@ def mamba3_steps(
     x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, gamma: torch.Tensor,
     eta: torch.Tensor, B_prev: torch.Tensor, x_prev: torch.Tensor,
 ) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The recurrence one token at a time: ``step(t, h) -> (y_t [b, h, p], h_t [b, h, p, n])`` from
-    h = h_{t-1}. x [b, l, h, p]; log_a, gamma, eta [b, l, h] (beta = eta * alpha); B, C [b, l, h, n];
-    B_prev [b, h, n], x_prev [b, h, p]: the token before x[:, 0]."""
+    """The recurrence one token at a time: ``step(t, h) -> (y_t [b, h, r, p], h_t [b, h, p, n])`` from
+    h = h_{t-1}. x [b, l, h, r, p]; log_a, gamma, eta [b, l, h] (beta = eta * alpha); B, C [b, l, h, r, n];
+    B_prev [b, h, r, n], x_prev [b, h, r, p]: the token before x[:, 0]. ``r`` the MIMO rank (1: SISO):
+    each token inserts ``sum_r x_r B_r^T`` and is read out once per rank, ``y_r = h C_r``."""
     def step(t: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Bp, xp = (B_prev, x_prev) if t == 0 else (B[:, t - 1], x[:, t - 1])
         alpha = log_a[:, t, :, None, None].exp()
-        h = (alpha * h + (alpha * eta[:, t, :, None, None]) * xp[..., None] * Bp[..., None, :]
-             + gamma[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :])
-        return torch.einsum("bhpn,bhn->bhp", h, C[:, t]), h
+        h = (alpha * h + (alpha * eta[:, t, :, None, None]) * torch.einsum("bhrp,bhrn->bhpn", xp, Bp)
+             + gamma[:, t, :, None, None] * torch.einsum("bhrp,bhrn->bhpn", x[:, t], B[:, t]))
+        return torch.einsum("bhpn,bhrn->bhrp", h, C[:, t]), h
     return step
 
 
 def mamba3_sequential(x, log_a, B, C, gamma, eta, h0, B_prev, x_prev) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: one step per token (:func:`mamba3_steps`); h0 [b, h, p, n]
-    -> y [b, l, h, p] (without the D skip), final state [b, h, p, n]."""
+    -> y [b, l, h, r, p] (without the D skip), final state [b, h, p, n]."""
     step, h, ys = mamba3_steps(x, log_a, B, C, gamma, eta, B_prev, x_prev), h0, []
     for t in range(x.shape[1]):
         y, h = step(t, h)
@@ -181,23 +193,48 @@ def mamba3_chunked(x, log_a, B, C, gamma, eta, h0, B_prev, x_prev, chunk: int) -
     # 1. Token s's weight: its own gamma_s, and the eta_{s+1} with which token s + 1 re-inserts it (the
     #    alpha_{s+1} of beta_{s+1} is the decay the SSD applies anyway). None after the call's last token.
     eta_next = F.pad(eta[:, 1:], (0, 0, 0, 1))
-    weight = gamma + eta_next
+    weight = (gamma + eta_next)[..., None, None]
     # 2. The carried previous token enters at token 0 with beta_0 = eta_0 alpha_0: fold it into h0.
-    h0 = h0 + eta[:, 0, :, None, None] * x_prev[..., None] * B_prev[..., None, :]
-    y, state = ssd_chunked(x * weight[..., None], log_a, B, C, h0, chunk)
+    h0 = h0 + eta[:, 0, :, None, None] * torch.einsum("bhrp,bhrn->bhpn", x_prev, B_prev)
+    if x.shape[3] == 1:  # SISO: one SSD step per token
+        y, state = ssd_chunked((x * weight)[:, :, :, 0], log_a, B[:, :, :, 0], C[:, :, :, 0], h0, chunk)
+        y = y[:, :, :, None]
+    else:
+        y, state = ranked_ssd([(x * weight, B)], log_a, C, h0, chunk)
     # 3. On the diagonal the eta_{t+1} part has not entered yet: take it out of y_t.
-    y = y - (eta_next * (C * B).sum(-1))[..., None] * x
-    return y, state
+    diagonal = torch.einsum("blhRn,blhrn,blhrp->blhRp", C, B, x)
+    return y - eta_next[..., None, None] * diagonal, state
 
 
-def rotate(v: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """v [..., n] rotated pairwise: dims (2i, 2i + 1) by theta [..., a] for i < a; the rest unchanged."""
-    a = theta.shape[-1]
-    pairs = v[..., :2 * a].unflatten(-1, (a, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
+def ranked_ssd(terms, log_a, C, h0, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD over tokens that each insert several rank-r terms and are then read out r times: token t becomes
+    ``r * (len(terms) + 1)`` SSD steps, the first decaying by alpha_t, then one per term and rank inserting
+    ``x B^T`` (terms: pairs x [b, l, h, r, p], B [b, l, h, r, n]), then one per rank reading C_r [b, l, h, r, n]
+    out. -> y [b, l, h, r, p], final state [b, h, p, n]."""
+    b, l, h, r, p = terms[0][0].shape
+    xs = [x for x, _ in terms] + [torch.zeros_like(terms[0][0])]
+    Bs = [B for _, B in terms] + [torch.zeros_like(C)]
+    Cs = [torch.zeros_like(C)] * len(terms) + [C]
+    steps = r * len(xs)
+
+    def as_steps(parts):   # [b, l, h, r, k] each -> [b, l * steps, h, k]
+        return torch.cat(parts, dim=3).permute(0, 1, 3, 2, 4).reshape(b, l * steps, h, -1)
+    decay = F.pad(log_a[:, :, None], (0, 0, 0, steps - 1)).reshape(b, l * steps, h)
+    y, state = ssd_chunked(as_steps(xs), decay, as_steps(Bs), as_steps(Cs), h0, steps * chunk)
+    return y.view(b, l, steps, h, p)[:, :, -r:].transpose(2, 3), state
+
+
+def rotate(v: torch.Tensor, theta: torch.Tensor, pairwise: bool) -> torch.Tensor:
+    """v [..., n] rotated by theta [..., a]: the pairs of dims (2i, 2i + 1) (``pairwise``: SISO), or
+    (i, i + n / 2) (MIMO: mamba-ssm's TileLang kernels pair halves), for i < a; the other dims unchanged."""
+    a, n = theta.shape[-1], v.shape[-1]
+    first, second = (torch.arange(0, 2 * a, 2), torch.arange(1, 2 * a, 2)) if pairwise else \
+        (torch.arange(a), torch.arange(a) + n // 2)
     cos, sin = theta.cos(), theta.sin()
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
-    return torch.cat([rotated, v[..., 2 * a:]], dim=-1)
+    out = v.clone()
+    out[..., first] = v[..., first] * cos - v[..., second] * sin
+    out[..., second] = v[..., first] * sin + v[..., second] * cos
+    return out
 
 
 def cumulative_angle(theta0: torch.Tensor, increments: torch.Tensor) -> torch.Tensor:
@@ -225,8 +262,10 @@ class Mamba3Mixer(nn.Module):
         h, n = cfg.nheads, cfg.d_state
         self.in_proj = nn.Linear(cfg.d_model, cfg.d_in_proj, bias=cfg.bias)
         self.dt_bias = nn.Parameter(torch.zeros(h))
-        self.B_bias = nn.Parameter(torch.ones(h, 1, n))   # [h, mimo_rank = 1, n], as mamba-ssm
-        self.C_bias = nn.Parameter(torch.ones(h, 1, n))
+        self.B_bias = nn.Parameter(torch.ones(h, cfg.rank, n))   # [h, r, n], as mamba-ssm
+        self.C_bias = nn.Parameter(torch.ones(h, cfg.rank, n))
+        if cfg.is_mimo:  # per head and rank, over headdim: x's up-projection, z's, the output's contraction
+            self.mimo_x, self.mimo_z, self.mimo_o = (nn.Parameter(torch.ones(h, cfg.rank, cfg.headdim)) for _ in range(3))
         self.B_norm, self.C_norm = nn.Module(), nn.Module()
         self.B_norm.weight = nn.Parameter(torch.ones(n))
         self.C_norm.weight = nn.Parameter(torch.ones(n))
@@ -251,21 +290,25 @@ class Mamba3Mixer(nn.Module):
         self.hook_out = HookPoint(layer)         # [b, l, d]
 
     def _bc(self, v: torch.Tensor, norm: nn.Module, bias: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """v [b, l, g, n] -> rmsnorm over n, per head [b, l, h, n], + bias [h, 1, n], rotated by theta."""
-        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.cfg.bc_norm_eps) * norm.weight.to(v.dtype)
-        v = v.repeat_interleave(self.cfg.nheads // self.cfg.ngroups, dim=2) + bias[:, 0].to(v.dtype)
-        return rotate(v, theta)
+        """v [b, l, r, g, n] -> rmsnorm over n, per head [b, l, h, r, n], + bias [h, r, n], rotated by theta."""
+        cfg = self.cfg
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.bc_norm_eps) * norm.weight.to(v.dtype)
+        v = v.repeat_interleave(cfg.nheads // cfg.ngroups, dim=3).transpose(2, 3) + bias.to(v.dtype)
+        return rotate(v, theta[:, :, :, None], pairwise=not cfg.is_mimo)
+
+    def _per_rank(self, v: torch.Tensor, name: str) -> torch.Tensor:
+        """v [..., h, p] -> [..., h, r, p]: times mimo_x or mimo_z (MIMO), or as it is (SISO, r = 1)."""
+        return v[..., None, :] * getattr(self, name).to(v.dtype) if self.cfg.is_mimo else v[..., None, :]
 
     def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, carry: torch.Tensor):
-        """u [b, l, d]; ssm_state [b, h, p, n]; carry [b, h, n + p + a] -> (out, ssm_state, carry)."""
+        """u [b, l, d]; ssm_state [b, h, p, n]; carry [b, h, r * n + p + a] -> (out, ssm_state, carry)."""
         cfg = self.cfg
         b, l, _ = u.shape
-        g, n, h, p, a = cfg.ngroups, cfg.d_state, cfg.nheads, cfg.headdim, cfg.num_rope_angles
+        g, n, h, p, a, r = cfg.ngroups, cfg.d_state, cfg.nheads, cfg.headdim, cfg.num_rope_angles, cfg.rank
         wide = torch.promote_types(u.dtype, torch.float32)  # everything after in_proj in float32 or wider
         z, x, B, C, dd_dt, dd_A, trap, angle = self.in_proj(u).to(wide).split(
-            [cfg.d_inner, cfg.d_inner, g * n, g * n, h, h, h, a], dim=-1)
-        carry = carry.to(wide)
-        B_prev, x_prev, theta0 = carry.split([n, p, a], dim=-1)
+            [cfg.d_inner, cfg.d_inner, r * g * n, r * g * n, h, h, h, a], dim=-1)
+        B_prev, x_prev, theta0 = carry.to(wide).split([r * n, p, a], dim=-1)
 
         dt = self.hook_dt(F.softplus(dd_dt + self.dt_bias.to(wide)))
         A = -a_activation(dd_A, cfg.a_activation).clamp_min(cfg.A_floor)
@@ -275,20 +318,31 @@ class Mamba3Mixer(nn.Module):
         lam = self.hook_lambda(torch.sigmoid(trap))
         theta = self.hook_angle(cumulative_angle(theta0, dt[..., None] * math.pi * torch.tanh(angle)[:, :, None]))
         x = self.hook_x(x.reshape(b, l, h, p))
-        B = self.hook_B(self._bc(B.reshape(b, l, g, n), self.B_norm, self.B_bias.to(wide), theta))
-        C = self.hook_C(self._bc(C.reshape(b, l, g, n), self.C_norm, self.C_bias.to(wide), theta))
+        B, C = (self._bc(v.reshape(b, l, r, g, n), norm, bias.to(wide), theta)
+                for v, norm, bias in ((B, self.B_norm, self.B_bias), (C, self.C_norm, self.C_bias)))
+        squeeze = (lambda t: t[:, :, :, 0]) if r == 1 else (lambda t: t)   # SISO hooks: [b, l, h, n]
+        B = self.hook_B(squeeze(B)).view(b, l, h, r, n)
+        C = self.hook_C(squeeze(C)).view(b, l, h, r, n)
 
-        scan_inputs = (x, log_a, B, C, lam * dt, (1 - lam) * dt, ssm_state.to(wide), B_prev, x_prev, cfg.chunk_size)
+        scan_inputs = (self._per_rank(x, "mimo_x"), log_a, B, C, lam * dt, (1 - lam) * dt, ssm_state.to(wide),
+                       B_prev.view(b, h, r, n), self._per_rank(x_prev, "mimo_x"), cfg.chunk_size)
         y, ssm_state = (self.scan or mamba3_chunked)(*scan_inputs)
         ssm_state = self.hook_state(ssm_state)
-        carry = self.hook_conv_state(torch.cat([B[:, -1], x[:, -1], theta[:, -1]], dim=-1))
+        carry = self.hook_conv_state(torch.cat([B[:, -1].flatten(-2), x[:, -1], theta[:, -1]], dim=-1))
+        return self.hook_out(self.out_proj(self._output(y + scan_inputs[0] * self.D.to(wide)[:, None, None], z)
+                                           .to(u.dtype))), ssm_state, carry
 
-        y = (y + x * self.D.to(wide)[:, None]).reshape(b, l, cfg.d_inner)
-        if cfg.is_outproj_norm:
-            y = gated_rms_norm(y, z, self.norm.weight, cfg.bc_norm_eps, p, norm_before_gate=True)
+    def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y [b, l, h, r, p] (with the D skip), z [b, l, d_inner] -> gated, contracted over r, [b, l, d_inner]."""
+        cfg = self.cfg
+        z = self._per_rank(z.unflatten(-1, (cfg.nheads, cfg.headdim)), "mimo_z")
+        if cfg.is_outproj_norm:  # mamba-ssm's RMSNormGated(norm_before_gate=True, group_size=headdim), per rank
+            y = gated_rms_norm(y, z, self.norm.weight.view(cfg.nheads, 1, cfg.headdim), cfg.bc_norm_eps,
+                               cfg.headdim, norm_before_gate=True)
         else:
             y = y * F.silu(z)
-        return self.hook_out(self.out_proj(y.to(u.dtype))), ssm_state, carry
+        y = (y * self.mimo_o.to(y.dtype)).sum(3) if cfg.is_mimo else y[:, :, :, 0]
+        return y.flatten(2)
 
 
 # -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------
@@ -302,29 +356,22 @@ def _steps(x, log_a, B, C, gamma, eta, h0, B_prev, x_prev, chunk):
 
 def _window(extend, x, log_a, B, C, gamma, eta, h0, B_prev, x_prev, chunk):
     """The scan with the sliding window by state difference. Token t inserts two terms,
-    ``u_t = beta_t x_{t-1} B_{t-1}^T + gamma_t x_t B_t^T``, so the window of r tokens reaches back to token
-    t - r's x and B (through beta_{t-r+1}). Each token becomes four steps of an SSD scan: the removal of
-    both terms of token t - r (times alpha_{t-r+1:t}; decay alpha_t), then the insertion of both terms of t."""
-    xa = (log_a.exp() * eta)[..., None] * torch.cat([x_prev[:, None], x[:, :-1]], dim=1)   # beta_t x_{t-1}
-    Ba = torch.cat([B_prev[:, None], B[:, :-1]], dim=1)                                     # B_{t-1}
-    xb = gamma[..., None] * x                                                               # gamma_t x_t
+    ``u_t = beta_t x_{t-1} B_{t-1}^T + gamma_t x_t B_t^T`` (each a sum over ranks), so the window of r tokens
+    reaches back to token t - r's x and B (through beta_{t-r+1}). Each token becomes SSD steps
+    (:func:`ranked_ssd`): the removal of both terms of token t - r times alpha_{t-r+1:t} (the first step
+    decaying by alpha_t), the insertion of both terms of token t, then its readout."""
+    xa = (log_a.exp() * eta)[..., None, None] * torch.cat([x_prev[:, None], x[:, :-1]], dim=1)  # beta_t x_{t-1}
+    Ba = torch.cat([B_prev[:, None], B[:, :-1]], dim=1)                                         # B_{t-1}
+    xb = gamma[..., None, None] * x                                                             # gamma_t x_t
     (xa_old, Ba_old, xb_old, B_old, _), window = extend([xa, Ba, xb, B, log_a])
-    leaving = -window.exp()[..., None]                                                      # -alpha_{t-r+1:t}
-    zero = torch.zeros_like(log_a)
-    y, state = ssd_chunked(
-        _steps_of_four(leaving * xa_old, leaving * xb_old, xa, xb), _steps_of_four(log_a, zero, zero, zero),
-        _steps_of_four(Ba_old, B_old, Ba, B), _steps_of_four(*(torch.zeros_like(C),) * 3, C), h0, 4 * chunk)
-    return y[:, 3::4], state
-
-
-def _steps_of_four(*parts: torch.Tensor) -> torch.Tensor:
-    """Four [b, l, ...] tensors -> [b, 4l, ...]: parts[0][:, 0], ..., parts[3][:, 0], parts[0][:, 1], ..."""
-    return torch.stack(parts, dim=2).flatten(1, 2)
+    leaving = -window.exp()[..., None, None]                                                    # -alpha_{t-r+1:t}
+    return ranked_ssd([(leaving * xa_old, Ba_old), (leaving * xb_old, B_old), (xa, Ba), (xb, B)], log_a, C, h0,
+                      chunk)
 
 
 def _window_width(cfg: Mamba3Config) -> int:
-    """Per token: beta x_{t-1} [h, p], B_{t-1} [h, n], gamma x_t [h, p], B_t [h, n], log_a [h]."""
-    return cfg.nheads * (2 * cfg.headdim + 2 * cfg.d_state + 1)
+    """Per token: beta x_{t-1} [h, r, p], B_{t-1} [h, r, n], gamma x_t [h, r, p], B_t [h, r, n], log_a [h]."""
+    return cfg.nheads * (2 * cfg.rank * (cfg.headdim + cfg.d_state) + 1)
 
 
 # -- its checkpoints (statelens.models.base.Layout) -----------------------------------------------------
@@ -368,7 +415,7 @@ def _from_fla(raw: dict) -> dict:
 
 @backends.register("mamba3")
 class Mamba3LM(LMHeadModel):
-    """Mamba-3 (SISO) language model. State per layer: ssm [b, nheads, headdim, d_state],
+    """Mamba-3 (SISO or MIMO) language model. State per layer: ssm [b, nheads, headdim, d_state],
     conv [b, nheads, d_state + headdim + num_rope_angles] (the trapezoid's previous B and x, the angle)."""
 
     arch = "mamba3"
@@ -408,4 +455,4 @@ class Mamba3LM(LMHeadModel):
             return t[..., None]                       # [b, l, h, 1]
         if kind == "hook_out":
             return t[:, :, None]                      # [b, l, 1, d]
-        return t                                      # hook_x, hook_B, hook_C, hook_angle [b, l, h, k]
+        return t.flatten(3)                           # hook_x, hook_angle; hook_B, hook_C [b, l, h, (r) n]
