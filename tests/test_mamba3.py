@@ -313,7 +313,7 @@ def test_fla_directory_loads(model, tokens, tmp_path):
     ({"d_conv": 4}, "ssm_cfg key(s) d_conv not understood for Mamba3"),
     ({"is_mimo": True, "mimo_rank": 0}, "mimo_rank must be a positive integer"),
     ({"headdim": 7}, "must be a multiple of headdim"),
-])
+], ids=["mimo-odd-d_state", "rope_fraction", "a_activation", "d_conv", "mimo_rank", "headdim"])
 def test_bad_mamba_ssm_configs_are_one_line(ssm_cfg, needle, tmp_path):
     from statelens.errors import CheckpointError
 
