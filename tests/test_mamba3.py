@@ -276,7 +276,9 @@ def test_patching_decay_to_zero_forgets_all_but_the_last_two_tokens(model):
 
 # -- checkpoints ---------------------------------------------------------------------------------------
 
-def test_mamba_ssm_directory_round_trip(model, tokens, tmp_path):
+@pytest.mark.parametrize("mimo", [False, True])
+def test_mamba_ssm_directory_round_trip(model, tokens, tmp_path, mimo):
+    model = tiny(is_mimo=True, mimo_rank=2) if mimo else model
     path = save_checkpoint(mamba_ssm_checkpoint(model, tmp_path / "src"), tmp_path / "ssm")
     raw = json.loads((path / "config.json").read_text())
     assert raw["ssm_cfg"]["layer"] == "Mamba3" and "d_conv" not in raw["ssm_cfg"]

@@ -391,7 +391,8 @@ def _to_mamba_ssm(cfg: Mamba3Config) -> dict:
     """mamba-ssm's config.json for ``cfg`` (``a_activation`` is statelens' own key; mamba-ssm ignores it)."""
     if cfg.bias or cfg.bc_norm_eps != 1e-5:
         raise ParameterError("bias", "mamba-ssm's Mamba3 has no in_proj/out_proj bias and a fixed norm eps 1e-5")
-    keys = ("expand", "headdim", "ngroups", "rope_fraction", "A_floor", "a_activation", "is_outproj_norm", "chunk_size")
+    keys = ("expand", "headdim", "ngroups", "rope_fraction", "A_floor", "a_activation", "is_outproj_norm", "is_mimo",
+            "mimo_rank", "chunk_size")
     return mamba_ssm_config(cfg, "Mamba3", {k: getattr(cfg, k) for k in keys})
 
 
