@@ -16,13 +16,17 @@ The recurrence per head (exponential-trapezoidal discretization; ``lambda_t`` th
 
 ``B_t`` and ``C_t`` are rotated by the cumulative data-dependent angle ``theta_t = theta_{t-1} + dt_t *
 pi * tanh(angle_t)`` (mod 2 pi), pairs of state dimensions (2i, 2i + 1) for i < a, the rest unrotated:
-the real form of a complex-valued state whose transition is ``alpha_t exp(i dt_t pi tanh(angle_t))``.
+the real form of a complex-valued state whose transition is alpha_t times a rotation by
+``dt_t pi tanh(angle_t)`` (rotating B and C instead of the state keeps every transition a scalar).
+For the decay analysis, alpha_t (``hook_decay``, one per head and token) is the whole forgetting: the
+initial state survives with weight ``prod alpha`` (the rotation preserves norms; the trapezoid only
+splits each token's insertion between two steps).
 
 One layer (``Mamba3Mixer.forward``), for input u [b, l, d]; no convolution:
 
     z, x, B, C, dd_dt, dd_A, trap, angle = in_proj(u)
     B, C = rmsnorm(B), rmsnorm(C) over n, then + B_bias, C_bias (per head), then rotated by theta
-    dt = softplus(dd_dt + dt_bias);  A = -min(act(dd_A), ...) <= -A_floor;  lambda = sigmoid(trap)
+    dt = softplus(dd_dt + dt_bias);  A = -max(act(dd_A), A_floor);  lambda = sigmoid(trap)
     y = scan(...) + D * x;  y = y * silu(z)   (is_outproj_norm: rmsnorm(y) * silu(z) per head)
     out = out_proj(y)
 
