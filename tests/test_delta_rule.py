@@ -4,6 +4,7 @@ Qwen3-Next layers fall back to); the chunked form against the token-by-token one
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,8 @@ def test_steps_equal_transformers_torch_gated_delta_rule():
     q, k, v, beta, log_g, state = inputs(dtype=torch.float32, seed=1)
     ours, final = delta_rule_steps(q, k, v, beta, log_g, state)
     for name in ("torch_recurrent_gated_delta_rule", "torch_chunk_gated_delta_rule"):
-        theirs, their_final = getattr(mod, name)(q, k, v, g=log_g, beta=beta, initial_state=state.clone(),
+        # unwrapped: transformers dispatches to fla's Triton kernel wherever fla imports (triton installed)
+        theirs, their_final = inspect.unwrap(getattr(mod, name))(q, k, v, g=log_g, beta=beta, initial_state=state.clone(),
                                                  output_final_state=True)
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=name)
         torch.testing.assert_close(final, their_final, rtol=1e-4, atol=1e-4, msg=name)
