@@ -1,0 +1,55 @@
+"""The newer recurrent families' backends: their chunked forward against the same model fed token by token
+(each token one call, the state carried), timed in one run (``best_of``, interleaved). Both compute the
+logits of every token; the last logits are compared, a check that both computed the same thing.
+
+``FAMILIES`` maps a family to a builder of a small random model of it (batch 1, vocabulary 256).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diagnostics import best_of
+
+from statelens.models import DeltaNetConfig, DeltaNetLM, GatedDeltaNetConfig, GatedDeltaNetLM
+from statelens.models.base import RecurrentLM
+
+
+def _gated_deltanet() -> RecurrentLM:
+    return GatedDeltaNetLM(GatedDeltaNetConfig(hidden_size=256, num_hidden_layers=4, vocab_size=256, num_heads=4,
+                                               head_dim=48, expand_v=2.0))
+
+
+def _delta_net() -> RecurrentLM:
+    return DeltaNetLM(DeltaNetConfig(hidden_size=256, num_hidden_layers=4, vocab_size=256, num_heads=4))
+
+
+FAMILIES: dict[str, Callable[[], RecurrentLM]] = {"gated_deltanet": _gated_deltanet, "delta_net": _delta_net}
+
+
+def chunked_vs_steps(family: str, tokens: int = 4096) -> dict:
+    """tokens/s of the one-call chunked forward and of token by token, and the last logits' largest
+    difference relative to their scale (``gap``)."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    x = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    out = {}
+
+    def chunked():
+        out["chunked"] = model(x)[0][:, -1]
+
+    def steps():
+        state = model.zero_state(1)
+        for t in range(tokens):
+            logits, state = model(x[:, t:t + 1], state)
+        out["steps"] = logits[:, -1]
+
+    with torch.no_grad():
+        fast, slow = best_of(chunked, steps, repeats=2)
+    gap = ((out["chunked"] - out["steps"]).abs().max() / out["steps"].abs().max()).item()
+    return {"tokens": tokens, "chunked": tokens / fast, "steps": tokens / slow, "gap": gap}
+
+
+if __name__ == "__main__":
+    for name in FAMILIES:
+        print(name, chunked_vs_steps(name))
