@@ -24,7 +24,8 @@ from statelens.models.checkpoint import (Checkpoint, _read_json, assemble, load_
 
 BACKENDS = ("auto", "native", "hf")
 # The model_types of the native backends' hf layouts, as each backend's file declares them.
-NATIVE_MODEL_TYPES = tuple(layout.name for backend in backends for layout in backend.layouts if layout.format == "hf")
+NATIVE_MODEL_TYPES = tuple(sorted(layout.name for backend in backends for layout in backend.layouts
+                                  if layout.format == "hf"))
 
 
 def load_model(spec: str | os.PathLike, backend: str = "auto", *, device: str | torch.device = "cpu",
