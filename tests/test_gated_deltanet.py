@@ -332,6 +332,20 @@ def test_fla_directory_loads_and_round_trips(family, tmp_path, monkeypatch):
     assert torch.equal(again, got)
 
 
+@pytest.mark.parametrize("family", ["gated_deltanet", "delta_net"])
+def test_wrapping_fla_s_model_in_memory_gives_the_native_backend(family, monkeypatch):
+    from statelens.models.auto import wrap
+
+    model, _ = tiny_fla(family, "default")
+    wrapped = wrap(model)
+    assert type(wrapped) is backends.get(family)
+    x = tokens()
+    with torch.no_grad():
+        got, _ = wrapped(x)
+    expected, _ = run_fla_on_cpu(model, x, monkeypatch)
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
 @pytest.mark.parametrize("family, bad, message", [
     ("gated_deltanet", {"num_heads": 2, "num_v_heads": 3}, "num_v_heads (3) must be a multiple of num_heads (2)"),
     ("gated_deltanet", {"head_dim": 8, "expand_v": 0.3}, "expand_v gives a dimension of 2.4, not a positive integer"),

@@ -98,8 +98,8 @@ def wrap(model, *, check: bool = True) -> RecurrentLM:
     """A model object in memory as the :class:`RecurrentLM` every analysis takes.
 
     - a statelens model: returned as it is;
-    - a transformers or flash-linear-attention model of a native family (``model_type`` mamba, mamba2,
-      gla): the native backend holding the same tensors (shared, not copied), as ``--backend auto``
+    - a transformers or flash-linear-attention model of a native family (``model_type`` in
+      :data:`NATIVE_MODEL_TYPES`: mamba, mamba2, gla, gated_deltanet, delta_net, ...): the native backend holding the same tensors (shared, not copied), as ``--backend auto``
       would load it from disk, so the numbers equal the CLI's on the saved model;
     - any other transformers causal LM whose cache holds recurrent states: the
       :class:`~statelens.models.hf_adapter.HFRecurrentAdapter` around it (``check``: compare chunked
