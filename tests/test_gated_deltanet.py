@@ -63,7 +63,8 @@ def tiny_fla(family: str, case: str, dtype=torch.float32):
     common = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": VOCAB, "hidden_ratio": 2, "fuse_norm": False,
               "fuse_swiglu": False, "fuse_cross_entropy": False}
     if family == "gated_deltanet":
-        config = models.GatedDeltaNetConfig(**(common | {"num_heads": 2, "head_dim": 8, "expand_v": 2.0} | GDN_CASES[case]))
+        heads = {"num_heads": 2, "head_dim": 8, "expand_v": 2.0}
+        config = models.GatedDeltaNetConfig(**(common | heads | GDN_CASES[case]))
         cls = models.GatedDeltaNetForCausalLM
     else:
         config = models.DeltaNetConfig(**(common | {"num_heads": 2} | DELTANET_CASES[case]))

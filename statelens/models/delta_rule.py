@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from statelens.errors import ParameterError
+from statelens.models.ssd import segsum
 
 
 def _checked(q, k, v, beta, log_g, state, scale):
@@ -93,15 +94,15 @@ def _chunk(q, k, v, beta, log_g, S):
     (o [b, h, C, dv], S after the chunk)."""
     C = k.shape[2]
     gamma = log_g.cumsum(-1)                                                   # [b, h, C]
-    diff = gamma[..., :, None] - gamma[..., None, :]                           # [b, h, C, C]: gamma_i - gamma_j
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    decay = diff.masked_fill(~lower, float("-inf")).exp()                      # exp(gamma_i - gamma_j), j <= i
+    # exp(gamma_i - gamma_j) for j <= i, 0 above: summed by segsum, not as a difference, which cancels
+    # once the cumulative log decay is large and is nan where a patched decay is 0 (log -inf).
+    decay = segsum(log_g).exp()                                                # [b, h, C, C]
     strict = decay.masked_fill(torch.eye(C, dtype=torch.bool, device=k.device), 0.0)   # j < i only
     A = beta[..., None] * strict * (k @ k.transpose(-1, -2))                   # [b, h, C, C], strictly lower
     rhs = beta[..., None] * (v - gamma.exp()[..., None] * (k @ S))             # [b, h, C, dv]
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     U = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     o = gamma.exp()[..., None] * (q @ S) + (decay * (q @ k.transpose(-1, -2))) @ U
-    last = gamma[..., -1:]                                                     # [b, h, 1]
-    S = last.exp()[..., None] * S + (k * (last - gamma).exp()[..., None]).transpose(-1, -2) @ U
+    to_end = decay[..., -1, :]                                                 # exp(gamma_C - gamma_j) [b, h, C]
+    S = gamma[..., -1:].exp()[..., None] * S + (k * to_end[..., None]).transpose(-1, -2) @ U
     return o, S
