@@ -8,9 +8,8 @@ ratios within one run are what is reported).
   weights, 1024-token calls, batch 1; Mamba-1 against transformers fed token by token;
 - CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
   FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
-- the newer families (``families.py``): each native backend's chunked forward against itself token by
-  token at 4k tokens;
 - the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
+- the newer families (``families.py``): each backend's chunked forward against token by token, 4096 tokens;
 - the training monitor's cost (``monitor.py``): the demo baseline's post-training with the monitor at its
   default cadence against the same run without;
 - where CUDA is available (``gpu.py``): the 130M shape on the kernels, 128k tokens recording every 1024
@@ -73,9 +72,9 @@ def main() -> None:
 
     for family in FAMILIES:
         r = chunked_vs_steps(family)
-        row(f"{family}: chunked / token-by-token tok/s at 4k", r["ratio"], ">= 5", at_least, 5)
-        notes.append(f"{family}: chunked {r['chunked']:.0f} tok/s, token by token {r['steps']:.0f} tok/s, "
-                     f"logits max diff {r['gap']:.1e}")
+        row(f"{family}: chunked / token-by-token tok/s at 4k", r["chunked"] / r["steps"], ">= 5", at_least, 5)
+        notes.append(f"{family}: chunked {r['chunked']:.0f} tok/s, token by token {r['steps']:.0f} tok/s; "
+                     f"last logits rel. diff {r['gap']:.1e}")
 
     for shape, (tokens, ratio) in recording_overhead().items():
         row(f"recording every 256 tok / plain rollout, {shape} ({tokens} tok)", ratio, "<= 1.10", at_most, 1.10)

@@ -203,6 +203,8 @@ def apply_mitigation(
     if getattr(model, "mitigation", None) is not None:
         raise BadInput(f"--mitigation {spec(mitigation)}: the model already has a mitigation applied "
                        f"({spec(model.mitigation.mitigation)})")
+    if isinstance(mitigation, Window) and adapter.window is None:
+        raise BadInput(f"--mitigation {spec(mitigation)}: not exact on {model.arch}: {adapter.no_window}")
     applied = Applied(model, mitigation)
     model.mitigation = applied
     applied._undo.append(lambda: model.__dict__.pop("mitigation", None))
