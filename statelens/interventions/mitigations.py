@@ -359,6 +359,8 @@ class WindowScan:
 
 def _apply_window(applied: Applied, m: Window, adapter: ScanAdapter) -> None:
     model = applied.model
+    if adapter.window is None:
+        raise BadInput(f"--mitigation {spec(m)}: not exact on {model.arch}: {adapter.window_refused}")
     width = adapter.window_width(model.config)
     mixers = _mixers(model, adapter)
     scans = [WindowScan(adapter.window, m.r) for _ in mixers]

@@ -24,7 +24,7 @@ from statelens.models.checkpoint import (Checkpoint, _read_json, assemble, load_
 BACKENDS = ("auto", "native", "hf")
 # The model_types of the native backends' hf layouts, in the order the refusal names them (a test holds the two
 # lists together).
-NATIVE_MODEL_TYPES = ("mamba", "mamba2", "gla")
+NATIVE_MODEL_TYPES = ("mamba", "mamba2", "gla", "rwkv7")
 
 
 def load_model(spec: str | os.PathLike, backend: str = "auto", *, device: str | torch.device = "cpu",

@@ -104,6 +104,8 @@ class ScanAdapter:
                  them r tokens earlier (the tokens leaving the window; zeros before the first) and the
                  log-decay of the window ending at each token [b, l, ...]; see :func:`interleave`.
     window_width(config) -> int: the numbers per token of the parts ``window`` hands to ``extend``.
+    window_refused: why the window is not exact on this backend (then ``window`` and ``window_width`` are
+                 None and the window mitigation is refused with this reason); None where it is.
     """
 
     mixer: str
@@ -111,8 +113,9 @@ class ScanAdapter:
     input_hook: str
     chunked: Callable
     steps: Callable
-    window: Callable
-    window_width: Callable[[object], int]
+    window: Callable | None = None
+    window_width: Callable[[object], int] | None = None
+    window_refused: str | None = None
 
 
 @dataclass(frozen=True)
