@@ -8,6 +8,7 @@ ratios within one run are what is reported).
   weights, 1024-token calls, batch 1; Mamba-1 against transformers fed token by token;
 - CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
   FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
+- the native families' chunked forward against token by token at 4k tokens (``families.py``);
 - the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
 - the training monitor's cost (``monitor.py``): the demo baseline's post-training with the monitor at its
   default cadence against the same run without;
@@ -24,6 +25,7 @@ import torch
 
 from diagnostics import effrem_cost, recording_overhead, rss_ratio
 from efficiency import MatmulRate, flops_per_token
+from families import FAMILIES, chunked_vs_steps
 from monitor import monitor_overhead
 from throughput import SHAPES, throughput
 
@@ -67,6 +69,12 @@ def main() -> None:
     r = throughput("mamba1", "small", args.tokens or TOKENS["small"])
     row(f"mamba1 small: statelens / transformers token by token ({r['tokens']} tok)", r["plain"] / r["hf"])
     notes.append(f"mamba1 small: logits rel. diff {r['gap']:.1e}")
+
+    for family in FAMILIES:
+        r = chunked_vs_steps(family)
+        row(f"{family}: chunked / token-by-token tok/s at 4k", r["ratio"], ">= 5", at_least, 5)
+        notes.append(f"{family}: chunked {r['chunked']:.0f} tok/s, token by token {r['steps']:.0f} tok/s, "
+                     f"last logits differ by {r['gap']:.1e}")
 
     for shape, (tokens, ratio) in recording_overhead().items():
         row(f"recording every 256 tok / plain rollout, {shape} ({tokens} tok)", ratio, "<= 1.10", at_most, 1.10)

@@ -10,10 +10,11 @@ own torch reference (``torch_addcmul_rwkv7``, ``k_update_ref``, ``gate_output_co
 ``relu(x) ** 2`` for the compiled ``sqrelu``). Everything else (projections, LoRAs, token-shift mixing,
 value residual, k_k / k_a / r_k, group norm, blocks, parameter names) is fla's code.
 
-SPEC: {"config": fla RWKV7Config kwargs, "tokens": [[...]], "dtype": "float32" | "float64",
+SPEC: {"runs": [run, ...]}, each run {"config": fla RWKV7Config kwargs, "tokens": [[...]],
+"dtype": "float32" | "float64",
 "scan": "fla" (fla's naive DPLR recurrence, float32 inside) | "statelens" (rwkv7_sequential, for
-float64: then only the scan is ours), "seed": int}. OUT: a dict of the fla state_dict, config.json (a
-dict), logits [b, l, vocab], and per layer the scan's final state [b, h, k, v] and the two token-shift
+float64: then only the scan is ours), "seed": int}. OUT: per run, a dict of the fla state_dict, config.json
+(a dict), its parameter count, logits [b, l, vocab], and per layer the scan's final state [b, h, k, v] and the two token-shift
 inputs of the last token [b, 2, d].
 """
 from __future__ import annotations
@@ -127,34 +128,42 @@ def _swap_kernels(scan_name: str, states: list):
     return lambda x: F.relu(x).square()
 
 
-def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
-    sys.meta_path.insert(0, _TritonStandIn())
+def run(spec: dict, states: list, sqrelu) -> dict:
+    """One model and forward of SPEC's ``runs`` (module docstring)."""
     import torch
 
     from fla.models import RWKV7Config, RWKV7ForCausalLM
 
-    states: list = []
-    sqrelu = _swap_kernels(spec["scan"], states)
-    dtype = getattr(torch, spec["dtype"])
+    states.clear()
     torch.manual_seed(spec["seed"])
     model = RWKV7ForCausalLM(RWKV7Config(**spec["config"], fuse_norm=False, fuse_cross_entropy=False)).eval()
     with torch.no_grad():  # fla zeroes o_proj, the channel-mix value and LoRA inputs at init: randomise all
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    model = model.to(dtype)
+    model = model.to(getattr(torch, spec["dtype"]))
     shifts = {}
     for i, block in enumerate(model.model.layers):
         block.ffn.act_fn = sqrelu
         for j, norm in enumerate((block.attn_norm, block.ffn_norm)):
             norm.register_forward_hook(lambda m, args, out, i=i, j=j: shifts.__setitem__((i, j), out[:, -1]))
-    tokens = torch.tensor(spec["tokens"])
     with torch.no_grad():
-        logits = model(tokens, use_cache=False).logits
+        logits = model(torch.tensor(spec["tokens"]), use_cache=False).logits
     n = len(model.model.layers)
-    torch.save({"state_dict": model.state_dict(), "config": model.config.to_dict(), "logits": logits,
-                "states": states, "shifts": [torch.stack([shifts[i, 0], shifts[i, 1]], dim=1) for i in range(n)]},
-               out_path)
+    return {"state_dict": model.state_dict(), "config": model.config.to_dict(), "logits": logits,
+            "num_parameters": model.num_parameters(), "states": list(states),
+            "shifts": [torch.stack([shifts[i, 0], shifts[i, 1]], dim=1) for i in range(n)]}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    runs = json.loads(open(spec_path).read())["runs"]
+    sys.meta_path.insert(0, _TritonStandIn())
+    import torch
+
+    outputs, states = [], []
+    for spec in runs:
+        sqrelu = _swap_kernels(spec["scan"], states)
+        outputs.append(run(spec, states, sqrelu))
+    torch.save(outputs, out_path)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class RWKV7Config:
     norm_first: bool = True              # block 0 applies pre_norm to the embeddings first
     norm_bias: bool = True               # the LayerNorms have a bias
     norm_eps: float = 1e-5               # LayerNorms; the output GroupNorm uses head_dim * norm_eps
-    value_dim: int | None = None         # all heads' value dims together; None: hidden_size
+    value_dim: int | None = None         # all heads' value dims together; only None / hidden_size
     fuse_norm: bool = True               # True: kk = k / sqrt(|k|^2 + 1e-6) (fla's l2_norm); False: F.normalize
     tie_word_embeddings: bool = False
     chunk_size: int = 32                 # statelens's chunk length of the scan (results do not depend on it)
@@ -121,10 +121,8 @@ class RWKV7Config:
             raise ParameterError("head_dim", f"hidden_size ({d}) must be a multiple of head_dim ({self.head_dim})")
         self.num_heads = d // self.head_dim
         self.value_dim = d if self.value_dim is None else self.value_dim
-        check_dims(self, ("value_dim",))
-        if self.value_dim % self.num_heads:
-            raise ParameterError("value_dim", f"value_dim ({self.value_dim}) must be a multiple of the number of "
-                                              f"heads ({self.num_heads})")
+        if self.value_dim != d:  # fla's layer fails building these (its v_lora init is hidden_size wide)
+            raise ParameterError("value_dim", f"value_dim {self.value_dim!r} is not supported (only hidden_size, {d})")
         if self.hidden_act != "sqrelu":
             raise ParameterError("hidden_act", f"hidden_act {self.hidden_act!r} is not supported (only sqrelu)")
         factor = self.head_dim / 64  # fla's layer defaults for a LoRA width left unset
