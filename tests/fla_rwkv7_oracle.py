@@ -10,12 +10,11 @@ own torch reference (``torch_addcmul_rwkv7``, ``k_update_ref``, ``gate_output_co
 ``relu(x) ** 2`` for the compiled ``sqrelu``). Everything else (projections, LoRAs, token-shift mixing,
 value residual, k_k / k_a / r_k, group norm, blocks, parameter names) is fla's code.
 
-SPEC: {"runs": [run, ...]}, each run {"config": fla RWKV7Config kwargs, "tokens": [[...]],
-"dtype": "float32" | "float64",
-"scan": "fla" (fla's naive DPLR recurrence, float32 inside) | "statelens" (rwkv7_sequential, for
-float64: then only the scan is ours), "seed": int}. OUT: per run, a dict of the fla state_dict, config.json
-(a dict), its parameter count, logits [b, l, vocab], and per layer the scan's final state [b, h, k, v] and the two token-shift
-inputs of the last token [b, 2, d].
+SPEC: {"runs": [run, ...]}, each run {"config": fla RWKV7Config kwargs, "tokens": [[...]], "dtype":
+"float32" | "float64", "scan": "fla" (fla's naive DPLR recurrence, float32 inside) | "statelens"
+(rwkv7_sequential, for float64: then only the scan is ours), "seed": int}. OUT: per run, a dict of the
+fla state_dict, config.json (a dict), its parameter count, logits [b, l, vocab], and per layer the scan's
+final state [b, h, k, v] and the two token-shift inputs of the last token [b, 2, d].
 """
 from __future__ import annotations
 
@@ -159,6 +158,7 @@ def main(spec_path: str, out_path: str) -> None:
     sys.meta_path.insert(0, _TritonStandIn())
     import torch
 
+    torch.set_num_threads(1)  # tiny ops: threads only contend
     outputs, states = [], []
     for spec in runs:
         sqrelu = _swap_kernels(spec["scan"], states)

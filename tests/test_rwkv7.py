@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from statelens.record import rollout
 from test_delta_rule import fla_naive
 
 VOCAB = 61
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only contend
 
 
 def scan_inputs(b=2, l=37, h=3, dk=8, dv=5, seed=0, dtype=torch.float64):
@@ -322,3 +324,71 @@ def test_cap_runs_the_recurrence_token_by_token(model):
             capped, _ = model(x)
     assert applied.thresholds.shape == (model.n_layers, model.n_heads)
     torch.testing.assert_close(capped, plain, rtol=1e-4, atol=1e-4)
+
+
+# -- analyses and the report --------------------------------------------------------------------------
+
+def test_decay_reports_exp_w_per_head(model):
+    """decay's mean_alpha and retention equal those computed from exp(w) seen at hook_decay in one call,
+    and layer 0's exp(w) equals the formula from its parameters: exp(-exp(-1/2) sigmoid(w_lora(x_w)))."""
+    from test_decay import check_against
+
+    from statelens.analysis.decay import decay
+
+    slow = RWKV7LM(model.config).eval()
+    slow.load_state_dict(model.state_dict())
+    with torch.no_grad():  # decays near 1, so retention stays measurable
+        for block in slow.blocks:
+            block.attn.w_lora.lora[2].bias.fill_(-4.0)
+            block.attn.w_lora.lora[2].weight.mul_(0.1)
+    x = tokens(length=24)
+    seen = {}
+    with torch.no_grad(), hooks(slow, {"blocks.*.hook_decay": lambda t, hook: seen.__setitem__(hook.layer, t)}):
+        slow(x)
+    block = slow.blocks[0]
+    with torch.no_grad():
+        u = block.attn_norm(block.pre_norm(slow.embedding(x)))
+        x_w = u + (F.pad(u, (0, 0, 1, -1)) - u) * block.attn.x_w
+        alpha0 = torch.exp(-math.exp(-0.5) * torch.sigmoid(block.attn.w_lora(x_w)))
+    torch.testing.assert_close(seen[0], alpha0.view_as(seen[0]), rtol=1e-6, atol=1e-6)
+    df = decay(slow, x.numpy(), buckets=6, scale="linear", chunk=5)
+    check_against(df, [seen[i] for i in range(slow.n_layers)], x.shape[1], 6, "linear", slow)
+
+
+def fla_directory(path: Path, model: RWKV7LM) -> Path:
+    """``model`` written as flash-linear-attention writes an rwkv7 checkpoint: config.json and fla's names."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    names = (("blocks.", "model.layers."), ("embedding.", "model.embeddings."), ("norm_f.", "model.norm."))
+    state = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in names:
+            key = theirs + key.removeprefix(ours) if key.startswith(ours) else key
+        state[key] = value.contiguous()
+    path.mkdir(parents=True)
+    save_file(state, path / "model.safetensors")
+    keys = ("hidden_size", "num_hidden_layers", "vocab_size", "head_dim", "decay_low_rank_dim", "gate_low_rank_dim",
+            "a_low_rank_dim", "v_low_rank_dim", "intermediate_size")
+    (path / "config.json").write_text(json.dumps({"model_type": "rwkv7"} | {k: getattr(cfg, k) for k in keys}))
+    return path
+
+
+def test_report_renders_every_figure_on_a_tiny_rwkv7(tmp_path):
+    """`statelens report` on an fla rwkv7 directory: every figure and its tables, as on Mamba-2."""
+    from test_report import FIGURES, SMALL, Page, cli
+
+    torch.manual_seed(0)
+    tiny = RWKV7LM(RWKV7Config(**(TINY | {"num_hidden_layers": 1, "vocab_size": 256})))
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ckpt = fla_directory(tmp_path / "ckpt", tiny)
+    text = tmp_path / "docs.txt"
+    text.write_text(" ".join(f"word{i % 97} and some more text number {i}." for i in range(200)))
+    cli("report", "--ckpt", ckpt, "--data", text, *SMALL, "--out", tmp_path / "out")
+    page = Page((tmp_path / "out" / "index.html").read_text(encoding="utf-8"))
+    assert {f"fig-{f}" for f in FIGURES} <= page.ids()
+    assert sum(t == "svg" for t, _ in page.tags) == len(FIGURES)
+    alpha = pd.read_csv(next((tmp_path / "out").glob("**/decay.csv"))).mean_alpha
+    assert alpha.between(math.exp(-0.6065306597126334), 1).all()

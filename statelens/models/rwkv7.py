@@ -101,7 +101,7 @@ class RWKV7Config:
     value_dim: int | None = None         # all heads' value dims together; only None / hidden_size
     fuse_norm: bool = True               # True: kk = k / sqrt(|k|^2 + 1e-6) (fla's l2_norm); False: F.normalize
     tie_word_embeddings: bool = False
-    chunk_size: int = 32                 # statelens's chunk length of the scan (results do not depend on it)
+    chunk_size: int = 16                 # statelens's chunk length of the scan (results do not depend on it)
 
     @property
     def tie_embeddings(self) -> bool:
@@ -225,7 +225,7 @@ def rwkv7_chunked(
         o_t = (r_t G_t) S_0 + sum_{s<=t} (r_t . k_s G_t/G_s) v_s + (r_t . b_s G_t/G_s) u_s
         S_q = G_q S_0 + sum_s (k_s G_q/G_s)^T v_s + (b_s G_q/G_s)^T u_s
 
-    Step 1 holds [b, c, h, k, q, q] tensors of pairwise decays, so memory grows with l * d * chunk.
+    Step 1 holds [b, c, h, q, q, k] tensors of pairwise decays, so memory grows with l * d * chunk.
     """
     bsz, l, h, dk = r.shape
     dv = v.shape[-1]
@@ -238,13 +238,11 @@ def rwkv7_chunked(
     v = v.view(bsz, c, Q, h, dv).transpose(2, 3)                                      # [b, c, h, q, v]
     g = w.view(bsz, c, Q, h, dk).permute(0, 1, 3, 4, 2)                               # [b, c, h, k, q]
 
-    # 1. Pairwise decays: G_t / G_s (s <= t) and G_{t-1} / G_s (s < t), per key dim.
-    to_t = segsum(g).exp()                                     # [b, c, h, k, t, s], zero above the diagonal
-    to_before_t = F.pad(to_t[..., :-1, :], (0, 0, 1, 0))       # row t is row t - 1: zero on and above it
-    A_ak = torch.einsum("bchtk,bchsk,bchkts->bchts", a, k, to_before_t)
-    A_ab = torch.einsum("bchtk,bchsk,bchkts->bchts", a, b, to_before_t)
-    A_rk = torch.einsum("bchtk,bchsk,bchkts->bchts", r, k, to_t)
-    A_rb = torch.einsum("bchtk,bchsk,bchkts->bchts", r, b, to_t)
+    # 1. Pairwise decays: G_t / G_s (s <= t) and G_{t-1} / G_s (s < t), per key dim, key dim last.
+    to_t = segsum(g).exp().permute(0, 1, 2, 4, 5, 3)          # [b, c, h, t, s, k], zero for s > t
+    to_before_t = F.pad(to_t[..., :-1, :, :], (0, 0, 0, 0, 1, 0))   # row t is row t - 1: zero for s >= t
+    A_ak, A_ab = _pairs(a, k, to_before_t), _pairs(a, b, to_before_t)
+    A_rk, A_rb = _pairs(r, k, to_t), _pairs(r, b, to_t)
 
     # 2. The UT transform: (I - A_ab) u = a G_{t-1} S_0 + A_ak v, so u = W S_0 + U with
     #    W = (I - A_ab)^-1 (a G_{t-1}) [q, k] and U = (I - A_ab)^-1 A_ak v [q, v].
@@ -256,7 +254,7 @@ def rwkv7_chunked(
     U = torch.linalg.solve_triangular(solve, A_ak @ v, upper=False, unitriangular=True)
 
     # 3. Carry the state across chunks: S_q = P S_0 + R, P = diag(G_q) + B~^T W, R = K~^T v + B~^T U.
-    to_end = to_t[..., -1, :].transpose(-1, -2)                # [b, c, h, s, k]: G_q / G_s
+    to_end = to_t[..., -1, :, :]                               # [b, c, h, s, k]: G_q / G_s
     k_end, b_end = k * to_end, b * to_end
     P = torch.diag_embed(g_cum[..., -1, :].exp()) + b_end.transpose(-1, -2) @ W      # [b, c, h, k, k]
     R = k_end.transpose(-1, -2) @ v + b_end.transpose(-1, -2) @ U                    # [b, c, h, k, v]
@@ -271,6 +269,11 @@ def rwkv7_chunked(
     u = W @ starts + U                                         # [b, c, h, q, v]
     o = (r * g_cum.exp()) @ starts + A_rk @ v + A_rb @ u
     return o.transpose(2, 3).reshape(bsz, c * Q, h, dv)[:, :l], S
+
+
+def _pairs(x: torch.Tensor, y: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """x, y [b, c, h, q, k], decay [b, c, h, t, s, k] -> [b, c, h, t, s]: sum_k x_t[k] y_s[k] decay[t, s, k]."""
+    return (x[..., :, None, :] * y[..., None, :, :] * decay).sum(-1)
 
 
 # -- the model -------------------------------------------------------------------------------------
