@@ -44,8 +44,9 @@ with two inputs, so the state is a sum of decayed outer products and, within a c
 a unit lower-triangular system (the WY / UT transform); the decays between positions are summed by a
 masked cumsum (:func:`statelens.models.ssd.segsum`), never as differences of cumulative sums.
 
-Departures from fla: fla's kernels chunk in 16- or 64-token blocks with a secondary level for stability;
-the form here needs neither. v_first is the layer-0 value after its hook point (a patched layer-0
+Departures from fla: fla's Triton kernels chunk in 16- or 64-token blocks and may assume the log-decay
+lies in a safe range (``safe_gate``, ``lower_bound``); the form here is exact for any chunk length and any
+decay in [0, 1], a patched one included. v_first is the layer-0 value after its hook point (a patched layer-0
 ``hook_x`` reaches every layer's value residual, as fla's single tensor would).
 
 What ``hook_decay`` (and so the decay analysis's ``alpha``) is on RWKV-7: ``exp(w_t)`` per key dimension,
