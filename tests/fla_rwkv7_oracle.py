@@ -5,9 +5,10 @@ triton at import time, and triton is not installed here (it needs a GPU to run a
 answers those imports with inert stand-ins, in its own process so that no other test sees a fake
 triton. Nothing of triton runs: every Triton-backed function the RWKV-7 forward calls is swapped for fla's
 own torch reference (``torch_addcmul_rwkv7``, ``k_update_ref``, ``gate_output_correction_ref``,
-``token_shift_ref`` plus the carried last token, ``dplr_recurrence`` for the scan) or for torch's
-(``nn.LayerNorm`` and ``F.normalize`` with ``fuse_norm=False``, which is fla's own unfused path, and
-``relu(x) ** 2`` for the compiled ``sqrelu``). Everything else (projections, LoRAs, token-shift mixing,
+``token_shift_ref`` plus the carried last token, ``dplr_recurrence`` for the scan, ``layer_norm_ref`` and
+``group_norm_ref`` for the fused norms) or for torch's (``relu(x) ** 2`` for the compiled ``sqrelu``,
+``x / sqrt(|x|^2 + 1e-6)`` for the ``l2_norm`` kernel, as that kernel computes it). ``fuse_norm`` defaults
+to False here (fla's own unfused path: ``nn.LayerNorm``, ``nn.GroupNorm``, ``F.normalize``). Everything else (projections, LoRAs, token-shift mixing,
 value residual, k_k / k_a / r_k, group norm, blocks, parameter names) is fla's code.
 
 SPEC: {"runs": [run, ...]}, each run {"config": fla RWKV7Config kwargs, "tokens": [[...]], "dtype":
@@ -92,6 +93,8 @@ def _swap_kernels(scan_name: str, states: list):
 
     import fla.layers.rwkv7 as layer
     import fla.models.rwkv7.modeling_rwkv7 as modeling
+    import fla.modules.norm.layernorm as norms
+    from fla.modules.norm.layernorm import group_norm_ref, layer_norm_ref
     from fla.modules.token_shift import token_shift_ref
     from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
     from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
@@ -118,11 +121,23 @@ def _swap_kernels(scan_name: str, states: list):
     def mul_scan(r, w, k, v, kk, a, **kwargs):
         return scan(r, w, k, v, -kk, kk * a, **kwargs)
 
+    def layer_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+        return layer_norm_ref(x, weight, bias, residual, eps, prenorm)
+
+    def group_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False,
+                   is_rms_norm=False, num_groups=1):
+        return group_norm_ref(x, weight, bias, num_groups, residual, eps, is_rms_norm, prenorm)
+
+    def l2_norm(x, eps=1e-6, output_dtype=None):  # fla's l2norm kernel: x / sqrt(sum(x * x) + eps)
+        return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
     for module, name, value in ((layer, "token_shift", shift), (modeling, "token_shift", shift),
                                 (layer, "fused_addcmul_rwkv7", torch_addcmul_rwkv7),
                                 (layer, "fused_k_rwkv7", k_update_ref),
                                 (layer, "gate_output_correction", gate_output_correction_ref),
-                                (layer, "chunk_rwkv7", scan), (layer, "fused_mul_recurrent_rwkv7", mul_scan)):
+                                (layer, "chunk_rwkv7", scan), (layer, "fused_mul_recurrent_rwkv7", mul_scan),
+                                (norms, "layer_norm", layer_norm), (norms, "group_norm", group_norm),
+                                (layer, "l2_norm", l2_norm)):
         setattr(module, name, value)
     return lambda x: F.relu(x).square()
 
@@ -135,7 +150,8 @@ def run(spec: dict, states: list, sqrelu) -> dict:
 
     states.clear()
     torch.manual_seed(spec["seed"])
-    model = RWKV7ForCausalLM(RWKV7Config(**spec["config"], fuse_norm=False, fuse_cross_entropy=False)).eval()
+    config = RWKV7Config(**({"fuse_norm": False} | spec["config"]), fuse_cross_entropy=False)
+    model = RWKV7ForCausalLM(config).eval()
     with torch.no_grad():  # fla zeroes o_proj, the channel-mix value and LoRA inputs at init: randomise all
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -144,7 +160,8 @@ def run(spec: dict, states: list, sqrelu) -> dict:
     for i, block in enumerate(model.model.layers):
         block.ffn.act_fn = sqrelu
         for j, norm in enumerate((block.attn_norm, block.ffn_norm)):
-            norm.register_forward_hook(lambda m, args, out, i=i, j=j: shifts.__setitem__((i, j), out[:, -1]))
+            norm.register_forward_hook(lambda m, args, out, i=i, j=j: shifts.__setitem__(
+                (i, j), (out[0] if isinstance(out, tuple) else out)[:, -1]))  # fused ffn_norm: (out, residual)
     with torch.no_grad():
         logits = model(torch.tensor(spec["tokens"]), use_cache=False).logits
     n = len(model.model.layers)

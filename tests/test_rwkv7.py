@@ -74,6 +74,7 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 3, "head_dim": 8, "vocab_size": 
 FLA_CASES = {
     "default": {},
     "tied-no-prenorm-no-bias": {"tie_word_embeddings": True, "norm_first": False, "norm_bias": False},
+    "fused-norms": {"fuse_norm": True},
     "lora-widths-from-fla-formula": {"decay_low_rank_dim": None, "gate_low_rank_dim": None, "a_low_rank_dim": None,
                                      "v_low_rank_dim": None, "num_heads": 2, "head_dim": None},
 }
