@@ -204,6 +204,23 @@ def test_one_shot_equals_token_by_token_in_float64(model):
         assert (s - s_ref).abs().max().item() <= 1e-12
 
 
+def test_a_random_initial_state_carries_the_same_in_any_chunking(model):
+    """From random matrix and token-shift states (float64): one call == calls of 1 and 7 tokens."""
+    m = RWKV7LM(model.config).double().eval()
+    m.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    initial = m.zero_state(2).map(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype))
+    x = tokens(length=30)
+    with torch.no_grad():
+        expected, final = m(x, initial)
+    assert (expected - m(x)[0]).abs().max().item() > 1e-3  # the initial state matters
+    for chunk in (1, 7):
+        chunks = list(rollout(m, x, chunk=chunk, state=initial))
+        assert (torch.cat([c.logits() for c in chunks], dim=1) - expected).abs().max().item() <= 1e-12
+        for s, s_ref in zip(chunks[-1].state.ssm + chunks[-1].state.conv, final.ssm + final.conv):
+            assert (s - s_ref).abs().max().item() <= 1e-12
+
+
 def test_reset_rows_equal_separate_runs(model):
     x = tokens(b=1, length=120).expand(4, -1)
     resets = [0, 1, 50, 97]
