@@ -13,6 +13,7 @@ from diagnostics import best_of
 
 from statelens.models import DeltaNetConfig, DeltaNetLM, GatedDeltaNetConfig, GatedDeltaNetLM, Mamba3Config, Mamba3LM
 from statelens.models.base import RecurrentLM
+from statelens.models.rwkv7 import RWKV7Config, RWKV7LM
 
 
 def _gated_deltanet() -> RecurrentLM:
@@ -28,8 +29,19 @@ def _mamba3() -> RecurrentLM:
     return Mamba3LM(Mamba3Config(d_model=128, n_layer=2, vocab_size=1024, d_state=64, headdim=64, chunk_size=64))
 
 
+def _rwkv7() -> RecurrentLM:
+    """d 128, 2 layers, 4 heads of 32, every parameter perturbed off its (often zero) initial value."""
+    torch.manual_seed(0)
+    model = RWKV7LM(RWKV7Config(hidden_size=128, num_hidden_layers=2, head_dim=32, vocab_size=256,
+                                decay_low_rank_dim=32, gate_low_rank_dim=32, a_low_rank_dim=32, v_low_rank_dim=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 FAMILIES: dict[str, Callable[[], RecurrentLM]] = {"mamba3": _mamba3, "gated_deltanet": _gated_deltanet,
-                                                  "delta_net": _delta_net}
+                                                  "delta_net": _delta_net, "rwkv7": _rwkv7}
 
 
 def chunked_vs_steps(family: str, tokens: int = 4096) -> dict:

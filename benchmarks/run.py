@@ -9,7 +9,8 @@ ratios within one run are what is reported).
 - CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
   FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
 - the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
-- the newer families (``families.py``): each backend's chunked forward against token by token, 4096 tokens;
+- the newer families (``families.py``): each backend's chunked forward against token by token, 4096 tokens
+  (Mamba-3, Gated DeltaNet, DeltaNet, RWKV-7);
 - the training monitor's cost (``monitor.py``): the demo baseline's post-training with the monitor at its
   default cadence against the same run without;
 - where CUDA is available (``gpu.py``): the 130M shape on the kernels, 128k tokens recording every 1024

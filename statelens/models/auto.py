@@ -99,7 +99,7 @@ def wrap(model, *, check: bool = True) -> RecurrentLM:
 
     - a statelens model: returned as it is;
     - a transformers or flash-linear-attention model of a native family (``model_type`` in
-      :data:`NATIVE_MODEL_TYPES`: mamba, mamba2, gla, gated_deltanet, delta_net, ...): the native backend holding the same tensors (shared, not copied), as ``--backend auto``
+      :data:`NATIVE_MODEL_TYPES`: mamba, mamba2, mamba3, gla, gated_deltanet, delta_net, rwkv7): the native backend holding the same tensors (shared, not copied), as ``--backend auto``
       would load it from disk, so the numbers equal the CLI's on the saved model;
     - any other transformers causal LM whose cache holds recurrent states: the
       :class:`~statelens.models.hf_adapter.HFRecurrentAdapter` around it (``check``: compare chunked
