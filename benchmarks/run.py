@@ -9,6 +9,8 @@ ratios within one run are what is reported).
 - CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
   FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
 - the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
+- the newer families (``families.py``): each backend's chunked forward against token by token, 4096 tokens
+  (Mamba-3, Gated DeltaNet, DeltaNet, RWKV-7);
 - the training monitor's cost (``monitor.py``): the demo baseline's post-training with the monitor at its
   default cadence against the same run without;
 - where CUDA is available (``gpu.py``): the 130M shape on the kernels, 128k tokens recording every 1024
@@ -24,6 +26,7 @@ import torch
 
 from diagnostics import effrem_cost, recording_overhead, rss_ratio
 from efficiency import MatmulRate, flops_per_token
+from families import FAMILIES, chunked_vs_steps
 from monitor import monitor_overhead
 from throughput import SHAPES, throughput
 
@@ -67,6 +70,12 @@ def main() -> None:
     r = throughput("mamba1", "small", args.tokens or TOKENS["small"])
     row(f"mamba1 small: statelens / transformers token by token ({r['tokens']} tok)", r["plain"] / r["hf"])
     notes.append(f"mamba1 small: logits rel. diff {r['gap']:.1e}")
+
+    for family in FAMILIES:
+        r = chunked_vs_steps(family)
+        row(f"{family}: chunked / token-by-token tok/s at 4k", r["chunked"] / r["steps"], ">= 5", at_least, 5)
+        notes.append(f"{family}: chunked {r['chunked']:.0f} tok/s, token by token {r['steps']:.0f} tok/s; "
+                     f"last logits rel. diff {r['gap']:.1e}")
 
     for shape, (tokens, ratio) in recording_overhead().items():
         row(f"recording every 256 tok / plain rollout, {shape} ({tokens} tok)", ratio, "<= 1.10", at_most, 1.10)

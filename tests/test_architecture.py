@@ -20,8 +20,8 @@ def test_every_path_the_map_names_exists():
 
 
 def test_a_path_that_is_not_there_is_caught():
-    assert missing("the scan in `statelens/models/ssd.py`, Mamba-3 in `statelens/models/mamba3.py`") == \
-        (2, ["statelens/models/mamba3.py"])
+    assert missing("the scan in `statelens/models/ssd.py`, Mamba-4 in `statelens/models/mamba4.py`") == \
+        (2, ["statelens/models/mamba4.py"])
 
 
 # -- the error policy (issue 20 item 3): the library raises StatelensError for what a user can cause -----

@@ -182,9 +182,9 @@ def test_config_not_json(content, problem, ckpt, monkeypatch, capsys):
 
 @pytest.mark.parametrize("changes, needle", [
     ({"model_type": "llama"}, "'llama'"),
-    ({"model_type": "mamba3"}, "'mamba3'"),
+    ({"model_type": "mamba4"}, "'mamba4'"),
     ({"model_type": None}, "None"),
-], ids=["llama", "mamba3", "null"])
+], ids=["llama", "mamba4", "null"])
 def test_unknown_model_type(changes, needle, ckpt, monkeypatch, capsys):
     edit_config(ckpt, **changes)
     message = load_error(ckpt)
@@ -198,7 +198,7 @@ def test_config_of_neither_format(tmp_path):
     assert str(path / "config.json") in message and "model_type" in message and "d_model" in message
 
 
-@pytest.mark.parametrize("layer", ["Mamba3", "MHA", None])
+@pytest.mark.parametrize("layer", ["Mamba4", "MHA", None])
 def test_mamba_ssm_unknown_layer(layer, tiny, tmp_path):
     path = mamba_ssm_dir(tmp_path / "ssm", tiny[1], layer="Mamba2", vocab_size=64)
     config = json.loads((path / "config.json").read_text())

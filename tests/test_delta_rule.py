@@ -4,6 +4,7 @@ Qwen3-Next layers fall back to); the chunked form against the token-by-token one
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,8 @@ def test_steps_equal_transformers_torch_gated_delta_rule():
     q, k, v, beta, log_g, state = inputs(dtype=torch.float32, seed=1)
     ours, final = delta_rule_steps(q, k, v, beta, log_g, state)
     for name in ("torch_recurrent_gated_delta_rule", "torch_chunk_gated_delta_rule"):
-        theirs, their_final = getattr(mod, name)(q, k, v, g=log_g, beta=beta, initial_state=state.clone(),
+        # unwrapped: transformers dispatches to fla's Triton kernel wherever fla imports (triton installed)
+        theirs, their_final = inspect.unwrap(getattr(mod, name))(q, k, v, g=log_g, beta=beta, initial_state=state.clone(),
                                                  output_final_state=True)
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=name)
         torch.testing.assert_close(final, their_final, rtol=1e-4, atol=1e-4, msg=name)
@@ -93,3 +95,24 @@ def test_bad_shapes_and_chunk_name_the_parameter():
     assert info.value.parameter == "q"
     with pytest.raises(ParameterError, match="chunk must be >= 1"):
         delta_rule_chunked(q, k, v, beta, log_g, state, chunk=0)
+
+
+def test_a_zero_decay_forgets_everything_and_strong_decays_stay_exact():
+    """alpha = 0 (log decay -inf, as a patched hook_decay gives) mid-chunk: the chunked form equals the
+    steps (no nan), and the state is what the tokens after it wrote from zero; a cumulative log decay
+    of -1000 over a chunk keeps float32 agreement."""
+    q, k, v, beta, log_g, state = inputs(length=20)
+    log_g[:, 9] = -torch.inf
+    ours, final = delta_rule_chunked(q, k, v, beta, log_g, state, chunk=16)
+    steps, step_final = delta_rule_steps(q, k, v, beta, log_g, state)
+    torch.testing.assert_close(ours, steps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, step_final, rtol=1e-12, atol=1e-12)
+    after_zero = torch.cat([torch.zeros_like(log_g[:, 9:10]), log_g[:, 10:]], dim=1)
+    _, after = delta_rule_steps(*(t[:, 9:] for t in (q, k, v, beta)), after_zero)
+    torch.testing.assert_close(final, after, rtol=1e-12, atol=1e-12)
+    q, k, v, beta, log_g, state = inputs(length=64, dtype=torch.float32, seed=3)
+    log_g = log_g * 0 - 16.0                                                  # -1024 over the chunk
+    ours, final = delta_rule_chunked(q, k, v, beta, log_g, state, chunk=64)
+    steps, step_final = delta_rule_steps(q, k, v, beta, log_g, state)
+    torch.testing.assert_close(ours, steps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, step_final, rtol=1e-5, atol=1e-5)

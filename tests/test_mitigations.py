@@ -339,7 +339,7 @@ def test_a_backend_that_declares_no_scan_adapter_is_refused():
     with pytest.raises(BadInput) as info:
         apply_mitigation(model, "scale:alpha=0.5")
     message = str(info.value)
-    assert message == "--mitigation scale:alpha=0.5,B=1: needs a native backend (gla, mamba1, mamba2), got opaque"
+    assert message == "--mitigation scale:alpha=0.5,B=1: needs a native backend (delta_net, gated_deltanet, gla, mamba1, mamba2, mamba3, rwkv7), got opaque"
     assert getattr(model, "mitigation", None) is None
 
 

@@ -37,6 +37,8 @@ state after token t, read out by ``C_t``):
   ``[batch, r, ...]``), so the result does not depend on the chunking. A non-zero initial state
   decays but is never removed (analyses start from zero). On Mamba-1 the decay differs per (channel,
   state index), so the removal is a full input: ``[batch, 2 * chunk, d_inner, d_state]`` per call.
+  A backend whose transition is not diagonal (RWKV-7's ``diag(alpha_t) - b_t kk_t^T``) declares
+  ``ScanAdapter.no_window`` instead, and the window is refused in one line with that reason.
 
 Hook points keep their meaning on the modified model: ``hook_state`` sees the state that is carried
 (capped, or the window's ``h_t^(r)``), ``hook_state_blocks`` the same state at block starts.
@@ -203,6 +205,8 @@ def apply_mitigation(
     if getattr(model, "mitigation", None) is not None:
         raise BadInput(f"--mitigation {spec(mitigation)}: the model already has a mitigation applied "
                        f"({spec(model.mitigation.mitigation)})")
+    if isinstance(mitigation, Window) and adapter.window is None:
+        raise BadInput(f"--mitigation {spec(mitigation)}: not exact on {model.arch}: {adapter.no_window}")
     applied = Applied(model, mitigation)
     model.mitigation = applied
     applied._undo.append(lambda: model.__dict__.pop("mitigation", None))

@@ -2,7 +2,8 @@
 hub id) or :func:`wrap` (a model object in memory).
 
 - ``native``: statelens' own backends, exact and with every hook point: mamba-ssm layouts (Mamba-1,
-  Mamba-2) and the ``model_type`` s ``mamba``, ``mamba2`` and ``gla``.
+  Mamba-2) and the ``model_type`` s of their hf layouts (``mamba``, ``mamba2``, ``gla``, ``gated_deltanet``,
+  ``delta_net``, ...: :data:`NATIVE_MODEL_TYPES`).
 - ``hf``: the checkpoint's own ``transformers`` modules through
   :class:`~statelens.models.hf_adapter.HFRecurrentAdapter`, for any other ``model_type`` transformers
   knows whose cache holds recurrent states (falcon_mamba, bamba, zamba2, nemotron_h, ...).
@@ -17,14 +18,14 @@ from pathlib import Path
 import torch
 
 from statelens.errors import BadInput, CheckpointError
-from statelens.models.base import RecurrentLM
+from statelens.models.base import RecurrentLM, backends
 from statelens.models.checkpoint import (Checkpoint, _read_json, assemble, load_checkpoint, load_hf_adapter,
                                          parse_config, resolve_checkpoint)
 
 BACKENDS = ("auto", "native", "hf")
-# The model_types of the native backends' hf layouts, in the order the refusal names them (a test holds the two
-# lists together).
-NATIVE_MODEL_TYPES = ("mamba", "mamba2", "gla")
+# The model_types of the native backends' hf layouts, as each backend's file declares them.
+NATIVE_MODEL_TYPES = tuple(sorted(layout.name for backend in backends for layout in backend.layouts
+                                  if layout.format == "hf"))
 
 
 def load_model(spec: str | os.PathLike, backend: str = "auto", *, device: str | torch.device = "cpu",
@@ -97,8 +98,8 @@ def wrap(model, *, check: bool = True) -> RecurrentLM:
     """A model object in memory as the :class:`RecurrentLM` every analysis takes.
 
     - a statelens model: returned as it is;
-    - a transformers or flash-linear-attention model of a native family (``model_type`` mamba, mamba2,
-      gla): the native backend holding the same tensors (shared, not copied), as ``--backend auto``
+    - a transformers or flash-linear-attention model of a native family (``model_type`` in
+      :data:`NATIVE_MODEL_TYPES`: mamba, mamba2, mamba3, gla, gated_deltanet, delta_net, rwkv7): the native backend holding the same tensors (shared, not copied), as ``--backend auto``
       would load it from disk, so the numbers equal the CLI's on the saved model;
     - any other transformers causal LM whose cache holds recurrent states: the
       :class:`~statelens.models.hf_adapter.HFRecurrentAdapter` around it (``check``: compare chunked

@@ -104,6 +104,8 @@ class ScanAdapter:
                  them r tokens earlier (the tokens leaving the window; zeros before the first) and the
                  log-decay of the window ending at each token [b, l, ...]; see :func:`interleave`.
     window_width(config) -> int: the numbers per token of the parts ``window`` hands to ``extend``.
+    no_window:   where ``window`` is None, why the sliding window is not exact for this backend (the
+                 window mitigation is refused with it).
     """
 
     mixer: str
@@ -111,8 +113,9 @@ class ScanAdapter:
     input_hook: str
     chunked: Callable
     steps: Callable
-    window: Callable
-    window_width: Callable[[object], int]
+    window: Callable | None = None
+    window_width: Callable[[object], int] | None = None
+    no_window: str = ""
 
 
 @dataclass(frozen=True)

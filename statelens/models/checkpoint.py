@@ -27,7 +27,7 @@ import torch
 
 from statelens import hub
 from statelens.errors import CheckpointError
-from statelens.models import gla, mamba1, mamba2  # noqa: F401  (registers the backends)
+from statelens.models import gated_deltanet, gla, mamba1, mamba2, mamba3, rwkv7  # noqa: F401  (registers the backends)
 from statelens.models.base import Layout, RecurrentLM, backends
 from statelens.outputs import atomic_write
 

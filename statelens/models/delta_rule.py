@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from statelens.errors import ParameterError
+from statelens.models.ssd import segsum
 
 
 def _checked(q, k, v, beta, log_g, state, scale):
@@ -42,20 +43,34 @@ def _checked(q, k, v, beta, log_g, state, scale):
     return q * scale, k, v, beta, log_g, state.to(dtype)
 
 
+def delta_rule_stepper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                       log_g: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                       scale: float | None = None):
+    """The recurrence one token at a time, for callers that act between tokens (the state cap): same
+    inputs as :func:`delta_rule_steps` -> ``(step, S0, length)`` with ``step(t, S) -> (o_t [b, h, dv],
+    S_t [b, h, dk, dv])`` from ``S = S_{t-1}``, the initial state and the number of tokens."""
+    q, k, v, beta, log_g, S0 = _checked(q, k, v, beta, log_g, state, scale)
+
+    def step(t: int, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = S * log_g[:, :, t, None, None].exp()
+        u = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, :, t]))
+        S = S + k[:, :, t, :, None] * u[:, :, None, :]
+        return torch.einsum("bhkv,bhk->bhv", S, q[:, :, t]), S
+    return step, S0, k.shape[2]
+
+
 def delta_rule_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                      log_g: torch.Tensor | None = None, state: torch.Tensor | None = None,
                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence, token by token: q, k [b, l, h, dk], v [b, l, h, dv], beta, log_g [b, l, h] (log_g
     None: DeltaNet), state [b, h, dk, dv] (None: zeros) -> (o [b, l, h, dv], final state [b, h, dk, dv])."""
-    q, k, v, beta, log_g, S = _checked(q, k, v, beta, log_g, state, scale)
+    step, S, length = delta_rule_stepper(q, k, v, beta, log_g, state, scale)
     outputs = []
-    for t in range(k.shape[2]):
-        S = S * log_g[:, :, t, None, None].exp()
-        u = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, :, t]))
-        S = S + k[:, :, t, :, None] * u[:, :, None, :]
-        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, :, t]))
-    o = torch.stack(outputs, dim=2) if outputs else v.new_zeros(v.shape)
-    return o.transpose(1, 2), S
+    for t in range(length):
+        o, S = step(t, S)
+        outputs.append(o)
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape).to(S.dtype)
+    return o, S
 
 
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -79,15 +94,15 @@ def _chunk(q, k, v, beta, log_g, S):
     (o [b, h, C, dv], S after the chunk)."""
     C = k.shape[2]
     gamma = log_g.cumsum(-1)                                                   # [b, h, C]
-    diff = gamma[..., :, None] - gamma[..., None, :]                           # [b, h, C, C]: gamma_i - gamma_j
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    decay = diff.masked_fill(~lower, float("-inf")).exp()                      # exp(gamma_i - gamma_j), j <= i
+    # exp(gamma_i - gamma_j) for j <= i, 0 above: summed by segsum, not as a difference, which cancels
+    # once the cumulative log decay is large and is nan where a patched decay is 0 (log -inf).
+    decay = segsum(log_g).exp()                                                # [b, h, C, C]
     strict = decay.masked_fill(torch.eye(C, dtype=torch.bool, device=k.device), 0.0)   # j < i only
     A = beta[..., None] * strict * (k @ k.transpose(-1, -2))                   # [b, h, C, C], strictly lower
     rhs = beta[..., None] * (v - gamma.exp()[..., None] * (k @ S))             # [b, h, C, dv]
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     U = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     o = gamma.exp()[..., None] * (q @ S) + (decay * (q @ k.transpose(-1, -2))) @ U
-    last = gamma[..., -1:]                                                     # [b, h, 1]
-    S = last.exp()[..., None] * S + (k * (last - gamma).exp()[..., None]).transpose(-1, -2) @ U
+    to_end = decay[..., -1, :]                                                 # exp(gamma_C - gamma_j) [b, h, C]
+    S = gamma[..., -1:].exp()[..., None] * S + (k * to_end[..., None]).transpose(-1, -2) @ U
     return o, S

@@ -47,9 +47,9 @@ def gated_rms_norm(
 
 
 def causal_conv(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv1d continuing from a state, then SiLU.
+    """Depthwise causal conv1d continuing from a state, then SiLU (``silu=False``: none).
 
     x [batch, channels, length]; conv_state [batch, channels, k - 1] (the k - 1 inputs before x);
     weight [channels, 1, k] (nn.Conv1d layout); returns (y [batch, channels, length],
@@ -58,4 +58,4 @@ def causal_conv(
     k = weight.shape[-1]
     window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # [b, c, k - 1 + length]
     y = F.conv1d(window, weight, bias, groups=x.shape[1])
-    return F.silu(y), window[:, :, window.shape[-1] - (k - 1):]
+    return F.silu(y) if silu else y, window[:, :, window.shape[-1] - (k - 1):]

@@ -64,8 +64,8 @@ def mamba_ssm_kwargs(raw: dict, layer: str, keys: frozenset[str]) -> dict:
 def mamba_ssm_config(cfg, layer: str, ssm_cfg: dict) -> dict:
     """MambaLMHeadModel's config.json for the config ``cfg`` of a model built in code; ``ssm_cfg`` the
     ``layer``'s own keys beyond those every Mamba layer has."""
-    ssm_cfg = {"layer": layer, "d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand, "bias": cfg.bias,
-               "conv_bias": cfg.conv_bias} | ssm_cfg
+    common = ("d_state", "d_conv", "expand", "bias", "conv_bias")  # those of them the layer has (Mamba-3: no conv)
+    ssm_cfg = {"layer": layer} | {k: getattr(cfg, k) for k in common if hasattr(cfg, k)} | ssm_cfg
     return {"d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
             "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": cfg.rms_norm,
             "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
