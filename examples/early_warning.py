@@ -1,14 +1,15 @@
 """The monitor's early warning, shown: the demo baseline post-trained with state passing, and the same
 baseline continued from the zero state, each watched by a StateMonitor.
 
-    python examples/early_warning.py [OUT] [--steps 2000] [--every 100] [--figure docs/early-warning.png]
+    python examples/early_warning.py [OUT] [--steps 2000] [--every 100] [--probe-length 256] [--figure PNG]
 
 Both runs start from the shipped baseline (``statelens.demo.BASELINE``, trained from the zero state on
 64-byte chunks) and read the same post-training chunks the demo's state-passing checkpoint was made from
 (``examples/demo_checkpoints.py``: the training stream's end, half the chunks repeating their first half),
 with the demo's settings (batch 16, lr 2e-4, 20 warm-up steps). Only the initial state of each training
 chunk differs: the previous chunk's final state (``state-passing``) or zero (``none``). The probe is the
-demo's held-out text, 8 sequences of 4 T = 256 bytes, which neither run trains on.
+demo's held-out text, 8 sequences of ``--probe-length`` bytes (default 4 T = 256), which neither run
+trains on.
 
 Prints, per run and per monitored number, its value at the first and last step and Spearman's rank
 correlation with the step (-1: falls at every measurement), and draws both runs' monitor figures
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--figure", type=Path, default=None, help="default: OUT/early-warning.png")
+    parser.add_argument("--probe-length", type=int, default=4 * TRAIN_LEN, help="probe tokens per sequence (default 4 T)")
     parser.add_argument("--only", choices=list(RUNS), default=None, help="run this intervention alone (no table, no figure)")
     args = parser.parse_args()
 
@@ -70,7 +72,7 @@ def main() -> None:
     stream = byte_stream(train_files)
     tokens = args.steps * BATCH * TRAIN_LEN                 # the stream's end, as the demo's post-training
     chunks = with_copies(chunks_of(stream[-tokens:], TRAIN_LEN, args.steps * BATCH), 0.5, 1).astype(np.int64)
-    probe = np.load(HELDOUT)[:PROBE_SEQS, :4 * TRAIN_LEN].astype(np.int64)
+    probe = np.load(HELDOUT)[:PROBE_SEQS, :args.probe_length].astype(np.int64)
     tables = {RUNS[i]: monitored_run(i, chunks, probe, args.steps, args.every, args.out)
               for i in RUNS if args.only in (None, i)}
     if args.only:
