@@ -10,7 +10,7 @@ from conftest import hf_mamba1, hf_mamba2, perturb, run_cli
 
 from statelens.errors import BadInput, CheckpointError
 from statelens.models import State, hooks, load_checkpoint
-from statelens.models.hf_adapter import HFRecurrentAdapter, HybridState, check_chunking
+from statelens.models.hf_adapter import HFRecurrentAdapter, HybridState, check_chunking, fitted_chunk, ssd_mixers
 from statelens.record.recorder import record
 from statelens.record.rollout import rollout
 
@@ -48,6 +48,35 @@ def test_mamba2_matches_the_native_backend(tmp_path, short_tokens):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
         for a, b in zip(ours.conv, theirs.conv, strict=True):  # the adapter keeps one more (unread) column
             torch.testing.assert_close(a[..., 1:], b, atol=1e-5, rtol=1e-4)
+
+
+def test_ssd_chunk_length_follows_each_call_and_is_restored(tmp_path, short_tokens):
+    """On a CPU each call runs the SSD mixers at the chunk length fitted to it (45 tokens at chunk_size 32: two
+    chunks of 23; 10 tokens: one of 10), the logits stay the native backend's, and the config's comes back."""
+    hf_mamba2(tmp_path, chunk_size=32)
+    adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
+    native = load_checkpoint(tmp_path).model
+    mixers = ssd_mixers(adapter.hf)
+    assert len(mixers) == 2
+    used = []
+    handle = mixers[1].register_forward_pre_hook(lambda module, args: used.append(module.chunk_size))
+    try:
+        logits = logits_of(adapter, short_tokens, 45)
+    finally:
+        handle.remove()
+    assert used == [23, 23, 10]
+    assert [m.chunk_size for m in mixers] == [32, 32]
+    with torch.no_grad():
+        expected, _ = native(short_tokens)
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_fitted_chunk_keeps_the_number_of_chunks_and_pads_least():
+    for size in (1, 16, 64, 256):
+        for length in range(1, 600):
+            fitted, chunks = fitted_chunk(length, size), -(-length // size)
+            assert fitted <= size and -(-length // fitted) == chunks
+            assert chunks * fitted - length < chunks  # under one token of padding per chunk
 
 
 def test_shapes_heads_and_hook_state(tmp_path, short_tokens):

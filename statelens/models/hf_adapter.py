@@ -236,6 +236,36 @@ def swapped(swaps: list[tuple[object, str, object]]):
             setattr(module, attr, fn)
 
 
+def ssd_mixers(hf_model: nn.Module) -> list[nn.Module]:
+    """The Mamba-2 (SSD) mixers of ``hf_model`` (Mamba2, Bamba, Nemotron-H, Falcon-H1, Granite-4.0-H, Zamba2):
+    the modules with a ``chunk_size`` and an ``A_log``. Their torch chunk scan pads every call to a multiple
+    of ``chunk_size`` and builds ``[b, heads, chunks, chunk_size, chunk_size]`` tensors, so a 5-token call
+    costs what a 256-token one does (the released configs' chunk_size)."""
+    return [m for m in hf_model.modules() if isinstance(getattr(m, "chunk_size", None), int) and hasattr(m, "A_log")]
+
+
+def fitted_chunk(length: int, chunk_size: int) -> int:
+    """The chunk length that splits ``length`` tokens into as few chunks as ``chunk_size`` does, of equal
+    lengths: no chunk longer than ``chunk_size``, at most one token of padding per chunk. The SSD scan is
+    exact for any chunk length; only the rounding differs."""
+    chunks = -(-length // chunk_size)
+    return -(-length // chunks)
+
+
+@contextmanager
+def chunk_sizes(mixers: list[nn.Module], length: int):
+    """Each mixer's ``chunk_size`` fitted to a call of ``length`` tokens (:func:`fitted_chunk`) while the
+    block runs, restored after."""
+    saved = [m.chunk_size for m in mixers]
+    try:
+        for m, size in zip(mixers, saved):
+            m.chunk_size = fitted_chunk(length, size)
+        yield
+    finally:
+        for m, size in zip(mixers, saved):
+            m.chunk_size = size
+
+
 def _refuse_state_outside_cache(hf_class: type) -> None:
     """A :class:`CheckpointError` naming where ``hf_class`` keeps its state, if not in DynamicCache's layers."""
     holder = state_outside_cache(hf_class)
@@ -283,6 +313,7 @@ class HFRecurrentAdapter(RecurrentLM):
         self.notes: list[str] = [self.layout()] if self.attention_layer_index else []
         self.blocks = nn.ModuleList(_StateHooks(k) for k in range(len(self.hf_layer_index)))
         self._kernel_swaps = kernel_swaps(hf_model)  # used on a CPU only (see torch_path)
+        self._ssd_mixers = ssd_mixers(hf_model)       # likewise
         try:
             self._shapes, self._kv_shapes = self._probe_shapes()
         except RuntimeError as error:  # the HF model's own forward, e.g. a GPU-only kernel on the CPU
@@ -330,10 +361,17 @@ class HFRecurrentAdapter(RecurrentLM):
         return line
 
     # -- the cache round trip ------------------------------------------------------------------
-    def torch_path(self):
+    @contextmanager
+    def torch_path(self, length: int | None = None):
         """A context in which the HF model runs transformers' torch code where, on a CPU, it would call another
-        package's GPU kernel (empty on other devices and where no such package is installed)."""
-        return swapped(self._kernel_swaps if self.device.type == "cpu" else [])
+        package's GPU kernel (empty on other devices and where no such package is installed). Given the call's
+        ``length``, on a CPU the SSD mixers' chunk length is also fitted to it (:func:`chunk_sizes`): the torch
+        scan would otherwise pad a short call, as the rollout engine makes between reset positions, to a whole
+        chunk (remembrance on a Mamba-2 with chunk_size 256 ran 46x slower than statelens' own backend)."""
+        on_cpu = self.device.type == "cpu"
+        mixers = self._ssd_mixers if on_cpu and length is not None else []
+        with swapped(self._kernel_swaps if on_cpu else []), chunk_sizes(mixers, length or 1):
+            yield
 
     def _probe_shapes(self):
         """Per recurrent layer: (ssm shape, dtype, conv shape, dtype); per attention layer: (key shape,
@@ -396,7 +434,7 @@ class HFRecurrentAdapter(RecurrentLM):
             state = self._as_hybrid(state)
             extra = self._mask_and_positions(state, tokens.shape[1])
         cache = self._cache_from(state)
-        with self.torch_path():
+        with self.torch_path(tokens.shape[1]):
             out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
