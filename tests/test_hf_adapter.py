@@ -185,7 +185,8 @@ def hf_cache_after(hf, tokens):
     import inspect
 
     cache = transformers.DynamicCache(config=hf.config)
-    keyword = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # >= 5.24
+    params = inspect.signature(hf.forward).parameters  # "cache" from 5.24, "cache_params" before (pure SSMs)
+    keyword = next((kw for kw in ("cache", "cache_params") if kw in params), "past_key_values")
     with torch.no_grad():
         hf(tokens, use_cache=True, **{keyword: cache})
     return cache
@@ -586,3 +587,69 @@ def test_caches_the_adapter_cannot_carry_are_refused(config, message):
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(CheckpointError, match=message):
         HFRecurrentAdapter(model)
+
+
+def test_the_claimed_transformers_floor_is_the_one_tested():
+    """pyproject's `hf` and `test` extras claim the adapter's OLDEST_TRANSFORMERS, `make test-oldest` installs
+    exactly it, the pinned release satisfies it, and the adapter's tests are among those `make test-latest` runs
+    on the newest releases."""
+    import subprocess
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    from statelens.models.hf_adapter import OLDEST_TRANSFORMERS
+    tomllib = pytest.importorskip("tomllib")
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    claimed = f"transformers>={OLDEST_TRANSFORMERS}"
+    assert extras["hf"] == [claimed] and claimed in extras["test"]
+    assert Version(transformers.__version__) >= Version(OLDEST_TRANSFORMERS)
+    make = subprocess.run(["make", "-s", "-n", "test-oldest", "test-latest"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout
+    assert f'echo "transformers=={OLDEST_TRANSFORMERS}"' in make
+    latest_pytest = next(line for line in make.splitlines() if ".venv-latest/bin/python -m pytest" in line)
+    assert "tests/test_hf_adapter.py" in latest_pytest.split()
+
+
+def test_a_transformers_older_than_the_floor_is_one_line(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    hf_bamba(tmp_path / "ckpt")
+    live = importlib.import_module("transformers")  # the module the adapter imports (tests may have re-imported it)
+    monkeypatch.setattr(live, "__version__", "5.23.0")
+    HFRecurrentAdapter.from_pretrained(tmp_path / "ckpt", check=False)  # the floor itself runs
+    monkeypatch.setattr(live, "__version__", "5.22.2")
+    older = "transformers 5.22.2 is older than 5.23, the oldest release the hf adapter runs on"
+    with pytest.raises(CheckpointError, match=f"ckpt: {older}"):
+        HFRecurrentAdapter.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=f"BambaForCausalLM: {older}"):
+        HFRecurrentAdapter(hf_bamba(tmp_path / "again"))  # statelens.wrap's path
+    for backend in ("auto", "hf"):
+        code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", tmp_path / "ckpt", "--backend", backend,
+                               "--out", tmp_path / "out")
+        assert code == 2 and len(err.splitlines()) == 1 and older in err
+        assert (backend == "auto") == ("model_type 'bamba' is not supported" in err)  # auto names what runs
+
+
+@pytest.mark.parametrize("backend", ["auto", "hf"])
+@pytest.mark.parametrize("config, why", [
+    ({"model_type": "mamba9", "hidden_size": 8}, r"transformers \S+ has no causal LM for it"),
+    ({"model_type": "rwkv7", "auto_map": {"AutoModelForCausalLM": "modeling_rwkv7.RWKV7ForCausalLM"}},
+     r"its code lives in the checkpoint \(auto_map: remote code\), which statelens never runs"),
+], ids=["unknown", "remote-code"])
+def test_unknown_and_remote_code_model_types_are_one_line(config, why, backend, tmp_path, monkeypatch, capsys):
+    """Either backend: one line, exit 2, naming the model type, why, and what statelens runs."""
+    import json
+    import re
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", tmp_path / "ckpt", "--backend", backend,
+                           "--out", tmp_path / "out")
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert f"model_type {config['model_type']!r}" in err and re.search(why, err)
+    supported = ("statelens runs mamba, mamba2, gla" if backend == "auto" else
+                 "the hf adapter runs transformers' own causal LMs whose cache holds recurrent states")
+    assert supported in err

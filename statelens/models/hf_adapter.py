@@ -147,6 +147,34 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return nn.functional.pad(t, (0, 0, length - t.shape[2], 0))
 
 
+# The oldest transformers release the adapter runs on: the adapter tests pass on it (`make test-oldest`). Before
+# 5.23 its caches and forwards differ (on 5.22 the Mamba-2 and Nemotron-H tests fail; before 5.14 the linear-attention cache layer takes no conv kernel size; before 5.5 it does not exist).
+# pyproject.toml's `hf` and `test` extras name the same floor (tests/test_packaging.py holds them equal).
+OLDEST_TRANSFORMERS = "5.23"
+
+
+def transformers_too_old() -> str | None:
+    """A few words naming the installed transformers release when it is older than
+    :data:`OLDEST_TRANSFORMERS`, else None."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version(OLDEST_TRANSFORMERS):
+        return None
+    return (f"transformers {transformers.__version__} is older than {OLDEST_TRANSFORMERS}, the oldest release the hf "
+            f"adapter runs on (pip install 'transformers>={OLDEST_TRANSFORMERS}')")
+
+
+def unknown_model_type(config: dict) -> str:
+    """Why transformers has no causal LM for ``config``'s (config.json's) model_type, in a few words: its code
+    lives in the checkpoint (``auto_map``), which statelens never runs, or this release does not know it."""
+    import transformers
+
+    if "auto_map" in config:
+        return "its code lives in the checkpoint (auto_map: remote code), which statelens never runs"
+    return f"transformers {transformers.__version__} has no causal LM for it"
+
+
 # The logit scales transformers' heads apply after lm_head, per model_type: (config key, how it enters), as the
 # *ForCausalLM.forward of transformers 5.24 writes it (the same float operation, so the logits are the model's
 # own bit for bit). check_chunking still compares with the model's own logits: a head not listed here that
@@ -290,6 +318,9 @@ class HFRecurrentAdapter(RecurrentLM):
         self.hf = hf_model.eval()
         self.config = hf_model.config
         name = type(hf_model).__name__
+        too_old = transformers_too_old()
+        if too_old is not None:
+            raise CheckpointError(f"{name}: {too_old}")
         _refuse_state_outside_cache(type(hf_model))
         self.layer_kinds = layer_kinds(self.config)
         other = {i: kind for i, kind in enumerate(self.layer_kinds)
@@ -336,12 +367,19 @@ class HFRecurrentAdapter(RecurrentLM):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         try:
-            model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+            config = json.loads((Path(path) / "config.json").read_text())
+            model_type = config["model_type"]
+            if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                raise CheckpointError(f"{path}: model_type {model_type!r}: {unknown_model_type(config)}; the hf "
+                                      "adapter runs transformers' own causal LMs whose cache holds recurrent states")
             hf_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{path}: not a transformers causal LM checkpoint "
                                   f"({type(error).__name__}: {error})") from None
-        _refuse_state_outside_cache(hf_class)  # before its weights are read
+        too_old = transformers_too_old()
+        if too_old is not None:  # before its weights are read
+            raise CheckpointError(f"{path}: {too_old}")
+        _refuse_state_outside_cache(hf_class)
         try:
             hf_model = hf_class.from_pretrained(os.fspath(path), local_files_only=True, trust_remote_code=False,
                                                 dtype=dtype)
