@@ -10,6 +10,7 @@ from conftest import hf_mamba1, hf_mamba2, perturb, run_cli
 
 from statelens.errors import BadInput, CheckpointError
 from statelens.models import State, hooks, load_checkpoint
+from statelens.models.auto import load_model
 from statelens.models.hf_adapter import HFRecurrentAdapter, HybridState, check_chunking, fitted_chunk, ssd_mixers
 from statelens.record.recorder import record
 from statelens.record.rollout import rollout
@@ -416,6 +417,17 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     assert (logits[1, 17:] - hf_logits(hf, x[1:, 17:])[0]).abs().max().item() <= 1e-4
 
 
+def reset_rollout_is_transformers(adapter, hf, x, reset, hook):
+    """Asserts that 7-token chunks of ``x`` [2, l], row 1 reset after ``reset`` tokens, give transformers' one-shot
+    logits of x[0] and of x[1, reset:]; returns row 0's final state and the tensors ``hook`` saw on it."""
+    logits = logits_of(adapter, x, 7, resets=[0, reset])
+    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, reset:] - hf_logits(hf, x[1:, reset:])[0]).abs().max().item() <= 1e-4
+    seen = []
+    with hooks(adapter, {hook: lambda t, hook: seen.append(t.clone())}):
+        return final_state(adapter, x[:1], 7), seen
+
+
 def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tokens):
     """Falcon-Mamba (Mamba-1 with RMS-normed B, C and dt; the released config's mixer_rms_eps, untied head) has no
     native backend: through the adapter, token by token, chunked logits with a reset row equal transformers'
@@ -428,16 +440,48 @@ def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tok
     adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
     assert adapter.layer_kinds == ["recurrent", "recurrent"] and adapter.token_by_token
     x = tokens[:, :30]
-    logits = logits_of(adapter, x, 7, resets=[0, 11])
-    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
-    assert (logits[1, 11:] - hf_logits(hf, x[1:, 11:])[0]).abs().max().item() <= 1e-4
-    seen = []
-    with hooks(adapter, {"blocks.1.hook_state": lambda t, hook: seen.append(t.clone())}):
-        state = final_state(adapter, x[:1], 7)
+    state, seen = reset_rollout_is_transformers(adapter, hf, x, 11, "blocks.1.hook_state")
     cache = hf_cache_after(hf, x[:1])
     for k, i in enumerate(adapter.hf_layer_index):
         torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-4)
     assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 64, 8)
+
+
+def rwkv():
+    """RWKV-4 with RWKV/rwkv-4-169m-pile's options (attention width = hidden, 4x feed-forward, untied head, hidden
+    states halved every rescale_every layers in eval), sizes scaled down; its time-mix and decay parameters moved
+    off transformers' layer-wise initialisation so that swapping the two token shifts cannot hide."""
+    model = transformers.RwkvForCausalLM(transformers.RwkvConfig(
+        vocab_size=64, hidden_size=32, attention_hidden_size=32, intermediate_size=128, num_hidden_layers=4,
+        rescale_every=2, layer_norm_epsilon=1e-5, tie_word_embeddings=False))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".time_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def test_rwkv_carries_its_state_argument(tmp_path, tokens, monkeypatch, capsys):
+    """RWKV keeps its state in its forward's `state` argument: through --backend auto, chunked logits with a reset row
+    equal transformers' one-shot runs, and the state hook_state sees (and the token shifts) equal transformers'
+    own state after the same tokens."""
+    torch.manual_seed(0)
+    hf = rwkv()
+    hf.save_pretrained(tmp_path / "ckpt")  # as trained: both copies rescale their weights on their first eval forward
+    checkpoint = load_model(tmp_path / "ckpt")
+    adapter = checkpoint.model
+    assert checkpoint.backend == "hf" and adapter.layer_kinds == ["recurrent"] * 4 and not adapter.token_by_token
+    x = tokens[:, :40]
+    state, seen = reset_rollout_is_transformers(adapter, hf, x, 17, "blocks.2.hook_state")
+    with torch.no_grad():
+        theirs = hf(x[:1], use_cache=True).state  # five [1, hidden, layers]: ffn shift, attention shift, num, den, max
+    for k in range(4):
+        torch.testing.assert_close(state.ssm[k], torch.stack([t[..., k] for t in theirs[2:]], -1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(state.conv[k], torch.stack([theirs[1][..., k], theirs[0][..., k]], -1))
+    assert torch.equal(seen[-1], state.ssm[2]) and state.ssm[2].shape == (1, 32, 3)
+    code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", tmp_path / "ckpt", "--length", 20, "--chunk", 7)
+    assert code == 0 and "4 recurrent layers" in out
 
 
 SHORT_CONV = ["lfm2", "lfm2_moe"]  # conv-only recurrent layers
@@ -566,10 +610,6 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
     (lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1),
      "LlamaForCausalLM has no recurrent layers"),
-    (lambda: transformers.RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
-                                     intermediate_size=64),
-     r"RwkvForCausalLM keeps its state between calls in the `state` argument of its forward, not in transformers' "
-     "DynamicCache; the hf adapter carries only DynamicCache's"),
     (lambda: transformers.xLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2),
      r"xLSTMForCausalLM keeps its state between calls in its own xLSTMCache, not in transformers' DynamicCache"),
     (lambda: transformers.MiniMaxConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -580,7 +620,7 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
                                                num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                                                lru_width=32, head_dim=16, attention_window_size=8),
      r"RecurrentGemmaForCausalLM: layers \[2\] keep a DynamicSlidingWindowLayer cache"),
-], ids=["sliding-window", "no-recurrent-layer", "rwkv-state-argument", "xlstm-own-cache", "minimax-own-cache",
+], ids=["sliding-window", "no-recurrent-layer", "xlstm-own-cache", "minimax-own-cache",
         "recurrent-gemma-local-attention"])
 def test_caches_the_adapter_cannot_carry_are_refused(config, message):
     cfg = config()

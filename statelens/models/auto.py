@@ -74,6 +74,7 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
     except ImportError:
         return "transformers is not installed (pip install transformers)"
     from statelens.models.hf_adapter import layer_kinds, state_outside_cache, transformers_too_old, unknown_model_type
+    from statelens.models.hf_rwkv import takes_state_argument
 
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return unknown_model_type(_read_json(Path(path) / "config.json"))
@@ -86,6 +87,8 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
     if holder is not None:
         return (f"it keeps its state between calls in {holder}, not in transformers' DynamicCache, which the hf "
                 "adapter carries")
+    if hf_class is not None and takes_state_argument(hf_class):
+        return None  # RWKV: its state is its forward's `state` argument, every layer recurrent
     try:
         config = transformers.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True,
                                                          trust_remote_code=False)

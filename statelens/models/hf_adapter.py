@@ -22,6 +22,9 @@ State layout, per recurrent layer ``k`` (``hf_layer_index[k]`` is its index in t
     conv_L_cache - 1]`` (the cache's oldest column is never read, and is zeros when written back) and
     ``conv[k]`` is empty, ``[b, hidden, 0]``.
 
+RWKV-4 (``RwkvForCausalLM``) keeps its state in its forward's ``state`` argument instead of a cache; the adapter
+carries it there (:mod:`statelens.models.hf_rwkv`, which gives its layout), every layer recurrent.
+
 Hybrid models (layers with full attention beside the recurrent ones): the attention layers
 (``attention_layer_index``, HF indices; Zamba2's and Falcon-H1's layers that hold both are in both
 lists) keep a KV cache, which is not a recurrent state: it is carried from call to call in a
@@ -63,6 +66,7 @@ import torch
 from torch import nn
 
 from statelens.errors import BadInput, CheckpointError
+from statelens.models import hf_rwkv
 from statelens.models.base import RecurrentLM, State
 from statelens.models.hooks import HookPoint
 
@@ -209,18 +213,15 @@ def layer_kinds(config) -> list[str]:
 
 
 def state_outside_cache(hf_class: type) -> str | None:
-    """Where a transformers model keeps its state between calls when not in ``DynamicCache``'s layers, in a few
-    words (None when it keeps it there): its own cache class (xLSTM's ``xLSTMCache``, MiniMax's
-    ``MiniMaxCache`` for its lightning attention, which refuses a DynamicCache) or a ``state`` argument of
-    its forward (RWKV). Read off the class's own module and signature; nothing is built or run."""
+    """Where a transformers model keeps its state between calls when neither in ``DynamicCache``'s layers nor
+    in a ``state`` argument of its forward (RWKV's, which the adapter carries: :mod:`statelens.models.hf_rwkv`),
+    in a few words; None when it keeps it in either: its own cache class (xLSTM's ``xLSTMCache``, MiniMax's
+    ``MiniMaxCache`` for its lightning attention, which refuses a DynamicCache). Read off the class's own
+    module; nothing is built or run."""
     module = sys.modules.get(hf_class.__module__)
     own = sorted(name for name, obj in vars(module).items() if isinstance(obj, type)
                  and obj.__module__ == hf_class.__module__ and name.endswith("Cache")) if module else []
-    if own:
-        return f"its own {own[0]}"
-    if "state" in inspect.signature(hf_class.forward).parameters:
-        return "the `state` argument of its forward"
-    return None
+    return f"its own {own[0]}" if own else None
 
 
 def kernel_swaps(hf_model: nn.Module) -> list[tuple[object, str, object]]:
@@ -322,7 +323,9 @@ class HFRecurrentAdapter(RecurrentLM):
         if too_old is not None:
             raise CheckpointError(f"{name}: {too_old}")
         _refuse_state_outside_cache(type(hf_model))
-        self.layer_kinds = layer_kinds(self.config)
+        self._state_argument = hf_rwkv.takes_state_argument(type(hf_model))
+        self.layer_kinds = (["recurrent"] * self.config.num_hidden_layers if self._state_argument
+                            else layer_kinds(self.config))
         other = {i: kind for i, kind in enumerate(self.layer_kinds)
                  if kind not in ("recurrent", "attention", "hybrid", "none")}
         if other:
@@ -416,8 +419,13 @@ class HFRecurrentAdapter(RecurrentLM):
         value shape, dtype) with a zero-length sequence axis. One sequence, batch axis dropped."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.config)
         tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        if self._state_argument:
+            with torch.no_grad():
+                ssm, conv = hf_rwkv.from_transformers(self.hf.base_model(input_ids=tokens, use_cache=True).state)
+            self._conv_only = [False] * len(ssm)
+            return [(tuple(s.shape[1:]), s.dtype, tuple(c.shape[1:]), c.dtype) for s, c in zip(ssm, conv)], []
+        cache = DynamicCache(config=self.config)
         with torch.no_grad(), self.torch_path():
             self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
         shapes, self._conv_only = [], []
@@ -467,6 +475,11 @@ class HFRecurrentAdapter(RecurrentLM):
 
     def _call(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One backbone call on ``tokens`` [b, l] from ``state``; the states read back pass the hooks."""
+        if self._state_argument:
+            out = self.hf.base_model(input_ids=tokens, state=hf_rwkv.to_transformers(state), use_cache=True)
+            ssm, conv = hf_rwkv.from_transformers(out.state)
+            ssm = tuple(block.hook_state(s) for block, s in zip(self.blocks, ssm))
+            return out.last_hidden_state, State(ssm, conv)
         extra = {}
         if self.attention_layer_index:
             state = self._as_hybrid(state)
@@ -530,6 +543,10 @@ class HFRecurrentAdapter(RecurrentLM):
     def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
         """Zero recurrent states; for a hybrid, a :class:`HybridState` with empty KV caches."""
         device = self.device if device is None else device
+        if self._state_argument:  # RWKV's initial state is not zeros
+            (hidden, _), ssm_dtype, _, conv_dtype = self._shapes[0]
+            return hf_rwkv.initial_state(batch, hidden, len(self._shapes), device=device, ssm_dtype=dtype or ssm_dtype,
+                                         conv_dtype=dtype or conv_dtype)
         ssm = tuple(torch.zeros(batch, *s, device=device, dtype=dtype or sd) for s, sd, _, _ in self._shapes)
         conv = tuple(torch.zeros(batch, *c, device=device, dtype=dtype or cd) for _, _, c, cd in self._shapes)
         if not self.attention_layer_index:
