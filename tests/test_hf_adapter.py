@@ -365,7 +365,20 @@ def kimi_linear():
                             "short_conv_kernel_size": 4}))
 
 
+def minimax():
+    """Lightning attention with full attention, layer 0 a lightning layer as released, MiniMax-Text-01's residual
+    scalings (alpha (2 x 80 layers)^(1/4)) and MoE routing, sizes scaled down (block_size 8, so 7-token chunks
+    cross a block)."""
+    alpha = 160 ** 0.25
+    return transformers.MiniMaxForCausalLM(transformers.MiniMaxConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        full_attn_alpha_factor=alpha, linear_attn_alpha_factor=alpha, mlp_alpha_factor=alpha))
+
+
 RELATIVES = {  # name -> (model, expected layer kinds)
+    "minimax": (lambda: minimax(), ["recurrent", "attention", "recurrent", "attention"]),
     "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
         vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, intermediate_size=64, ssm_state_size=8, mamba_num_heads=4,
@@ -484,10 +497,34 @@ def test_rwkv_carries_its_state_argument(tmp_path, tokens, monkeypatch, capsys):
     assert code == 0 and "4 recurrent layers" in out
 
 
+def test_minimax_lightning_states_equal_transformers_one_shot(tokens):
+    """The lightning-attention states hook_state sees after 7-token chunks equal the linear_cache of transformers'
+    own one-shot run (its block form), and the chunked logits its one-shot logits; transformers' own MiniMaxCache
+    continued in the same chunks misses the earlier keys (the mask reads layer 0), which the adapter corrects."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(minimax(), 0))
+    adapter = HFRecurrentAdapter(hf)
+    x = tokens[:1, :40]
+    seen = []
+    with hooks(adapter, {"blocks.1.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x, 7)
+    with torch.no_grad():
+        out = hf(x, use_cache=True)
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], out.cache.linear_cache[i], atol=1e-5, rtol=1e-4)
+    assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 2, 16, 16)
+    cache, theirs = type(out.cache)(), []
+    with torch.no_grad():
+        for start in range(0, 40, 7):
+            theirs.append(hf(x[:, start:start + 7], cache=cache, use_cache=True).logits)
+    ours = logits_of(adapter, x, 7)
+    assert (ours - out.logits).abs().max().item() <= 1e-4 < (torch.cat(theirs, 1) - out.logits).abs().max().item()
+
+
 SHORT_CONV = ["lfm2", "lfm2_moe"]  # conv-only recurrent layers
 
 
-@pytest.mark.parametrize("name", sorted(set(RELATIVES) - set(SHORT_CONV)))
+@pytest.mark.parametrize("name", sorted(set(RELATIVES) - {*SHORT_CONV, "minimax"}))  # minimax: its own cache
 def test_other_hybrids_hook_states_equal_transformers_cache(name, tokens):
     """The recurrent and conv states that hook_state sees and the chunked run carries equal transformers' own
     cache after one call on the same tokens."""
@@ -612,15 +649,11 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
      "LlamaForCausalLM has no recurrent layers"),
     (lambda: transformers.xLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2),
      r"xLSTMForCausalLM keeps its state between calls in its own xLSTMCache, not in transformers' DynamicCache"),
-    (lambda: transformers.MiniMaxConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=1, head_dim=16, intermediate_size=64, num_local_experts=1,
-                                        num_experts_per_tok=1),
-     r"MiniMaxForCausalLM keeps its state between calls in its own MiniMaxCache, not in transformers' DynamicCache"),
     (lambda: transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
                                                num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                                                lru_width=32, head_dim=16, attention_window_size=8),
      r"RecurrentGemmaForCausalLM: layers \[2\] keep a DynamicSlidingWindowLayer cache"),
-], ids=["sliding-window", "no-recurrent-layer", "xlstm-own-cache", "minimax-own-cache",
+], ids=["sliding-window", "no-recurrent-layer", "xlstm-own-cache",
         "recurrent-gemma-local-attention"])
 def test_caches_the_adapter_cannot_carry_are_refused(config, message):
     cfg = config()

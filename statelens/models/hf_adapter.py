@@ -23,7 +23,9 @@ State layout, per recurrent layer ``k`` (``hf_layer_index[k]`` is its index in t
     ``conv[k]`` is empty, ``[b, hidden, 0]``.
 
 RWKV-4 (``RwkvForCausalLM``) keeps its state in its forward's ``state`` argument instead of a cache; the adapter
-carries it there (:mod:`statelens.models.hf_rwkv`, which gives its layout), every layer recurrent.
+carries it there (:mod:`statelens.models.hf_rwkv`, which gives its layout), every layer recurrent. MiniMax keeps its
+lightning-attention states in its own ``MiniMaxCache``, which the adapter builds instead of a ``DynamicCache``
+(:mod:`statelens.models.hf_minimax`).
 
 Hybrid models (layers with full attention beside the recurrent ones): the attention layers
 (``attention_layer_index``, HF indices; Zamba2's and Falcon-H1's layers that hold both are in both
@@ -66,7 +68,7 @@ import torch
 from torch import nn
 
 from statelens.errors import BadInput, CheckpointError
-from statelens.models import hf_rwkv
+from statelens.models import hf_minimax, hf_rwkv
 from statelens.models.base import RecurrentLM, State
 from statelens.models.hooks import HookPoint
 
@@ -215,13 +217,20 @@ def layer_kinds(config) -> list[str]:
 def state_outside_cache(hf_class: type) -> str | None:
     """Where a transformers model keeps its state between calls when neither in ``DynamicCache``'s layers nor
     in a ``state`` argument of its forward (RWKV's, which the adapter carries: :mod:`statelens.models.hf_rwkv`),
-    in a few words; None when it keeps it in either: its own cache class (xLSTM's ``xLSTMCache``, MiniMax's
-    ``MiniMaxCache`` for its lightning attention, which refuses a DynamicCache). Read off the class's own
-    module; nothing is built or run."""
+    in a few words; None when it keeps it in either: its own cache class (xLSTM's ``xLSTMCache``), except
+    MiniMax's ``MiniMaxCache``, which the adapter carries (:mod:`statelens.models.hf_minimax`). Read off the
+    class's own module; nothing is built or run."""
+    own = own_cache(hf_class)
+    return f"its own {own}" if own is not None and not hf_minimax.carried(own) else None
+
+
+def own_cache(hf_class: type) -> str | None:
+    """The name of the cache class ``hf_class``'s module defines for itself (xLSTM's ``xLSTMCache``, MiniMax's
+    ``MiniMaxCache``), or None."""
     module = sys.modules.get(hf_class.__module__)
     own = sorted(name for name, obj in vars(module).items() if isinstance(obj, type)
                  and obj.__module__ == hf_class.__module__ and name.endswith("Cache")) if module else []
-    return f"its own {own[0]}" if own else None
+    return own[0] if own else None
 
 
 def kernel_swaps(hf_model: nn.Module) -> list[tuple[object, str, object]]:
@@ -324,6 +333,7 @@ class HFRecurrentAdapter(RecurrentLM):
             raise CheckpointError(f"{name}: {too_old}")
         _refuse_state_outside_cache(type(hf_model))
         self._state_argument = hf_rwkv.takes_state_argument(type(hf_model))
+        self._minimax = own_cache(type(hf_model)) is not None  # the own caches not refused above: MiniMax's
         self.layer_kinds = (["recurrent"] * self.config.num_hidden_layers if self._state_argument
                             else layer_kinds(self.config))
         other = {i: kind for i, kind in enumerate(self.layer_kinds)
@@ -425,12 +435,13 @@ class HFRecurrentAdapter(RecurrentLM):
                 ssm, conv = hf_rwkv.from_transformers(self.hf.base_model(input_ids=tokens, use_cache=True).state)
             self._conv_only = [False] * len(ssm)
             return [(tuple(s.shape[1:]), s.dtype, tuple(c.shape[1:]), c.dtype) for s, c in zip(ssm, conv)], []
-        cache = DynamicCache(config=self.config)
+        cache = hf_minimax.new_cache(self.hf) if self._minimax else DynamicCache(config=self.config)
         with torch.no_grad(), self.torch_path():
             self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
         shapes, self._conv_only = [], []
         for i in self.hf_layer_index:
-            ssm, conv = cache.layers[i].recurrent_states[0], cache.layers[i].conv_states[0]
+            layer = self._layer(cache, i)
+            ssm, conv = layer.recurrent_states[0], layer.conv_states[0]
             if conv is None:
                 held = "a recurrent state but " if ssm is not None else ""
                 raise CheckpointError(f"layer {i} of {type(self.hf).__name__} keeps {held}no conv state in its "
@@ -451,10 +462,19 @@ class HFRecurrentAdapter(RecurrentLM):
             return state
         return self.zero_state(state.batch_size, device=state.ssm[0].device).empty_like(state)
 
+    def _layer(self, cache, i: int):
+        """HF layer ``i`` of ``cache``: its cache layer, or for MiniMax's lightning layers a view of it."""
+        return hf_minimax.LinearLayerView(cache, i) if self._minimax and i in self.hf_layer_index else cache.layers[i]
+
     def _cache_from(self, state: State):
         """A fresh DynamicCache holding ``state``, every recurrent layer marked as continuing."""
         from transformers import DynamicCache
 
+        if self._minimax:
+            kv = {i: (state.keys[j], state.values[j]) for j, i in enumerate(self.attention_layer_index)
+                  } if isinstance(state, HybridState) and state.kv_length else {}
+            return hf_minimax.cache_from(self.hf, {i: state.ssm[k].to(self._shapes[k][1])
+                                                   for k, i in enumerate(self.hf_layer_index)}, kv)
         cache = DynamicCache(config=self.config)
         for k, i in enumerate(self.hf_layer_index):
             layer = cache.layers[i]
@@ -489,7 +509,7 @@ class HFRecurrentAdapter(RecurrentLM):
             out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
-            layer_ssm, layer_conv = self._read_layer(cache.layers[i], k)
+            layer_ssm, layer_conv = self._read_layer(self._layer(cache, i), k)
             ssm.append(self.blocks[k].hook_state(layer_ssm))
             conv.append(layer_conv)
         if not self.attention_layer_index:
