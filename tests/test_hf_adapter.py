@@ -710,7 +710,7 @@ def test_a_transformers_older_than_the_floor_is_one_line(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("backend", ["auto", "hf"])
 @pytest.mark.parametrize("config, why", [
     ({"model_type": "mamba9", "hidden_size": 8}, r"transformers \S+ has no causal LM for it"),
-    ({"model_type": "rwkv7", "auto_map": {"AutoModelForCausalLM": "modeling_rwkv7.RWKV7ForCausalLM"}},
+    ({"model_type": "hgrn2", "auto_map": {"AutoModelForCausalLM": "modeling_hgrn2.HGRN2ForCausalLM"}},
      r"its code lives in the checkpoint \(auto_map: remote code\), which statelens never runs"),
 ], ids=["unknown", "remote-code"])
 def test_unknown_and_remote_code_model_types_are_one_line(config, why, backend, tmp_path, monkeypatch, capsys):
@@ -724,6 +724,6 @@ def test_unknown_and_remote_code_model_types_are_one_line(config, why, backend, 
                            "--out", tmp_path / "out")
     assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
     assert f"model_type {config['model_type']!r}" in err and re.search(why, err)
-    supported = ("statelens runs mamba, mamba2, gla" if backend == "auto" else
+    supported = ("statelens runs delta_net, gated_deltanet, gla, mamba, mamba2, mamba3, rwkv7" if backend == "auto" else
                  "the hf adapter runs transformers' own causal LMs whose cache holds recurrent states")
     assert supported in err
