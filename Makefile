@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 # Pinned versions of everything the tests and the demo install (the package's own requirements stay ranges).
 LOCK   := constraints.txt
 LATEST := .venv-latest
+OLDEST := .venv-oldest
+# The oldest transformers the package claims (pyproject.toml's `hf` extra), which `make test-oldest` installs.
+OLDEST_TRANSFORMERS := $(shell sed -n 's/^hf = \["transformers>=\([0-9.]*\)"\]/\1/p' pyproject.toml)
 # The tests that hold statelens to other packages' code (transformers, flash-linear-attention) and the
 # property tests (hypothesis): what a new release of those can break.
 ORACLE_TESTS := tests/test_hf_adapter.py tests/test_models.py tests/test_gla.py tests/test_commands.py \
@@ -14,7 +17,7 @@ ORACLE_TESTS := tests/test_hf_adapter.py tests/test_models.py tests/test_gla.py 
 TINY   := runs/tiny-mamba2
 CKPT   ?= $(TINY)
 
-.PHONY: install demo test test-latest lock check bench clean
+.PHONY: install demo test test-latest test-oldest lock check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +52,19 @@ test-latest:
 	$(LATEST)/bin/python -m pip freeze | grep -iE "^(transformers|flash-linear-attention|fla-core|hypothesis|numpy)=="
 	$(LATEST)/bin/python -m pytest $(ORACLE_TESTS)
 
+# Not part of CI's gate either (`.ci/compat` runs both): the pinned environment with the oldest transformers the
+# package claims in place of the pinned one, against the adapter's tests.
+test-oldest:
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	grep -viE '^transformers==' $(LOCK) > $(OLDEST)/constraints.txt
+	echo "transformers==$(OLDEST_TRANSFORMERS)" >> $(OLDEST)/constraints.txt
+	$(OLDEST)/bin/python -m pip install --quiet -c $(OLDEST)/constraints.txt "torch==2.13.0"
+	$(OLDEST)/bin/python -m pip install --quiet -c $(OLDEST)/constraints.txt -e ".[test]"
+	$(OLDEST)/bin/python -m pip freeze | grep -iE "^transformers=="
+	$(OLDEST)/bin/python -m pytest tests/test_hf_adapter.py tests/test_auto_backend.py
+
 # After a green `make test-latest` (and `make test` in it): pin the test environment to what it installed.
 lock:
 	test -x $(LATEST)/bin/python || { echo "make lock: run make test-latest first"; exit 2; }
@@ -68,4 +84,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) build dist *.egg-info
+	rm -rf $(VENV) $(LATEST) $(OLDEST) build dist *.egg-info

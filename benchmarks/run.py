@@ -11,6 +11,8 @@ ratios within one run are what is reported).
 - the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
 - the newer families (``families.py``): each backend's chunked forward against token by token, 4096 tokens
   (Mamba-3, Gated DeltaNet, DeltaNet, RWKV-7);
+- remembrance through the transformers adapter (``adapter.py``): ``--backend hf`` against the native
+  Mamba-2 backend on the same weights, EffRem at T = 128 over 2 sequences;
 - the training monitor's cost (``monitor.py``): the demo baseline's post-training with the monitor at its
   default cadence against the same run without;
 - where CUDA is available (``gpu.py``): the 130M shape on the kernels, 128k tokens recording every 1024
@@ -24,6 +26,7 @@ import argparse
 
 import torch
 
+from adapter import adapter_ratio
 from diagnostics import effrem_cost, recording_overhead, rss_ratio
 from efficiency import MatmulRate, flops_per_token
 from families import FAMILIES, chunked_vs_steps
@@ -81,6 +84,9 @@ def main() -> None:
         row(f"recording every 256 tok / plain rollout, {shape} ({tokens} tok)", ratio, "<= 1.10", at_most, 1.10)
     what, ratio = effrem_cost()
     row(f"EffRem ({what}) / plain forward", ratio, "<= 1.25", at_most, 1.25)
+    ratio, gap = adapter_ratio()
+    row("remembrance T 128 x 2 seqs: hf adapter / native backend, same Mamba-2", ratio, "<= 3.0", at_most, 3.0)
+    notes.append(f"adapter vs native EffRem difference {gap:.1e}")
     ratio = monitor_overhead()
     row("posttrain with the monitor every 200 steps / without (demo baseline, 400 steps)", ratio, "<= 1.05",
         at_most, 1.05)

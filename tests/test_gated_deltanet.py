@@ -1,8 +1,8 @@
 """The Gated DeltaNet and DeltaNet backends against flash-linear-attention's ``GatedDeltaNetForCausalLM``
 / ``DeltaNetForCausalLM`` and against themselves across chunkings.
 
-fla's Triton kernels need a GPU; on CPU the oracle model keeps fla's own code for everything but the
-kernels, which are swapped for independent torch code: the delta-rule kernels for fla's naive
+fla's Triton kernels need a GPU; on CPU the oracle model (run by tests/fla_oracle.py in a subprocess)
+keeps fla's own code for everything but the kernels, which are swapped for independent torch code: the delta-rule kernels for fla's naive
 recurrences (``naive_recurrent_gated_delta_rule``, ``delta_rule_recurrence``) or, independently,
 transformers' ``torch_chunk_gated_delta_rule`` (the Qwen3-Next fallback), with the l2 norm of queries
 and keys from transformers and the gate from fla's ``naive_gdn_gate``; the short convolutions for
@@ -10,35 +10,20 @@ and keys from transformers and the gate from fla's ``naive_gdn_gate``; the short
 """
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from statelens.errors import BadInput, CheckpointError
 from statelens.models import backends, hooks, load_checkpoint, save_checkpoint
 from statelens.models.checkpoint import parse_config
 from statelens.models.gated_deltanet import DeltaNetConfig, DeltaNetLM, GatedDeltaNetConfig, GatedDeltaNetLM
 from statelens.record import rollout
+from fla_oracle import fla_runs
 
 VOCAB = 61
-
-
-def fla_file(family: str, name: str):
-    """A function of fla's ``ops/<family>/naive.py``, read from its file."""
-    spec = importlib.util.find_spec("fla")
-    path = Path(spec.submodule_search_locations[0]) / "ops" / family / "naive.py"
-    module_spec = importlib.util.spec_from_file_location(f"fla_{family}_naive", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
 GDN_CASES = {
     "default": {},
     "gva-neg-eigval-tied": {"num_v_heads": 4, "allow_neg_eigval": True, "tie_word_embeddings": True},
@@ -53,168 +38,82 @@ DELTANET_CASES = {
     "identity": {"qk_activation": "identity", "conv_size": 3},
 }
 CASES = [("gated_deltanet", c) for c in GDN_CASES] + [("delta_net", c) for c in DELTANET_CASES]
-
-
-def tiny_fla(family: str, case: str, dtype=torch.float32):
-    """A tiny random fla model of ``family`` and its config.json (as a dict)."""
-    pytest.importorskip("fla.models")  # needs triton importable (not a GPU) for fla's op modules
-    from fla import models
-
-    common = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": VOCAB, "hidden_ratio": 2, "fuse_norm": False,
-              "fuse_swiglu": False, "fuse_cross_entropy": False}
-    if family == "gated_deltanet":
-        heads = {"num_heads": 2, "head_dim": 8, "expand_v": 2.0}
-        config = models.GatedDeltaNetConfig(**(common | heads | GDN_CASES[case]))
-        cls = models.GatedDeltaNetForCausalLM
-    else:
-        config = models.DeltaNetConfig(**(common | {"num_heads": 2} | DELTANET_CASES[case]))
-        cls = models.DeltaNetForCausalLM
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    with torch.no_grad():  # fla initialises norms to ones: randomise them; decays away from 1
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.to(dtype), model.config.to_dict()
-
-
-class TorchNorm(nn.Module):
-    """fla's o_norm (``RMSNorm`` or ``FusedRMSNormGated``, Triton) in torch: rmsnorm(x) * w (* act(g))."""
-
-    def __init__(self, fla_norm):
-        super().__init__()
-        self.norm = nn.RMSNorm(fla_norm.hidden_size, eps=fla_norm.eps)
-        self.norm.weight = fla_norm.weight
-        self.activation = getattr(fla_norm, "activation", None)
-
-    def forward(self, x, g=None):
-        y = self.norm(x.to(torch.promote_types(x.dtype, torch.float32)))
-        if g is None:
-            return y
-        return y * (g.sigmoid() if self.activation == "sigmoid" else F.silu(g))
-
-
-def torch_conv(conv):
-    """fla's ``ShortConvolution.forward`` (Triton) as nn.Conv1d's own forward, cut causal, then its activation."""
-    def forward(x, cache=None, output_final_state=False, **_):
-        y = nn.Conv1d.forward(conv, x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
-        return (F.silu(y) if conv.activation else y), None
-    return forward
-
-
-def delta_oracle(kind: str, states: list):
-    """A stand-in for fla's delta-rule kernels: the same arguments, fla's naive recurrence ("fla") or
-    transformers' chunked torch function ("transformers") inside; appends each call's final state
-    [b, h, k, v] to ``states``."""
-    qwen = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
-    from fla.ops.gated_delta_rule.gate import naive_gdn_gate
-
-    def kernel(q, k, v, beta, g=None, initial_state=None, use_qk_l2norm_in_kernel=False, A_log=None,
-               dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, **_):
-        assert initial_state is None
-        if use_qk_l2norm_in_kernel:
-            q, k = qwen.l2norm(q), qwen.l2norm(k)
-        if use_beta_sigmoid_in_kernel:
-            beta = beta.sigmoid() * (2 if allow_neg_eigval else 1)
-        if A_log is None:
-            g = torch.zeros_like(beta)
-        elif v.dtype == torch.float32:
-            g = naive_gdn_gate(g, A_log, dt_bias)
-        else:  # naive_gdn_gate computes in float32; its formula, in float64
-            g = -A_log.exp() * F.softplus(g + dt_bias)
-        groups = v.shape[2] // q.shape[2]
-        q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
-        if kind == "transformers":
-            # unwrapped: transformers would dispatch to fla's Triton kernel, fla being importable here
-            with pytest.MonkeyPatch.context() as patch:
-                if v.dtype == torch.float64:  # its casts to float32 made casts to float64
-                    patch.setattr(torch, "float32", torch.float64)
-                o, S = inspect.unwrap(qwen.torch_chunk_gated_delta_rule)(q, k, v, g=g, beta=beta,
-                                                                         output_final_state=True)
-        elif A_log is None:
-            o, S = fla_file("delta_rule", "delta_rule_recurrence")(*(t.transpose(1, 2) for t in (q, k, v, beta)))
-            o = o.transpose(1, 2)
-        else:
-            o, S = fla_file("gated_delta_rule", "naive_recurrent_gated_delta_rule")(
-                q, k, v, beta, g, output_final_state=True)
-        states.append(S)
-        return o.to(v.dtype), None
-    return kernel
-
-
-def run_fla_on_cpu(model, tokens, monkeypatch, kind: str = "fla") -> tuple[torch.Tensor, list]:
-    """fla's forward with its Triton-only pieces swapped (module docstring) -> logits and each layer's
-    final state [b, h, k, v]."""
-    import fla.layers.delta_net as fla_dn
-    import fla.layers.gated_deltanet as fla_gdn
-    import fla.modules.mlp as fla_mlp
-
-    states = []
-    kernel = delta_oracle(kind, states)
-    for module, names in ((fla_gdn, ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")),
-                          (fla_dn, ("chunk_delta_rule", "fused_recurrent_delta_rule"))):
-        for name in names:
-            monkeypatch.setattr(module, name, kernel)
-    monkeypatch.setattr(fla_mlp, "swiglu", lambda gate, y: F.silu(gate) * y)
-    for layer in model.model.layers:
-        if not isinstance(layer.attn.o_norm, TorchNorm):  # not swapped by an earlier call
-            monkeypatch.setattr(layer.attn, "o_norm", TorchNorm(layer.attn.o_norm))
-        monkeypatch.setattr(layer.attn, "_use_fused_qkv_conv", lambda **_: False, raising=False)
-        for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
-            if hasattr(layer.attn, name):
-                conv = getattr(layer.attn, name)
-                monkeypatch.setattr(conv, "forward", torch_conv(conv))
-    with torch.no_grad():
-        return model(tokens, use_cache=False).logits, states
-
-
-def ours_from(family: str, model, raw: dict):
-    """Our backend read from fla's config.json and holding fla's weights (strict: same names and shapes)."""
-    backend = backends.get(family)
-    (layout,) = backend.layouts
-    ours = backend(backend.config_class(**layout.read_config(raw))).eval()
-    renames = [(theirs, mine) for mine, theirs in layout.weight_names]
-    state = {}
-    for key, value in model.state_dict().items():
-        new = next((mine + key.removeprefix(theirs) for theirs, mine in renames if key.startswith(theirs)), key)
-        state[new] = value
-    ours.load_state_dict(state, strict=True)
-    return ours.to(next(model.parameters()).dtype)
+FLOAT64_CASES = [("gated_deltanet", "gva-neg-eigval-tied"), ("delta_net", "default")]
+PREFIX = 37
 
 
 def tokens(b=2, length=80, seed=1):
     return torch.randint(0, VOCAB, (b, length), generator=torch.Generator().manual_seed(seed))
 
 
+def fla_config(family: str, case: str) -> dict:
+    """fla config kwargs of a tiny model of ``family``."""
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": VOCAB, "hidden_ratio": 2, "fuse_norm": False,
+              "fuse_swiglu": False, "num_heads": 2}
+    if family == "gated_deltanet":
+        return common | {"head_dim": 8, "expand_v": 2.0} | GDN_CASES[case]
+    return common | DELTANET_CASES[case]
+
+
+@pytest.fixture(scope="module")
+def fla_models(tmp_path_factory):
+    """fla's tiny random models (fla's kernels swapped for torch, tests/fla_oracle.py; one subprocess for
+    all): per (family, case) in float32 with fla's naive recurrences, the default ones also saved by fla
+    (``saved``) and wrapped in memory; per FLOAT64_CASES in float64 with transformers' chunked delta rule,
+    on all tokens and on the first PREFIX. Each its weights, config.json, logits and final states."""
+    folder = tmp_path_factory.mktemp("fla_delta")
+    runs = [{"family": family, "config": fla_config(family, case), "seed": 0, "dtype": "float32", "kernel": "fla",
+             "tokens": tokens().tolist()} | ({"save_to": str(folder / family), "wrap": True} if case == "default" else {})
+            for family, case in CASES]
+    runs += [{"family": family, "config": fla_config(family, case), "seed": 0, "dtype": "float64",
+              "kernel": "transformers", "tokens": tokens()[:, :length].tolist()}
+             for family, case in FLOAT64_CASES for length in (None, PREFIX)]
+    keys = [(family, case, "float32") for family, case in CASES]
+    keys += [(family, case, f"float64:{length}") for family, case in FLOAT64_CASES for length in ("all", PREFIX)]
+    return dict(zip(keys, fla_runs(runs, folder), strict=True)) | {"saved": folder}
+
+
+def ours_from(family: str, run: dict):
+    """Our backend read from fla's config.json and holding fla's weights (strict: same names and shapes)."""
+    backend = backends.get(family)
+    (layout,) = backend.layouts
+    ours = backend(backend.config_class(**layout.read_config(run["config"]))).eval()
+    renames = [(theirs, mine) for mine, theirs in layout.weight_names]
+    state = {}
+    for key, value in run["state_dict"].items():
+        new = next((mine + key.removeprefix(theirs) for theirs, mine in renames if key.startswith(theirs)), key)
+        state[new] = value
+    ours.load_state_dict(state, strict=True)
+    return ours.to(run["logits"].dtype)
+
+
 @pytest.mark.parametrize("family, case", CASES)
-def test_logits_and_states_equal_fla(family, case, monkeypatch):
-    model, raw = tiny_fla(family, case)
-    ours = ours_from(family, model, raw)
-    x = tokens()
-    expected, their_states = run_fla_on_cpu(model, x, monkeypatch)
+def test_logits_and_states_equal_fla(fla_models, family, case):
+    run = fla_models[family, case, "float32"]
+    ours = ours_from(family, run)
     with torch.no_grad():
-        got, state = ours(x)
+        got, state = ours(tokens())
+    expected = run["logits"]
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() <= 1e-4 * scale
-    for mine, theirs in zip(state.ssm, their_states, strict=True):
+    for mine, theirs in zip(state.ssm, run["states"], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
-    assert ours.num_parameters() == ours.config.num_parameters() == model.num_parameters()
+    assert ours.num_parameters() == ours.config.num_parameters() == run["num_parameters"]
 
 
-@pytest.mark.parametrize("family, case", [("gated_deltanet", "gva-neg-eigval-tied"), ("delta_net", "default")])
-def test_float64_logits_equal_transformers_torch_delta_rule(family, case, monkeypatch):
+@pytest.mark.parametrize("family, case", FLOAT64_CASES)
+def test_float64_logits_equal_transformers_torch_delta_rule(fla_models, family, case):
     """Far tighter in float64, with transformers' chunked torch delta rule inside fla's model; the states
-    after p = 37 tokens too."""
-    model, raw = tiny_fla(family, case, dtype=torch.float64)
-    ours = ours_from(family, model, raw)
+    after PREFIX tokens too."""
+    run, prefix_run = fla_models[family, case, "float64:all"], fla_models[family, case, f"float64:{PREFIX}"]
+    ours = ours_from(family, run)
     x = tokens()
-    expected, _ = run_fla_on_cpu(model, x, monkeypatch, kind="transformers")
-    _, their_states = run_fla_on_cpu(model, x[:, :37], monkeypatch, kind="transformers")
     with torch.no_grad():
         got, _ = ours(x)
-        _, state = ours(x[:, :37])
+        _, state = ours(x[:, :PREFIX])
+    expected = run["logits"]
     assert (got - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
-    for mine, theirs in zip(state.ssm, their_states, strict=True):
+    for mine, theirs in zip(state.ssm, prefix_run["states"], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
 
 
@@ -317,13 +216,12 @@ def test_deltanet_decay_is_one_and_patching_it_gates_the_scan():
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "delta_net"])
-def test_fla_directory_loads_and_round_trips(family, tmp_path, monkeypatch):
-    model, _ = tiny_fla(family, "default")
-    model.save_pretrained(tmp_path / "fla")
-    ckpt = load_checkpoint(tmp_path / "fla")
+def test_fla_directory_loads_and_round_trips(fla_models, family, tmp_path):
+    """A directory written by fla's own ``save_pretrained`` loads as the native backend with fla's logits."""
+    ckpt = load_checkpoint(fla_models["saved"] / family)
     assert ckpt.arch == family and ckpt.format == "hf"
     x = tokens()
-    expected, _ = run_fla_on_cpu(model, x, monkeypatch)
+    expected = fla_models[family, "default", "float32"]["logits"]
     with torch.no_grad():
         got, _ = ckpt.model(x)
     assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
@@ -334,16 +232,11 @@ def test_fla_directory_loads_and_round_trips(family, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "delta_net"])
-def test_wrapping_fla_s_model_in_memory_gives_the_native_backend(family, monkeypatch):
-    from statelens.models.auto import wrap
-
-    model, _ = tiny_fla(family, "default")
-    wrapped = wrap(model)
-    assert type(wrapped) is backends.get(family)
-    x = tokens()
-    with torch.no_grad():
-        got, _ = wrapped(x)
-    expected, _ = run_fla_on_cpu(model, x, monkeypatch)
+def test_wrapping_fla_s_model_in_memory_gives_the_native_backend(fla_models, family):
+    """``wrap`` run on fla's model object (in the oracle's process) gives the native backend, with fla's logits."""
+    run = fla_models[family, "default", "float32"]
+    assert run["wrapped"]["type"] == backends.get(family).__name__
+    got, expected = run["wrapped"]["logits"], run["logits"]
     assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
 
 

@@ -1,21 +1,15 @@
 """The GLA backend: its recurrence against fla's naive reference, its whole forward against fla's
-``GLAForCausalLM`` (fla's Triton kernels swapped for torch equivalents so it runs on CPU), and against
-itself across chunkings.
-
-fla's Triton kernels need a GPU; on CPU the tests that use fla replace ``fused_recurrent_gla`` /
-``chunk_gla`` by fla's own ``naive_recurrent_gla`` and fla's Triton RMSNorm by ``torch.nn.RMSNorm``.
-Everything else (projections, head layout, gates, MLP, residuals, parameter names) is fla's code.
+``GLAForCausalLM`` on CPU (run by tests/fla_oracle.py in a subprocess: ``fused_recurrent_gla`` /
+``chunk_gla`` swapped for fla's own ``naive_recurrent_gla``, fla's Triton RMSNorm for ``torch.nn.RMSNorm``,
+everything else fla's code), and against itself across chunkings.
 """
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from statelens.models import backends, hooks
 from statelens.models.gla import (
@@ -26,6 +20,8 @@ from statelens.models.gla import (
     gla_sequential,
 )
 from statelens.record import rollout
+from fla_oracle import fla_runs
+from test_delta_rule import fla_naive
 
 
 def internal_name(key: str) -> str:
@@ -44,18 +40,6 @@ def random_scan_inputs(b=2, l=37, h=3, dk=8, dv=5, seed=0):
     return q, k, v, gk, S0
 
 
-def fla_naive_recurrent_gla():
-    """fla's ``naive_recurrent_gla``, read from its file: importing it through the package would import
-    every fla op, which needs triton (not needed by this file)."""
-    pytest.importorskip("fla")
-    spec = importlib.util.find_spec("fla")
-    path = Path(spec.submodule_search_locations[0]) / "ops" / "gla" / "naive.py"
-    module_spec = importlib.util.spec_from_file_location("fla_gla_naive", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.naive_recurrent_gla
-
-
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])
 def test_chunked_equals_sequential(chunk):
     q, k, v, gk, S0 = (t.double() for t in random_scan_inputs())
@@ -66,7 +50,7 @@ def test_chunked_equals_sequential(chunk):
 
 
 def test_recurrence_equals_fla_naive():
-    naive_recurrent_gla = fla_naive_recurrent_gla()
+    naive_recurrent_gla = fla_naive("gla", "naive_recurrent_gla")
     q, k, v, gk, S0 = random_scan_inputs()
     o_fla, S_fla = naive_recurrent_gla(q, k, v, gk, initial_state=S0, output_final_state=True)
     for o, S in (gla_sequential(q, k, v, gk, S0), gla_chunked(q, k, v, gk, S0, 16)):
@@ -79,77 +63,51 @@ FLA_CASES = {
     "kv-groups-clamp-tied": {"num_heads": 4, "num_kv_heads": 2, "clamp_min": -0.05, "tie_word_embeddings": True},
     "no-output-gate": {"use_output_gate": False, "expand_k": 1.0, "expand_v": 2.0},
 }
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "vocab_size": 61, "hidden_ratio": 2,
+        "fuse_swiglu": False}
 
 
-def tiny_fla(fuse_norm: bool, **overrides):
-    """A tiny random fla GLAForCausalLM and its config.json (as a dict), float32."""
-    pytest.importorskip("fla.models")  # needs triton importable (not a GPU) for fla's op modules
-    from fla.models import GLAConfig as FlaGLAConfig
-    from fla.models import GLAForCausalLM
-
-    kwargs = {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "vocab_size": 61, "hidden_ratio": 2,
-                  "fuse_norm": fuse_norm, "fuse_swiglu": False, "fuse_cross_entropy": False} | overrides
-    torch.manual_seed(0)
-    model = GLAForCausalLM(FlaGLAConfig(**kwargs)).eval()
-    with torch.no_grad():  # fla initialises norms to ones and biases to zeros: randomise them too
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.3)
-    return model, model.config.to_dict()
+def tokens():
+    return torch.randint(0, 61, (2, 80), generator=torch.Generator().manual_seed(1))
 
 
-def ours_from(model, raw: dict) -> GLALM:
-    ours = GLALM(GLAConfig(**gla_config_kwargs(raw))).eval()
-    state = {internal_name(k): v for k, v in model.state_dict().items()}
-    ours.load_state_dict(state, strict=True)
+@pytest.fixture(scope="module")
+def fla_models(tmp_path_factory):
+    """fla's tiny random GLAForCausalLM per (case, fuse_norm): its weights, config.json, and with
+    fuse_norm=False its logits and final states. One subprocess for all (tests/fla_oracle.py)."""
+    runs = [{"family": "gla", "config": TINY | {"fuse_norm": fuse_norm} | FLA_CASES[case], "seed": 0,
+             "dtype": "float32", "kernel": "fla", "tokens": None if fuse_norm else tokens().tolist()}
+            for case in FLA_CASES for fuse_norm in (False, True)]
+    out = fla_runs(runs, tmp_path_factory.mktemp("fla_gla"))
+    return {(case, fuse_norm): out[2 * i + j] for i, case in enumerate(FLA_CASES) for j, fuse_norm in enumerate((False, True))}
+
+
+def ours_from(run: dict) -> GLALM:
+    ours = GLALM(GLAConfig(**gla_config_kwargs(run["config"]))).eval()
+    ours.load_state_dict({internal_name(k): v for k, v in run["state_dict"].items()}, strict=True)
     return ours
 
 
-def run_fla_on_cpu(model, tokens, monkeypatch) -> torch.Tensor:
-    """fla's forward with its Triton-only pieces swapped for torch equivalents (fla's naive
-    recurrence; torch RMSNorm and SiLU for the per-head output norm and gate, which are unfused with
-    fuse_norm=False; torch SwiGLU in the MLP)."""
-    import fla.layers.gla as fla_gla
-    import fla.modules.mlp as fla_mlp
-
-    naive_recurrent_gla = fla_naive_recurrent_gla()
-
-    def naive(q, k, v, gk=None, g=None, initial_state=None, output_final_state=False, **_):
-        assert initial_state is None
-        return naive_recurrent_gla(q, k, v, gk if gk is not None else g)[0], None
-
-    monkeypatch.setattr(fla_gla, "fused_recurrent_gla", naive)
-    monkeypatch.setattr(fla_gla, "chunk_gla", naive)
-    monkeypatch.setattr(fla_mlp, "swiglu", lambda gate, y: F.silu(gate) * y)
-    for layer in model.model.layers:
-        fla_norm = layer.attn.g_norm
-        norm = nn.RMSNorm(fla_norm.hidden_size, eps=fla_norm.eps)
-        with torch.no_grad():
-            norm.weight.copy_(fla_norm.weight)
-        monkeypatch.setattr(layer.attn, "g_norm", norm)
-        monkeypatch.setattr(layer.attn, "gate_fn", F.silu, raising=False)
-    with torch.no_grad():
-        return model(tokens, use_cache=False).logits
-
-
 @pytest.mark.parametrize("case", FLA_CASES)
-def test_logits_equal_fla(case, monkeypatch):
-    model, raw = tiny_fla(fuse_norm=False, **FLA_CASES[case])
-    ours = ours_from(model, raw)
-    tokens = torch.randint(0, 61, (2, 80), generator=torch.Generator().manual_seed(1))
-    expected = run_fla_on_cpu(model, tokens, monkeypatch)
-    got, _ = ours(tokens)
+def test_logits_and_states_equal_fla(fla_models, case):
+    run = fla_models[case, False]
+    ours = ours_from(run)
+    with torch.no_grad():
+        got, state = ours(tokens())
+    expected = run["logits"]
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
+    for mine, theirs in zip(state.ssm, run["states"], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", FLA_CASES)
 @pytest.mark.parametrize("fuse_norm", [True, False])
-def test_parameter_names_and_count_match_fla(case, fuse_norm):
-    model, raw = tiny_fla(fuse_norm=fuse_norm, **FLA_CASES[case])
-    ours = ours_from(model, raw)  # strict load: same names and shapes
-    assert ours.num_parameters() == ours.config.num_parameters() == model.num_parameters()
-    assert ours.config.intermediate_size == model.model.layers[0].mlp.intermediate_size
+def test_parameter_names_and_count_match_fla(fla_models, case, fuse_norm):
+    run = fla_models[case, fuse_norm]
+    ours = ours_from(run)  # strict load: same names and shapes
+    assert ours.num_parameters() == ours.config.num_parameters() == run["num_parameters"]
+    assert ours.config.intermediate_size == run["mlp_width"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from conftest import hf_mamba1, hf_mamba2, perturb, run_cli
 
 from statelens.errors import BadInput, CheckpointError
 from statelens.models import State, hooks, load_checkpoint
-from statelens.models.hf_adapter import HFRecurrentAdapter, HybridState, check_chunking
+from statelens.models.auto import load_model
+from statelens.models.hf_adapter import HFRecurrentAdapter, HybridState, check_chunking, fitted_chunk, ssd_mixers
 from statelens.record.recorder import record
 from statelens.record.rollout import rollout
 
@@ -48,6 +49,35 @@ def test_mamba2_matches_the_native_backend(tmp_path, short_tokens):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
         for a, b in zip(ours.conv, theirs.conv, strict=True):  # the adapter keeps one more (unread) column
             torch.testing.assert_close(a[..., 1:], b, atol=1e-5, rtol=1e-4)
+
+
+def test_ssd_chunk_length_follows_each_call_and_is_restored(tmp_path, short_tokens):
+    """On a CPU each call runs the SSD mixers at the chunk length fitted to it (45 tokens at chunk_size 32: two
+    chunks of 23; 10 tokens: one of 10), the logits stay the native backend's, and the config's comes back."""
+    hf_mamba2(tmp_path, chunk_size=32)
+    adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
+    native = load_checkpoint(tmp_path).model
+    mixers = ssd_mixers(adapter.hf)
+    assert len(mixers) == 2
+    used = []
+    handle = mixers[1].register_forward_pre_hook(lambda module, args: used.append(module.chunk_size))
+    try:
+        logits = logits_of(adapter, short_tokens, 45)
+    finally:
+        handle.remove()
+    assert used == [23, 23, 10]
+    assert [m.chunk_size for m in mixers] == [32, 32]
+    with torch.no_grad():
+        expected, _ = native(short_tokens)
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_fitted_chunk_keeps_the_number_of_chunks_and_pads_least():
+    for size in (1, 16, 64, 256):
+        for length in range(1, 600):
+            fitted, chunks = fitted_chunk(length, size), -(-length // size)
+            assert fitted <= size and -(-length // fitted) == chunks
+            assert chunks * fitted - length < chunks  # under one token of padding per chunk
 
 
 def test_shapes_heads_and_hook_state(tmp_path, short_tokens):
@@ -156,7 +186,8 @@ def hf_cache_after(hf, tokens):
     import inspect
 
     cache = transformers.DynamicCache(config=hf.config)
-    keyword = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # >= 5.24
+    params = inspect.signature(hf.forward).parameters  # "cache" from 5.24, "cache_params" before (pure SSMs)
+    keyword = next((kw for kw in ("cache", "cache_params") if kw in params), "past_key_values")
     with torch.no_grad():
         hf(tokens, use_cache=True, **{keyword: cache})
     return cache
@@ -334,7 +365,20 @@ def kimi_linear():
                             "short_conv_kernel_size": 4}))
 
 
+def minimax():
+    """Lightning attention with full attention, layer 0 a lightning layer as released, MiniMax-Text-01's residual
+    scalings (alpha (2 x 80 layers)^(1/4)) and MoE routing, sizes scaled down (block_size 8, so 7-token chunks
+    cross a block)."""
+    alpha = 160 ** 0.25
+    return transformers.MiniMaxForCausalLM(transformers.MiniMaxConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        full_attn_alpha_factor=alpha, linear_attn_alpha_factor=alpha, mlp_alpha_factor=alpha))
+
+
 RELATIVES = {  # name -> (model, expected layer kinds)
+    "minimax": (lambda: minimax(), ["recurrent", "attention", "recurrent", "attention"]),
     "nemotron_h": (lambda: transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
         vocab_size=64, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, intermediate_size=64, ssm_state_size=8, mamba_num_heads=4,
@@ -386,6 +430,17 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     assert (logits[1, 17:] - hf_logits(hf, x[1:, 17:])[0]).abs().max().item() <= 1e-4
 
 
+def reset_rollout_is_transformers(adapter, hf, x, reset, hook):
+    """Asserts that 7-token chunks of ``x`` [2, l], row 1 reset after ``reset`` tokens, give transformers' one-shot
+    logits of x[0] and of x[1, reset:]; returns row 0's final state and the tensors ``hook`` saw on it."""
+    logits = logits_of(adapter, x, 7, resets=[0, reset])
+    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
+    assert (logits[1, reset:] - hf_logits(hf, x[1:, reset:])[0]).abs().max().item() <= 1e-4
+    seen = []
+    with hooks(adapter, {hook: lambda t, hook: seen.append(t.clone())}):
+        return final_state(adapter, x[:1], 7), seen
+
+
 def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tokens):
     """Falcon-Mamba (Mamba-1 with RMS-normed B, C and dt; the released config's mixer_rms_eps, untied head) has no
     native backend: through the adapter, token by token, chunked logits with a reset row equal transformers'
@@ -398,22 +453,79 @@ def test_falcon_mamba_chunked_resets_and_states_equal_transformers(tmp_path, tok
     adapter = HFRecurrentAdapter.from_pretrained(tmp_path)
     assert adapter.layer_kinds == ["recurrent", "recurrent"] and adapter.token_by_token
     x = tokens[:, :30]
-    logits = logits_of(adapter, x, 7, resets=[0, 11])
-    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
-    assert (logits[1, 11:] - hf_logits(hf, x[1:, 11:])[0]).abs().max().item() <= 1e-4
-    seen = []
-    with hooks(adapter, {"blocks.1.hook_state": lambda t, hook: seen.append(t.clone())}):
-        state = final_state(adapter, x[:1], 7)
+    state, seen = reset_rollout_is_transformers(adapter, hf, x, 11, "blocks.1.hook_state")
     cache = hf_cache_after(hf, x[:1])
     for k, i in enumerate(adapter.hf_layer_index):
         torch.testing.assert_close(state.ssm[k], cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-4)
     assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 64, 8)
 
 
+def rwkv():
+    """RWKV-4 with RWKV/rwkv-4-169m-pile's options (attention width = hidden, 4x feed-forward, untied head, hidden
+    states halved every rescale_every layers in eval), sizes scaled down; its time-mix and decay parameters moved
+    off transformers' layer-wise initialisation so that swapping the two token shifts cannot hide."""
+    model = transformers.RwkvForCausalLM(transformers.RwkvConfig(
+        vocab_size=64, hidden_size=32, attention_hidden_size=32, intermediate_size=128, num_hidden_layers=4,
+        rescale_every=2, layer_norm_epsilon=1e-5, tie_word_embeddings=False))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".time_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def test_rwkv_carries_its_state_argument(tmp_path, tokens, monkeypatch, capsys):
+    """RWKV keeps its state in its forward's `state` argument: through --backend auto, chunked logits with a reset row
+    equal transformers' one-shot runs, and the state hook_state sees (and the token shifts) equal transformers'
+    own state after the same tokens."""
+    torch.manual_seed(0)
+    hf = rwkv()
+    hf.save_pretrained(tmp_path / "ckpt")  # as trained: both copies rescale their weights on their first eval forward
+    checkpoint = load_model(tmp_path / "ckpt")
+    adapter = checkpoint.model
+    assert checkpoint.backend == "hf" and adapter.layer_kinds == ["recurrent"] * 4 and not adapter.token_by_token
+    x = tokens[:, :40]
+    state, seen = reset_rollout_is_transformers(adapter, hf, x, 17, "blocks.2.hook_state")
+    with torch.no_grad():
+        theirs = hf(x[:1], use_cache=True).state  # five [1, hidden, layers]: ffn shift, attention shift, num, den, max
+    for k in range(4):
+        torch.testing.assert_close(state.ssm[k], torch.stack([t[..., k] for t in theirs[2:]], -1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(state.conv[k], torch.stack([theirs[1][..., k], theirs[0][..., k]], -1))
+    assert torch.equal(seen[-1], state.ssm[2]) and state.ssm[2].shape == (1, 32, 3)
+    code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", tmp_path / "ckpt", "--length", 20, "--chunk", 7)
+    assert code == 0 and "4 recurrent layers" in out
+
+
+def test_minimax_lightning_states_equal_transformers_one_shot(tokens):
+    """The lightning-attention states hook_state sees after 7-token chunks equal the linear_cache of transformers'
+    own one-shot run (its block form), and the chunked logits its one-shot logits; transformers' own MiniMaxCache
+    continued in the same chunks misses the earlier keys (the mask reads layer 0), which the adapter corrects."""
+    torch.manual_seed(0)
+    hf = sharpen(perturb(minimax(), 0))
+    adapter = HFRecurrentAdapter(hf)
+    x = tokens[:1, :40]
+    seen = []
+    with hooks(adapter, {"blocks.1.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x, 7)
+    with torch.no_grad():
+        out = hf(x, use_cache=True)
+    one_shot = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.24
+    for k, i in enumerate(adapter.hf_layer_index):
+        torch.testing.assert_close(state.ssm[k], one_shot.linear_cache[i], atol=1e-5, rtol=1e-4)
+    assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].shape == (1, 2, 16, 16)
+    cache, theirs = type(one_shot)(), []
+    with torch.no_grad():
+        for start in range(0, 40, 7):
+            theirs.append(hf(x[:, start:start + 7], **{adapter._cache_kw: cache}, use_cache=True).logits)
+    ours = logits_of(adapter, x, 7)
+    assert (ours - out.logits).abs().max().item() <= 1e-4 < (torch.cat(theirs, 1) - out.logits).abs().max().item()
+
+
 SHORT_CONV = ["lfm2", "lfm2_moe"]  # conv-only recurrent layers
 
 
-@pytest.mark.parametrize("name", sorted(set(RELATIVES) - set(SHORT_CONV)))
+@pytest.mark.parametrize("name", sorted(set(RELATIVES) - {*SHORT_CONV, "minimax"}))  # minimax: its own cache
 def test_other_hybrids_hook_states_equal_transformers_cache(name, tokens):
     """The recurrent and conv states that hook_state sees and the chunked run carries equal transformers' own
     cache after one call on the same tokens."""
@@ -536,24 +648,82 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
     (lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1),
      "LlamaForCausalLM has no recurrent layers"),
-    (lambda: transformers.RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
-                                     intermediate_size=64),
-     r"RwkvForCausalLM keeps its state between calls in the `state` argument of its forward, not in transformers' "
-     "DynamicCache; the hf adapter carries only DynamicCache's"),
     (lambda: transformers.xLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2),
      r"xLSTMForCausalLM keeps its state between calls in its own xLSTMCache, not in transformers' DynamicCache"),
-    (lambda: transformers.MiniMaxConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=1, head_dim=16, intermediate_size=64, num_local_experts=1,
-                                        num_experts_per_tok=1),
-     r"MiniMaxForCausalLM keeps its state between calls in its own MiniMaxCache, not in transformers' DynamicCache"),
     (lambda: transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
                                                num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                                                lru_width=32, head_dim=16, attention_window_size=8),
      r"RecurrentGemmaForCausalLM: layers \[2\] keep a DynamicSlidingWindowLayer cache"),
-], ids=["sliding-window", "no-recurrent-layer", "rwkv-state-argument", "xlstm-own-cache", "minimax-own-cache",
+], ids=["sliding-window", "no-recurrent-layer", "xlstm-own-cache",
         "recurrent-gemma-local-attention"])
 def test_caches_the_adapter_cannot_carry_are_refused(config, message):
     cfg = config()
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(CheckpointError, match=message):
         HFRecurrentAdapter(model)
+
+
+def test_the_claimed_transformers_floor_is_the_one_tested():
+    """pyproject's `hf` and `test` extras claim the adapter's OLDEST_TRANSFORMERS, `make test-oldest` installs
+    exactly it, the pinned release satisfies it, and the adapter's tests are among those `make test-latest` runs
+    on the newest releases."""
+    import subprocess
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    from statelens.models.hf_adapter import OLDEST_TRANSFORMERS
+    tomllib = pytest.importorskip("tomllib")
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    claimed = f"transformers>={OLDEST_TRANSFORMERS}"
+    assert extras["hf"] == [claimed] and claimed in extras["test"]
+    assert Version(transformers.__version__) >= Version(OLDEST_TRANSFORMERS)
+    make = subprocess.run(["make", "-s", "-n", "test-oldest", "test-latest"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout
+    assert f'echo "transformers=={OLDEST_TRANSFORMERS}"' in make
+    latest_pytest = next(line for line in make.splitlines() if ".venv-latest/bin/python -m pytest" in line)
+    assert "tests/test_hf_adapter.py" in latest_pytest.split()
+
+
+def test_a_transformers_older_than_the_floor_is_one_line(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    hf_bamba(tmp_path / "ckpt")
+    live = importlib.import_module("transformers")  # the module the adapter imports (tests may have re-imported it)
+    monkeypatch.setattr(live, "__version__", "5.23.0")
+    HFRecurrentAdapter.from_pretrained(tmp_path / "ckpt", check=False)  # the floor itself runs
+    monkeypatch.setattr(live, "__version__", "5.22.2")
+    older = "transformers 5.22.2 is older than 5.23, the oldest release the hf adapter runs on"
+    with pytest.raises(CheckpointError, match=f"ckpt: {older}"):
+        HFRecurrentAdapter.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=f"BambaForCausalLM: {older}"):
+        HFRecurrentAdapter(hf_bamba(tmp_path / "again"))  # statelens.wrap's path
+    for backend in ("auto", "hf"):
+        code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", tmp_path / "ckpt", "--backend", backend,
+                               "--out", tmp_path / "out")
+        assert code == 2 and len(err.splitlines()) == 1 and older in err
+        assert (backend == "auto") == ("model_type 'bamba' is not supported" in err)  # auto names what runs
+
+
+@pytest.mark.parametrize("backend", ["auto", "hf"])
+@pytest.mark.parametrize("config, why", [
+    ({"model_type": "mamba9", "hidden_size": 8}, r"transformers \S+ has no causal LM for it"),
+    ({"model_type": "hgrn2", "auto_map": {"AutoModelForCausalLM": "modeling_hgrn2.HGRN2ForCausalLM"}},
+     r"its code lives in the checkpoint \(auto_map: remote code\), which statelens never runs"),
+], ids=["unknown", "remote-code"])
+def test_unknown_and_remote_code_model_types_are_one_line(config, why, backend, tmp_path, monkeypatch, capsys):
+    """Either backend: one line, exit 2, naming the model type, why, and what statelens runs."""
+    import json
+    import re
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", tmp_path / "ckpt", "--backend", backend,
+                           "--out", tmp_path / "out")
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert f"model_type {config['model_type']!r}" in err and re.search(why, err)
+    supported = ("statelens runs delta_net, gated_deltanet, gla, mamba, mamba2, mamba3, rwkv7" if backend == "auto" else
+                 "the hf adapter runs transformers' own causal LMs whose cache holds recurrent states")
+    assert supported in err

@@ -1,14 +1,11 @@
 """The RWKV-7 backend: its recurrence against fla's naive DPLR reference, its whole forward against fla's
-``RWKV7ForCausalLM`` on CPU (run by tests/fla_rwkv7_oracle.py in a subprocess, fla's Triton pieces swapped
+``RWKV7ForCausalLM`` on CPU (run by tests/fla_oracle.py in a subprocess, fla's Triton pieces swapped
 for its torch references), and against itself across chunkings, resets, loading and mitigations."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +19,7 @@ from statelens.models import backends, hooks, load_checkpoint, save_checkpoint
 from statelens.models.checkpoint import parse_config
 from statelens.models.rwkv7 import RWKV7Config, RWKV7LM, rwkv7_chunked, rwkv7_config_kwargs, rwkv7_sequential
 from statelens.record import rollout
+from fla_oracle import fla_runs
 from test_delta_rule import fla_naive
 
 VOCAB = 61
@@ -86,21 +84,13 @@ def tokens(b=2, length=100, seed=1):
 
 
 @pytest.fixture(scope="module")
-def fla_runs(tmp_path_factory):
+def fla_models(tmp_path_factory):
     """fla's logits and states per (case, dtype): float32 with fla's naive scan, float64 with ours (then
-    everything but the scan is fla's). One subprocess for all (see tests/fla_rwkv7_oracle.py)."""
-    if importlib.util.find_spec("fla") is None:
-        pytest.skip("flash-linear-attention is not installed")
-    runs = [{"config": TINY | overrides, "tokens": tokens()[:, :PREFIX].tolist(), "dtype": dtype, "seed": 0,
-             "scan": "fla" if dtype == "float32" else "statelens"}
+    everything but the scan is fla's). One subprocess for all (see tests/fla_oracle.py)."""
+    runs = [{"family": "rwkv7", "config": TINY | overrides, "tokens": tokens()[:, :PREFIX].tolist(), "dtype": dtype,
+             "seed": 0, "kernel": "fla" if dtype == "float32" else "statelens"}
             for overrides in FLA_CASES.values() for dtype in ("float32", "float64")]
-    folder = tmp_path_factory.mktemp("fla_rwkv7")
-    (folder / "spec.json").write_text(json.dumps({"runs": runs}))
-    script = Path(__file__).with_name("fla_rwkv7_oracle.py")
-    done = subprocess.run([sys.executable, str(script), str(folder / "spec.json"), str(folder / "out.pt")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = torch.load(folder / "out.pt")
+    out = fla_runs(runs, tmp_path_factory.mktemp("fla_rwkv7"))
     return {(case, dtype): out[2 * i + j] for i, case in enumerate(FLA_CASES) for j, dtype in enumerate(("float32", "float64"))}
 
 
@@ -119,10 +109,10 @@ def ours_from(run: dict) -> RWKV7LM:
 
 @pytest.mark.parametrize("case", FLA_CASES)
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("float64", 1e-11)])
-def test_logits_and_states_equal_fla(fla_runs, case, dtype, tolerance):
+def test_logits_and_states_equal_fla(fla_models, case, dtype, tolerance):
     """Logits within ``tolerance`` relative to the logit scale; the matrix states and token-shift states
     after PREFIX tokens of a longer rollout in 7-token calls equal fla's after those PREFIX tokens."""
-    run = fla_runs[case, dtype]
+    run = fla_models[case, dtype]
     model = ours_from(run)
     with torch.no_grad():
         got, _ = model(tokens()[:, :PREFIX])
@@ -136,18 +126,18 @@ def test_logits_and_states_equal_fla(fla_runs, case, dtype, tolerance):
 
 
 @pytest.mark.parametrize("case", FLA_CASES)
-def test_parameter_names_and_count_match_fla(fla_runs, case):
-    run = fla_runs[case, "float32"]
+def test_parameter_names_and_count_match_fla(fla_models, case):
+    run = fla_models[case, "float32"]
     model = ours_from(run)  # strict load: same names and shapes
     assert model.num_parameters() == model.config.num_parameters() == run["num_parameters"]
 
 
-def test_fla_directory_loads_and_round_trips(fla_runs, tmp_path):
+def test_fla_directory_loads_and_round_trips(fla_models, tmp_path):
     """An fla-layout directory (config.json with model_type rwkv7, keys model.layers.*) loads with fla's
     logits, and saves back under the same names."""
     from safetensors.torch import save_file
 
-    run = fla_runs["tied-no-prenorm-no-bias", "float32"]
+    run = fla_models["tied-no-prenorm-no-bias", "float32"]
     state = {k: v.contiguous() for k, v in run["state_dict"].items() if k != "lm_head.weight"}  # tied: omitted
     save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(run["config"]))

@@ -74,15 +74,22 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
         return "transformers is not installed (pip install transformers)"
+    from statelens.models.hf_adapter import layer_kinds, state_outside_cache, transformers_too_old, unknown_model_type
+    from statelens.models.hf_rwkv import takes_state_argument
+
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return f"transformers {transformers.__version__} has no causal LM for it"
-    from statelens.models.hf_adapter import layer_kinds, state_outside_cache
+        return unknown_model_type(_read_json(Path(path) / "config.json"))
+    too_old = transformers_too_old()
+    if too_old is not None:
+        return too_old
 
     hf_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
     holder = state_outside_cache(hf_class) if hf_class is not None else None
     if holder is not None:
         return (f"it keeps its state between calls in {holder}, not in transformers' DynamicCache, which the hf "
                 "adapter carries")
+    if hf_class is not None and takes_state_argument(hf_class):
+        return None  # RWKV: its state is its forward's `state` argument, every layer recurrent
     try:
         config = transformers.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True,
                                                          trust_remote_code=False)

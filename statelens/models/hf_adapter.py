@@ -22,6 +22,11 @@ State layout, per recurrent layer ``k`` (``hf_layer_index[k]`` is its index in t
     conv_L_cache - 1]`` (the cache's oldest column is never read, and is zeros when written back) and
     ``conv[k]`` is empty, ``[b, hidden, 0]``.
 
+RWKV-4 (``RwkvForCausalLM``) keeps its state in its forward's ``state`` argument instead of a cache; the adapter
+carries it there (:mod:`statelens.models.hf_rwkv`, which gives its layout), every layer recurrent. MiniMax keeps its
+lightning-attention states in its own ``MiniMaxCache``, which the adapter builds instead of a ``DynamicCache``
+(:mod:`statelens.models.hf_minimax`).
+
 Hybrid models (layers with full attention beside the recurrent ones): the attention layers
 (``attention_layer_index``, HF indices; Zamba2's and Falcon-H1's layers that hold both are in both
 lists) keep a KV cache, which is not a recurrent state: it is carried from call to call in a
@@ -63,6 +68,7 @@ import torch
 from torch import nn
 
 from statelens.errors import BadInput, CheckpointError
+from statelens.models import hf_minimax, hf_rwkv
 from statelens.models.base import RecurrentLM, State
 from statelens.models.hooks import HookPoint
 
@@ -147,6 +153,34 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return nn.functional.pad(t, (0, 0, length - t.shape[2], 0))
 
 
+# The oldest transformers release the adapter runs on: the adapter tests pass on it (`make test-oldest`). Before
+# 5.23 its caches and forwards differ (on 5.22 the Mamba-2 and Nemotron-H tests fail; before 5.14 the linear-attention cache layer takes no conv kernel size; before 5.5 it does not exist).
+# pyproject.toml's `hf` and `test` extras name the same floor (tests/test_packaging.py holds them equal).
+OLDEST_TRANSFORMERS = "5.23"
+
+
+def transformers_too_old() -> str | None:
+    """A few words naming the installed transformers release when it is older than
+    :data:`OLDEST_TRANSFORMERS`, else None."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version(OLDEST_TRANSFORMERS):
+        return None
+    return (f"transformers {transformers.__version__} is older than {OLDEST_TRANSFORMERS}, the oldest release the hf "
+            f"adapter runs on (pip install 'transformers>={OLDEST_TRANSFORMERS}')")
+
+
+def unknown_model_type(config: dict) -> str:
+    """Why transformers has no causal LM for ``config``'s (config.json's) model_type, in a few words: its code
+    lives in the checkpoint (``auto_map``), which statelens never runs, or this release does not know it."""
+    import transformers
+
+    if "auto_map" in config:
+        return "its code lives in the checkpoint (auto_map: remote code), which statelens never runs"
+    return f"transformers {transformers.__version__} has no causal LM for it"
+
+
 # The logit scales transformers' heads apply after lm_head, per model_type: (config key, how it enters), as the
 # *ForCausalLM.forward of transformers 5.24 writes it (the same float operation, so the logits are the model's
 # own bit for bit). check_chunking still compares with the model's own logits: a head not listed here that
@@ -181,18 +215,22 @@ def layer_kinds(config) -> list[str]:
 
 
 def state_outside_cache(hf_class: type) -> str | None:
-    """Where a transformers model keeps its state between calls when not in ``DynamicCache``'s layers, in a few
-    words (None when it keeps it there): its own cache class (xLSTM's ``xLSTMCache``, MiniMax's
-    ``MiniMaxCache`` for its lightning attention, which refuses a DynamicCache) or a ``state`` argument of
-    its forward (RWKV). Read off the class's own module and signature; nothing is built or run."""
+    """Where a transformers model keeps its state between calls when neither in ``DynamicCache``'s layers nor
+    in a ``state`` argument of its forward (RWKV's, which the adapter carries: :mod:`statelens.models.hf_rwkv`),
+    in a few words; None when it keeps it in either: its own cache class (xLSTM's ``xLSTMCache``), except
+    MiniMax's ``MiniMaxCache``, which the adapter carries (:mod:`statelens.models.hf_minimax`). Read off the
+    class's own module; nothing is built or run."""
+    own = own_cache(hf_class)
+    return f"its own {own}" if own is not None and not hf_minimax.carried(own) else None
+
+
+def own_cache(hf_class: type) -> str | None:
+    """The name of the cache class ``hf_class``'s module defines for itself (xLSTM's ``xLSTMCache``, MiniMax's
+    ``MiniMaxCache``), or None."""
     module = sys.modules.get(hf_class.__module__)
     own = sorted(name for name, obj in vars(module).items() if isinstance(obj, type)
                  and obj.__module__ == hf_class.__module__ and name.endswith("Cache")) if module else []
-    if own:
-        return f"its own {own[0]}"
-    if "state" in inspect.signature(hf_class.forward).parameters:
-        return "the `state` argument of its forward"
-    return None
+    return own[0] if own else None
 
 
 def kernel_swaps(hf_model: nn.Module) -> list[tuple[object, str, object]]:
@@ -236,6 +274,36 @@ def swapped(swaps: list[tuple[object, str, object]]):
             setattr(module, attr, fn)
 
 
+def ssd_mixers(hf_model: nn.Module) -> list[nn.Module]:
+    """The Mamba-2 (SSD) mixers of ``hf_model`` (Mamba2, Bamba, Nemotron-H, Falcon-H1, Granite-4.0-H, Zamba2):
+    the modules with a ``chunk_size`` and an ``A_log``. Their torch chunk scan pads every call to a multiple
+    of ``chunk_size`` and builds ``[b, heads, chunks, chunk_size, chunk_size]`` tensors, so a 5-token call
+    costs what a 256-token one does (the released configs' chunk_size)."""
+    return [m for m in hf_model.modules() if isinstance(getattr(m, "chunk_size", None), int) and hasattr(m, "A_log")]
+
+
+def fitted_chunk(length: int, chunk_size: int) -> int:
+    """The chunk length that splits ``length`` tokens into as few chunks as ``chunk_size`` does, of equal
+    lengths: no chunk longer than ``chunk_size``, at most one token of padding per chunk. The SSD scan is
+    exact for any chunk length; only the rounding differs."""
+    chunks = -(-length // chunk_size)
+    return -(-length // chunks)
+
+
+@contextmanager
+def chunk_sizes(mixers: list[nn.Module], length: int):
+    """Each mixer's ``chunk_size`` fitted to a call of ``length`` tokens (:func:`fitted_chunk`) while the
+    block runs, restored after."""
+    saved = [m.chunk_size for m in mixers]
+    try:
+        for m, size in zip(mixers, saved):
+            m.chunk_size = fitted_chunk(length, size)
+        yield
+    finally:
+        for m, size in zip(mixers, saved):
+            m.chunk_size = size
+
+
 def _refuse_state_outside_cache(hf_class: type) -> None:
     """A :class:`CheckpointError` naming where ``hf_class`` keeps its state, if not in DynamicCache's layers."""
     holder = state_outside_cache(hf_class)
@@ -260,8 +328,14 @@ class HFRecurrentAdapter(RecurrentLM):
         self.hf = hf_model.eval()
         self.config = hf_model.config
         name = type(hf_model).__name__
+        too_old = transformers_too_old()
+        if too_old is not None:
+            raise CheckpointError(f"{name}: {too_old}")
         _refuse_state_outside_cache(type(hf_model))
-        self.layer_kinds = layer_kinds(self.config)
+        self._state_argument = hf_rwkv.takes_state_argument(type(hf_model))
+        self._minimax = own_cache(type(hf_model)) is not None  # the own caches not refused above: MiniMax's
+        self.layer_kinds = (["recurrent"] * self.config.num_hidden_layers if self._state_argument
+                            else layer_kinds(self.config))
         other = {i: kind for i, kind in enumerate(self.layer_kinds)
                  if kind not in ("recurrent", "attention", "hybrid", "none")}
         if other:
@@ -283,6 +357,7 @@ class HFRecurrentAdapter(RecurrentLM):
         self.notes: list[str] = [self.layout()] if self.attention_layer_index else []
         self.blocks = nn.ModuleList(_StateHooks(k) for k in range(len(self.hf_layer_index)))
         self._kernel_swaps = kernel_swaps(hf_model)  # used on a CPU only (see torch_path)
+        self._ssd_mixers = ssd_mixers(hf_model)       # likewise
         try:
             self._shapes, self._kv_shapes = self._probe_shapes()
         except RuntimeError as error:  # the HF model's own forward, e.g. a GPU-only kernel on the CPU
@@ -305,12 +380,19 @@ class HFRecurrentAdapter(RecurrentLM):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         try:
-            model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+            config = json.loads((Path(path) / "config.json").read_text())
+            model_type = config["model_type"]
+            if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                raise CheckpointError(f"{path}: model_type {model_type!r}: {unknown_model_type(config)}; the hf "
+                                      "adapter runs transformers' own causal LMs whose cache holds recurrent states")
             hf_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{path}: not a transformers causal LM checkpoint "
                                   f"({type(error).__name__}: {error})") from None
-        _refuse_state_outside_cache(hf_class)  # before its weights are read
+        too_old = transformers_too_old()
+        if too_old is not None:  # before its weights are read
+            raise CheckpointError(f"{path}: {too_old}")
+        _refuse_state_outside_cache(hf_class)
         try:
             hf_model = hf_class.from_pretrained(os.fspath(path), local_files_only=True, trust_remote_code=False,
                                                 dtype=dtype)
@@ -330,23 +412,36 @@ class HFRecurrentAdapter(RecurrentLM):
         return line
 
     # -- the cache round trip ------------------------------------------------------------------
-    def torch_path(self):
+    @contextmanager
+    def torch_path(self, length: int | None = None):
         """A context in which the HF model runs transformers' torch code where, on a CPU, it would call another
-        package's GPU kernel (empty on other devices and where no such package is installed)."""
-        return swapped(self._kernel_swaps if self.device.type == "cpu" else [])
+        package's GPU kernel (empty on other devices and where no such package is installed). Given the call's
+        ``length``, on a CPU the SSD mixers' chunk length is also fitted to it (:func:`chunk_sizes`): the torch
+        scan would otherwise pad a short call, as the rollout engine makes between reset positions, to a whole
+        chunk (remembrance on a Mamba-2 with chunk_size 256 ran 46x slower than statelens' own backend)."""
+        on_cpu = self.device.type == "cpu"
+        mixers = self._ssd_mixers if on_cpu and length is not None else []
+        with swapped(self._kernel_swaps if on_cpu else []), chunk_sizes(mixers, length or 1):
+            yield
 
     def _probe_shapes(self):
         """Per recurrent layer: (ssm shape, dtype, conv shape, dtype); per attention layer: (key shape,
         value shape, dtype) with a zero-length sequence axis. One sequence, batch axis dropped."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.config)
         tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        if self._state_argument:
+            with torch.no_grad():
+                ssm, conv = hf_rwkv.from_transformers(self.hf.base_model(input_ids=tokens, use_cache=True).state)
+            self._conv_only = [False] * len(ssm)
+            return [(tuple(s.shape[1:]), s.dtype, tuple(c.shape[1:]), c.dtype) for s, c in zip(ssm, conv)], []
+        cache = hf_minimax.new_cache(self.hf) if self._minimax else DynamicCache(config=self.config)
         with torch.no_grad(), self.torch_path():
             self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
         shapes, self._conv_only = [], []
         for i in self.hf_layer_index:
-            ssm, conv = cache.layers[i].recurrent_states[0], cache.layers[i].conv_states[0]
+            layer = self._layer(cache, i)
+            ssm, conv = layer.recurrent_states[0], layer.conv_states[0]
             if conv is None:
                 held = "a recurrent state but " if ssm is not None else ""
                 raise CheckpointError(f"layer {i} of {type(self.hf).__name__} keeps {held}no conv state in its "
@@ -367,10 +462,19 @@ class HFRecurrentAdapter(RecurrentLM):
             return state
         return self.zero_state(state.batch_size, device=state.ssm[0].device).empty_like(state)
 
+    def _layer(self, cache, i: int):
+        """HF layer ``i`` of ``cache``: its cache layer, or for MiniMax's lightning layers a view of it."""
+        return hf_minimax.LinearLayerView(cache, i) if self._minimax and i in self.hf_layer_index else cache.layers[i]
+
     def _cache_from(self, state: State):
         """A fresh DynamicCache holding ``state``, every recurrent layer marked as continuing."""
         from transformers import DynamicCache
 
+        if self._minimax:
+            kv = {i: (state.keys[j], state.values[j]) for j, i in enumerate(self.attention_layer_index)
+                  } if isinstance(state, HybridState) and state.kv_length else {}
+            return hf_minimax.cache_from(self.hf, {i: state.ssm[k].to(self._shapes[k][1])
+                                                   for k, i in enumerate(self.hf_layer_index)}, kv)
         cache = DynamicCache(config=self.config)
         for k, i in enumerate(self.hf_layer_index):
             layer = cache.layers[i]
@@ -391,16 +495,21 @@ class HFRecurrentAdapter(RecurrentLM):
 
     def _call(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One backbone call on ``tokens`` [b, l] from ``state``; the states read back pass the hooks."""
+        if self._state_argument:
+            out = self.hf.base_model(input_ids=tokens, state=hf_rwkv.to_transformers(state), use_cache=True)
+            ssm, conv = hf_rwkv.from_transformers(out.state)
+            ssm = tuple(block.hook_state(s) for block, s in zip(self.blocks, ssm))
+            return out.last_hidden_state, State(ssm, conv)
         extra = {}
         if self.attention_layer_index:
             state = self._as_hybrid(state)
             extra = self._mask_and_positions(state, tokens.shape[1])
         cache = self._cache_from(state)
-        with self.torch_path():
+        with self.torch_path(tokens.shape[1]):
             out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
-            layer_ssm, layer_conv = self._read_layer(cache.layers[i], k)
+            layer_ssm, layer_conv = self._read_layer(self._layer(cache, i), k)
             ssm.append(self.blocks[k].hook_state(layer_ssm))
             conv.append(layer_conv)
         if not self.attention_layer_index:
@@ -454,6 +563,10 @@ class HFRecurrentAdapter(RecurrentLM):
     def zero_state(self, batch: int, *, device=None, dtype=None) -> State:
         """Zero recurrent states; for a hybrid, a :class:`HybridState` with empty KV caches."""
         device = self.device if device is None else device
+        if self._state_argument:  # RWKV's initial state is not zeros
+            (hidden, _), ssm_dtype, _, conv_dtype = self._shapes[0]
+            return hf_rwkv.initial_state(batch, hidden, len(self._shapes), device=device, ssm_dtype=dtype or ssm_dtype,
+                                         conv_dtype=dtype or conv_dtype)
         ssm = tuple(torch.zeros(batch, *s, device=device, dtype=dtype or sd) for s, sd, _, _ in self._shapes)
         conv = tuple(torch.zeros(batch, *c, device=device, dtype=dtype or cd) for _, _, c, cd in self._shapes)
         if not self.attention_layer_index:
