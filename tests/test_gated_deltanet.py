@@ -133,7 +133,7 @@ def native(family: str, **overrides):
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "delta_net"])
-def test_one_shot_equals_chunked_equals_token_by_token(family):
+def test_one_shot_equals_chunked_equals_token_by_token(family, one_thread):
     model = native(family)
     x = tokens(length=100, seed=2)
     with torch.no_grad():

@@ -121,7 +121,7 @@ def model():
     return m
 
 
-def test_one_shot_equals_chunked_equals_token_by_token(model):
+def test_one_shot_equals_chunked_equals_token_by_token(model, one_thread):
     tokens = torch.randint(0, 61, (2, 100), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected, final = model(tokens)

@@ -204,7 +204,7 @@ def test_logits_equal_the_oracle_float32(tokens):
     assert (got.double() - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
 
 
-def test_one_shot_equals_chunked_equals_token_by_token(model, tokens):
+def test_one_shot_equals_chunked_equals_token_by_token(model, tokens, one_thread):
     with torch.no_grad():
         expected, final = model(tokens)
     for chunk in (1, 7, 64, 100):
