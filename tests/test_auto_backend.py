@@ -101,3 +101,15 @@ def test_a_model_type_transformers_does_not_know_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba9", "hidden_size": 8}))
     with pytest.raises(CheckpointError, match=r"model_type 'mamba9' is not supported: .* has no causal LM for it"):
         load_model(tmp_path)
+
+
+def test_without_transformers_auto_says_what_to_install(monkeypatch, tmp_path):
+    """transformers absent (an import of it fails): the reason names the extra and the version floor."""
+    import sys
+
+    from statelens.models import auto
+    from statelens.models.hf_adapter import OLDEST_TRANSFORMERS
+
+    monkeypatch.setitem(sys.modules, "transformers", None)   # `import transformers` raises ImportError
+    assert auto._why_not_hf(tmp_path, "llama") == (
+        f"transformers is not installed (pip install 'statelens[hf]': transformers >= {OLDEST_TRANSFORMERS})")

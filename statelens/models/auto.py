@@ -73,7 +73,9 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
-        return "transformers is not installed (pip install transformers)"
+        from statelens.models.hf_adapter import OLDEST_TRANSFORMERS
+
+        return f"transformers is not installed (pip install 'statelens[hf]': transformers >= {OLDEST_TRANSFORMERS})"
     from statelens.models.hf_adapter import layer_kinds, state_outside_cache, transformers_too_old, unknown_model_type
     from statelens.models.hf_rwkv import takes_state_argument
 
