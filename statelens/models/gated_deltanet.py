@@ -64,7 +64,7 @@ from torch import nn
 from statelens.errors import ParameterError
 from statelens.models.base import Layout, ScanAdapter, backends, check_dims
 from statelens.models.delta_rule import delta_rule_chunked, delta_rule_stepper
-from statelens.models.gla import GatedMLP
+from statelens.models.gla import FlaBlock
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import RMSNorm, causal_conv
 from statelens.models.lm import LMHeadModel
@@ -343,15 +343,12 @@ class DeltaRuleAttention(nn.Module):
         return hooks.hook_out(out), state, conv_state
 
 
-class DeltaRuleBlock(nn.Module):
-    """``x + attn(attn_norm(x))``, then ``+ mlp(mlp_norm(.))``; holds the layer's hook points."""
+class DeltaRuleBlock(FlaBlock):
+    """A Gated DeltaNet or DeltaNet layer: :class:`~statelens.models.gla.FlaBlock` holding the layer's hook
+    points."""
 
     def __init__(self, cfg: DeltaRuleConfig, layer: int):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = DeltaRuleAttention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        super().__init__(cfg, DeltaRuleAttention(cfg))
 
         self.hook_C = HookPoint(layer)           # [b, l, h, k]: queries
         self.hook_B = HookPoint(layer)           # [b, l, h, k]: keys
@@ -367,9 +364,7 @@ class DeltaRuleBlock(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor, conv_state: torch.Tensor):
         """x [b, l, d]; state [b, h, k, v]; conv_state [b, c, conv_size - 1] -> (x, state, conv_state)."""
         out, state, conv_state = self.attn(self.attn_norm(x), state, conv_state, self)
-        x = x + out
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, state, self.hook_conv_state(conv_state)
+        return self.with_mlp(x, out), state, self.hook_conv_state(conv_state)
 
 
 # -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------

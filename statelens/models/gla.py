@@ -321,15 +321,28 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class GLABlock(nn.Module):
-    """``x + attn(attn_norm(x))``, then ``+ mlp(mlp_norm(.))``; holds the layer's hook points."""
+class FlaBlock(nn.Module):
+    """flash-linear-attention's residual block, ``x + attn(attn_norm(x))``, then ``+ mlp(mlp_norm(.))``
+    (fla's parameter names); a family's block adds its hook points and calls its attention in ``forward``."""
 
-    def __init__(self, cfg: GLAConfig, layer: int):
+    def __init__(self, cfg, attn: nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = GatedLinearAttention(cfg)
+        self.attn = attn
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def with_mlp(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x [b, l, d] plus the attention's output, then plus the MLP of that."""
+        x = x + out
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GLABlock(FlaBlock):
+    """A GLA layer: :class:`FlaBlock` holding the layer's hook points."""
+
+    def __init__(self, cfg: GLAConfig, layer: int):
+        super().__init__(cfg, GatedLinearAttention(cfg))
 
         self.hook_C = HookPoint(layer)           # [b, l, h, k]: queries
         self.hook_B = HookPoint(layer)           # [b, l, h, k]: keys
@@ -343,9 +356,7 @@ class GLABlock(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor, conv_state: torch.Tensor):
         """x [b, l, d]; state [b, h, k, v]; conv_state [b, 0, 0] -> (x, state, conv_state)."""
         out, state = self.attn(self.attn_norm(x), state, self)
-        x = x + out
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, state, self.hook_conv_state(conv_state)
+        return self.with_mlp(x, out), state, self.hook_conv_state(conv_state)
 
 
 # -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------
