@@ -74,16 +74,19 @@ def test_a_model_without_recurrent_state_is_one_line(tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("backend", ["auto", "hf"])
 def test_a_model_keeping_its_state_outside_the_cache_is_one_line(backend, tmp_path, monkeypatch, capsys):
-    """xLSTM keeps its state in its own xLSTMCache: refused in one line naming it, exit 2, by auto from the config
-    and by the hf adapter on load (not an internal error from transformers' forward)."""
-    cfg = transformers.xLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2)
-    transformers.xLSTMForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(CheckpointError, match="keeps its state between calls in its own xLSTMCache") as error:
+    """Reformer keeps its state in its own ReformerDynamicCache, which the adapter does not carry (it carries
+    MiniMax's and xLSTM's): refused in one line naming it, exit 2, by auto from the config and by the hf adapter on
+    load (not an internal error from transformers' forward)."""
+    cfg = transformers.ReformerConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, attention_head_size=16,
+                                      feed_forward_size=64, axial_pos_embds=False, is_decoder=True,
+                                      attn_layers=["local", "local"])
+    transformers.ReformerModelWithLMHead(cfg).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="keeps its state between calls in its own ReformerDynamicCache") as error:
         load_model(tmp_path / "ckpt", backend)
     code, _, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", tmp_path / "ckpt", "--backend", backend,
                            "--out", tmp_path / "out")
     assert code == 2 and err.splitlines() == [f"statelens: error: {error.value}"]
-    assert (backend == "auto") == ("model_type 'xlstm' is not supported" in str(error.value))
+    assert (backend == "auto") == ("model_type 'reformer' is not supported" in str(error.value))
 
 
 def test_the_native_model_types_are_those_the_backends_declare():

@@ -522,6 +522,154 @@ def test_minimax_lightning_states_equal_transformers_one_shot(tokens):
     assert (ours - out.logits).abs().max().item() <= 1e-4 < (torch.cat(theirs, 1) - out.logits).abs().max().item()
 
 
+# -- states outside DynamicCache's layers: xLSTM's own cache, RecurrentGemma's modules ------------------------------
+
+def xlstm(**options):
+    """mLSTM blocks with NX-AI/xLSTM-7b's options (8 heads, q/k half the width and v the whole width, separate gate
+    projections ("single" weights), gate soft cap 15, logit soft cap 30, float32 kernel states, the 2.667x feed-forward
+    rounded to 64), sizes scaled down: 128 wide, the narrowest whose q/k width transformers' xLSTMCache sizes as its
+    layers do (it rounds it up to a multiple of 64), chunk_size 16 (released: 64) so that 48-token calls run its
+    chunkwise kernel; the gate and norm parameters moved off transformers' constant initialisation."""
+    model = transformers.xLSTMForCausalLM(transformers.xLSTMConfig(**{
+        **dict(vocab_size=64, hidden_size=128, num_hidden_layers=2, num_heads=8, qk_dim_factor=0.5, v_dim_factor=1.0,
+               weight_mode="single", gate_soft_cap=15.0, output_logit_soft_cap=30.0, ffn_proj_factor=2.667,
+               ffn_round_up_to_multiple_of=64, inference_state_dtype="float32", chunk_size=16), **options}))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name or "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def xlstm_steps(hf, x):
+    """transformers' own xLSTMCache after running ``x`` [1, l] one token at a time (its recurrent step kernel)."""
+    from transformers.models.xlstm.modeling_xlstm import xLSTMCache
+
+    cache = xLSTMCache(hf.config, 1, dtype=hf.dtype)
+    with torch.no_grad():
+        for j in range(x.shape[1]):
+            hf(x[:, j:j + 1], cache=cache, use_cache=True)
+    return cache
+
+
+def test_xlstm_carries_its_own_cache(tmp_path, tokens, monkeypatch, capsys):
+    """xLSTM keeps C, n and m in its own xLSTMCache: through --backend auto, 7-token chunks with a reset row equal
+    transformers' one-shot runs (its chunkwise kernel), and the states hook_state sees (C) and the conv state carries
+    (n, m) equal transformers' own token-by-token run (its recurrent step kernel) on the same tokens."""
+    torch.manual_seed(0)
+    hf = xlstm()
+    hf.save_pretrained(tmp_path / "ckpt")
+    checkpoint = load_model(tmp_path / "ckpt")
+    adapter = checkpoint.model
+    assert checkpoint.backend == "hf" and adapter.layer_kinds == ["recurrent"] * 2 and not adapter.token_by_token
+    assert adapter.state_shapes() == [{"ssm": (8, 8, 16), "conv": (8, 9)}] * 2 and adapter.n_heads == 8
+    x = tokens[:, :48]
+    state, seen = reset_rollout_is_transformers(adapter, hf, x, 16, "blocks.1.hook_state")
+    theirs = xlstm_steps(hf, x[:1])
+    for k in range(2):
+        c, n, m = theirs.rnn_state[k]
+        torch.testing.assert_close(state.ssm[k], c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.conv[k], torch.cat([n, m], dim=-1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].abs().max() > 1.0  # far above the tolerance
+    code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", tmp_path / "ckpt", "--length", 20, "--chunk", 7)
+    assert code == 0 and "2 recurrent layers" in out
+
+
+def test_xlstm_in_float64_keeps_float64_states(tokens):
+    """transformers' recurrent kernels keep float32 states even in a float64 xLSTM; the adapter runs them in float64,
+    so that 7-token chunks end in the states of transformers' one-shot run (whose chunkwise kernel keeps the model's
+    float64) to float64 rounding. transformers' own chunked continuation misses them by float32 rounding."""
+    from transformers.models.xlstm.modeling_xlstm import xLSTMCache
+
+    torch.manual_seed(0)
+    hf = xlstm().double()
+    adapter = HFRecurrentAdapter(hf)
+    backends = [m for m in hf.modules() if hasattr(m, "_inference_fn")]
+    kernels = [m._inference_fn for m in backends]
+    x = tokens[:1, :48]                                          # 3 chunks of 16: one-shot is chunkwise throughout
+    state = final_state(adapter, x, 7)
+    with torch.no_grad():
+        one_shot = hf(x, use_cache=True).cache
+        own = xLSTMCache(hf.config, 1, dtype=torch.float64)
+        for start in range(0, 48, 7):
+            hf(x[:, start:start + 7], cache=own, use_cache=True)
+    for k in range(2):
+        c, n, m = one_shot.rnn_state[k]
+        assert state.ssm[k].dtype == torch.float64
+        torch.testing.assert_close(state.ssm[k], c, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(state.conv[k], torch.cat([n, m], dim=-1), atol=1e-10, rtol=1e-10)
+    assert (own.rnn_state[1][0] - one_shot.rnn_state[1][0]).abs().max().item() > 1e-7
+    assert len(backends) == 2 and all(m._inference_fn is f for m, f in zip(backends, kernels))  # put back after each call
+
+
+def recurrent_gemma(**options):
+    """RecurrentGemma with google/recurrentgemma-2b's options (two recurrent blocks then local attention, one
+    key-value head, rotary on half of each head, conv width 4, logit soft cap 30, tied embeddings), sizes scaled
+    down: an 8-token attention window, so that 3- and 7-token chunks carry keys across it; the conv bias moved off
+    zero, the queries and keys sharpened (:func:`sharpen`) so that a key outside the window moves the logits."""
+    model = transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(**{
+        **dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+               intermediate_size=96, attention_window_size=8, conv1d_width=4, logits_soft_cap=30.0,
+               block_types=["recurrent", "recurrent", "attention"], tie_word_embeddings=True), **options}))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("conv_1d.bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return sharpen(perturb(model, 0))
+
+
+def recurrent_gemma_after(hf, x):
+    """transformers' own recurrent states (per recurrent layer: RG-LRU [1, lru_width], conv window) and attention
+    cache after one call on ``x`` [1, l], from zero states as its forward starts them."""
+    cache = transformers.DynamicCache(config=hf.config)
+    hf.model._setup_cache(hf.config, 1, x.device, hf.dtype)  # what its forward does when given no cache
+    with torch.no_grad():
+        hf(x, cache=cache, use_cache=True)
+    blocks = [layer.temporal_block for layer in hf.model.layers if hasattr(layer.temporal_block, "rg_lru")]
+    return [(b.rg_lru.recurrent_states.clone(), b.conv1d_state.clone()) for b in blocks], cache
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_recurrent_gemma_carries_its_module_states_and_the_window(dtype, tol, tokens):
+    """RecurrentGemma's RG-LRU and conv states live on its modules and its local attention reads the last 8 keys: in
+    3- and 7-token chunks with a reset row, the logits equal transformers' one-shot runs (its conv restarts from
+    zeros in multi-token calls: the adapter continues it), the states hook_state sees and the conv windows equal
+    its modules' after one call on the same tokens, and the keys carried are its sliding-window cache's: the last
+    window - 1."""
+    torch.manual_seed(0)
+    hf = recurrent_gemma().to(dtype)
+    adapter = HFRecurrentAdapter(hf)
+    assert adapter.layer_kinds == ["recurrent", "recurrent", "attention"] and not adapter.token_by_token
+    assert adapter.state_shapes() == [{"ssm": (2, 16, 1), "conv": (32, 3)}] * 2 and adapter.n_heads == 2
+    x = tokens[:, :40]
+    expected = [hf_logits(hf, x[:1])[0], hf_logits(hf, x[1:, 17:])[0]]
+    size = expected[0].abs().max().item()
+    for chunk in (3, 7):
+        logits = logits_of(adapter, x, chunk, resets=[0, 17])
+        assert (logits[0] - expected[0]).abs().max().item() <= tol * size
+        assert (logits[1, 17:] - expected[1]).abs().max().item() <= tol * size
+    seen = []
+    with hooks(adapter, {"blocks.1.hook_state": lambda t, hook: seen.append(t.clone())}):
+        state = final_state(adapter, x[:1], 3)
+    theirs, cache = recurrent_gemma_after(hf, x[:1])
+    for k, (lru, conv) in enumerate(theirs):
+        torch.testing.assert_close(state.ssm[k].flatten(1), lru, atol=tol, rtol=tol)
+        torch.testing.assert_close(state.conv[k], conv, atol=tol, rtol=tol)
+    assert state.seen == (40,) and state.kv_length == 7
+    torch.testing.assert_close(state.keys[0], cache.layers[2].keys, atol=tol, rtol=tol)
+    torch.testing.assert_close(state.values[0], cache.layers[2].values, atol=tol, rtol=tol)
+    assert torch.equal(seen[-1], state.ssm[1]) and state.ssm[1].abs().max() > 0.1
+
+
+def test_recurrent_gemma_through_the_cli(tmp_path, monkeypatch, capsys):
+    recurrent_gemma().save_pretrained(tmp_path / "ckpt")
+    code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", tmp_path / "ckpt", "--length", 20, "--chunk", 7)
+    out = " ".join(out.split())
+    assert code == 0 and "2 recurrent layers" in out and "attention: HF layers 2" in out
+
+
 SHORT_CONV = ["lfm2", "lfm2_moe"]  # conv-only recurrent layers
 
 
@@ -621,14 +769,20 @@ def test_kernels_of_other_packages_are_not_run_on_a_cpu(monkeypatch, tokens):
         hf_logits(hf, x)
 
 
+# Soft caps far below the released 30, so that capping moves the miniature models' logits by more than their size.
+CAPPED = {"recurrent_gemma": lambda: recurrent_gemma(logits_soft_cap=0.25),
+          "xlstm": lambda: xlstm(output_logit_soft_cap=0.25)}
+
+
 @pytest.mark.parametrize("name, key", [("falcon_h1", "lm_head_multiplier"),
-                                       ("granitemoehybrid-nope", "logits_scaling")])
+                                       ("granitemoehybrid-nope", "logits_scaling"),
+                                       ("recurrent_gemma", "logits_soft_cap"), ("xlstm", "output_logit_soft_cap")])
 def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
-    """The released configs scale the logits after lm_head: chunked with carried state, the adapter's logits
+    """The released configs scale or cap the logits after lm_head: chunked with carried state, the adapter's logits
     are the model's own to float32 rounding (relative to their size, which the scale shrinks), far from the
     unscaled lm_head's."""
     torch.manual_seed(0)
-    hf = sharpen(perturb(RELATIVES[name][0](), 0))
+    hf = CAPPED[name]() if name in CAPPED else sharpen(perturb(RELATIVES[name][0](), 0))
     adapter = HFRecurrentAdapter(hf)
     x = tokens[:, :40]
     expected = hf_logits(hf, x)
@@ -636,8 +790,10 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
         unscaled = hf.lm_head(hf.base_model(input_ids=x).last_hidden_state)
     size = expected.abs().max().item()
     assert getattr(hf.config, key) != 1.0
+    # a cap (slope at most 1) shrinks the logits more than the rounding they carry: that scales with the uncapped ones
+    rounding = 1e-5 * (unscaled.abs().max().item() if name in CAPPED else size)
     for chunk in (6, 40):
-        assert (logits_of(adapter, x, chunk) - expected).abs().max().item() <= 1e-5 * size
+        assert (logits_of(adapter, x, chunk) - expected).abs().max().item() <= rounding
     assert (unscaled - expected).abs().max().item() > size
 
 
@@ -648,14 +804,11 @@ def test_scaled_heads_give_the_models_own_logits(name, key, tokens):
     (lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1),
      "LlamaForCausalLM has no recurrent layers"),
+    # transformers' xLSTMCache rounds the q/k width up to a multiple of 64, its layers do not: its own forward with a
+    # cache fails on a width of 32 (16 per q/k), which the adapter reports in one line
     (lambda: transformers.xLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2),
-     r"xLSTMForCausalLM keeps its state between calls in its own xLSTMCache, not in transformers' DynamicCache"),
-    (lambda: transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
-                                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                                               lru_width=32, head_dim=16, attention_window_size=8),
-     r"RecurrentGemmaForCausalLM: layers \[2\] keep a DynamicSlidingWindowLayer cache"),
-], ids=["sliding-window", "no-recurrent-layer", "xlstm-own-cache",
-        "recurrent-gemma-local-attention"])
+     r"xLSTMForCausalLM: transformers' own forward fails on cpu: matC_old has wrong shape"),
+], ids=["sliding-window", "no-recurrent-layer", "xlstm-width-transformers-cannot-cache"])
 def test_caches_the_adapter_cannot_carry_are_refused(config, message):
     cfg = config()
     model = transformers.AutoModelForCausalLM.from_config(cfg)

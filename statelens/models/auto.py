@@ -76,8 +76,8 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
         from statelens.models.hf_adapter import OLDEST_TRANSFORMERS
 
         return f"transformers is not installed (pip install 'statelens[hf]': transformers >= {OLDEST_TRANSFORMERS})"
-    from statelens.models.hf_adapter import layer_kinds, state_outside_cache, transformers_too_old, unknown_model_type
-    from statelens.models.hf_rwkv import takes_state_argument
+    from statelens.models.hf_adapter import (every_layer_recurrent, layer_kinds, state_outside_cache,
+                                             transformers_too_old, unknown_model_type)
 
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return unknown_model_type(_read_json(Path(path) / "config.json"))
@@ -90,8 +90,8 @@ def _why_not_hf(path: Path, model_type: str) -> str | None:
     if holder is not None:
         return (f"it keeps its state between calls in {holder}, not in transformers' DynamicCache, which the hf "
                 "adapter carries")
-    if hf_class is not None and takes_state_argument(hf_class):
-        return None  # RWKV: its state is its forward's `state` argument, every layer recurrent
+    if hf_class is not None and every_layer_recurrent(hf_class):
+        return None  # RWKV's forward's `state` argument, xLSTM's own cache: every layer recurrent
     try:
         config = transformers.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True,
                                                          trust_remote_code=False)

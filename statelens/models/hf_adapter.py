@@ -24,8 +24,11 @@ State layout, per recurrent layer ``k`` (``hf_layer_index[k]`` is its index in t
 
 RWKV-4 (``RwkvForCausalLM``) keeps its state in its forward's ``state`` argument instead of a cache; the adapter
 carries it there (:mod:`statelens.models.hf_rwkv`, which gives its layout), every layer recurrent. MiniMax keeps its
-lightning-attention states in its own ``MiniMaxCache``, which the adapter builds instead of a ``DynamicCache``
-(:mod:`statelens.models.hf_minimax`).
+lightning-attention states in its own ``MiniMaxCache``, xLSTM its mLSTM states in its own ``xLSTMCache``, which the
+adapter builds instead of a ``DynamicCache`` (:mod:`statelens.models.hf_minimax`, :mod:`statelens.models.hf_xlstm`,
+which gives xLSTM's layout). RecurrentGemma keeps its recurrent states on its modules, which the adapter sets and
+reads around each call, continuing their conv in multi-token calls (:mod:`statelens.models.hf_recurrent_gemma`,
+which gives its layout).
 
 Hybrid models (layers with full attention beside the recurrent ones): the attention layers
 (``attention_layer_index``, HF indices; Zamba2's and Falcon-H1's layers that hold both are in both
@@ -34,8 +37,11 @@ lists) keep a KV cache, which is not a recurrent state: it is carried from call 
 runs, but no hook sees it and no statistic is computed on it. Rows of a batch may have seen different
 numbers of tokens (the rollout engine resets rows to the initial state): each row's keys are
 right-aligned, the attention mask hides the positions before them, and the row's position ids count
-its own tokens, so a reset row computes what a separate run on its suffix computes. Sliding-window
-and other non-full attention caches are refused. Layers without any cache (MLP / MoE) are skipped.
+its own tokens, so a reset row computes what a separate run on its suffix computes. Sliding-window caches
+are carried for the model types in :data:`SLIDING_WINDOW_CARRIED` (RecurrentGemma's local attention: the
+cache keeps the last ``sliding_window - 1`` keys, all that a later query reads, and a row's keys are still
+right-aligned, so the window the mask draws by cache index is the window by position) and refused
+elsewhere, as are other non-full attention caches. Layers without any cache (MLP / MoE) are skipped.
 
 Multi-token chunks: on load, :func:`check_chunking` compares chunked with one-shot logits. Where the
 model drops the carried state in multi-token calls (``transformers``' ``MambaForCausalLM`` ignores
@@ -68,7 +74,7 @@ import torch
 from torch import nn
 
 from statelens.errors import BadInput, CheckpointError
-from statelens.models import hf_minimax, hf_rwkv
+from statelens.models import hf_minimax, hf_recurrent_gemma, hf_rwkv, hf_xlstm
 from statelens.models.base import RecurrentLM, State
 from statelens.models.hooks import HookPoint
 
@@ -141,9 +147,10 @@ class HybridState(State):
                        (0,) * state.batch_size)
 
     def trimmed(self) -> HybridState:
-        """Drops the leading cache positions that no row reads."""
+        """Drops the leading cache positions that no row reads (none when a sliding window keeps fewer positions
+        than a row has seen)."""
         drop = self.kv_length - max(self.seen, default=0)
-        if drop == 0:
+        if drop <= 0:
             return self
         return self.of(self, (k[:, :, drop:] for k in self.keys), (v[:, :, drop:] for v in self.values), self.seen)
 
@@ -188,40 +195,55 @@ def unknown_model_type(config: dict) -> str:
 LOGIT_SCALES = {
     "falcon_h1": ("lm_head_multiplier", lambda logits, m: logits * m),          # FalconH1ForCausalLM
     "granitemoehybrid": ("logits_scaling", lambda logits, s: logits / s),       # GraniteMoeHybridForCausalLM
+    "recurrent_gemma": ("logits_soft_cap", lambda logits, cap: nn.functional.tanh(logits / cap) * cap),
+    # xLSTMForCausalLM: float32 logits (whatever the model's dtype), soft-capped unless the cap is None
+    "xlstm": ("output_logit_soft_cap", lambda logits, cap: logits.float() if cap is None
+              else cap * torch.tanh(logits.float() / cap)),
 }
 
+# Model types whose sliding-window attention caches the adapter carries (see the module docstring): those whose
+# chunked runs with reset rows are tested against transformers' one-shot runs.
+SLIDING_WINDOW_CARRIED = {hf_recurrent_gemma.MODEL_TYPE}
 
-# Cache layer classes (by name) the adapter can carry: a recurrent state, a full-attention KV cache, or both.
+
+# Cache layer classes (by name) the adapter can carry: a recurrent state, a full-attention KV cache, or both; and
+# the sliding-window KV cache, carried for SLIDING_WINDOW_CARRIED only.
 _RECURRENT, _ATTENTION, _BOTH = "LinearAttentionLayer", "DynamicLayer", "LinearAttentionAndFullAttentionLayer"
+_SLIDING = "DynamicSlidingWindowLayer"
 
 
 def layer_kinds(config) -> list[str]:
     """Per HF layer: "recurrent" (a linear-attention cache layer), "attention" (a full-attention KV
     cache), "hybrid" (both: Zamba2's layers that run a shared attention block before the mamba mixer,
     Falcon-H1's parallel attention and mamba), "none" (no cache: MLP / MoE layers) or the cache layer's class name for any other kind (sliding
-    window, ...), which the adapter refuses.
+    window, except for :data:`SLIDING_WINDOW_CARRIED`, where it is "attention"), which the adapter refuses.
 
     Read from the layers of the cache transformers builds for the config, by class name: an
     ``isinstance`` test breaks when another package has imported transformers' cache module anew.
     """
     from transformers import DynamicCache
 
-    kinds = []
-    for layer in DynamicCache(config=config).layers:
-        name = type(layer).__name__
-        kinds.append({_RECURRENT: "recurrent", _ATTENTION: "attention", _BOTH: "hybrid", "DummyLayer": "none"}
-                     .get(name, name))
-    return kinds
+    known = {_RECURRENT: "recurrent", _ATTENTION: "attention", _BOTH: "hybrid", "DummyLayer": "none"}
+    if getattr(config, "model_type", None) in SLIDING_WINDOW_CARRIED:
+        known[_SLIDING] = "attention"
+    return [known.get(type(layer).__name__, type(layer).__name__) for layer in DynamicCache(config=config).layers]
 
 
 def state_outside_cache(hf_class: type) -> str | None:
     """Where a transformers model keeps its state between calls when neither in ``DynamicCache``'s layers nor
     in a ``state`` argument of its forward (RWKV's, which the adapter carries: :mod:`statelens.models.hf_rwkv`),
-    in a few words; None when it keeps it in either: its own cache class (xLSTM's ``xLSTMCache``), except
-    MiniMax's ``MiniMaxCache``, which the adapter carries (:mod:`statelens.models.hf_minimax`). Read off the
-    class's own module; nothing is built or run."""
+    in a few words; None when it keeps it in either or in a cache class of its own that the adapter carries
+    (MiniMax's ``MiniMaxCache``, xLSTM's ``xLSTMCache``: :mod:`statelens.models.hf_minimax`,
+    :mod:`statelens.models.hf_xlstm`). Read off the class's own module; nothing is built or run."""
     own = own_cache(hf_class)
-    return f"its own {own}" if own is not None and not hf_minimax.carried(own) else None
+    carried = own is None or hf_minimax.carried(own) or hf_xlstm.carried(own)
+    return None if carried else f"its own {own}"
+
+
+def every_layer_recurrent(hf_class: type) -> bool:
+    """Whether ``hf_class`` carries a recurrent state in every layer outside ``DynamicCache``'s layers (which its
+    config's cache layout then does not describe): RWKV's ``state`` argument, xLSTM's ``xLSTMCache``."""
+    return hf_rwkv.takes_state_argument(hf_class) or hf_xlstm.carried(own_cache(hf_class) or "")
 
 
 def own_cache(hf_class: type) -> str | None:
@@ -261,17 +283,24 @@ def _with_its_keywords(fn):
     return lambda *args, **kwargs: fn(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
+_ABSENT = object()
+
+
 @contextmanager
 def swapped(swaps: list[tuple[object, str, object]]):
-    """The functions ``swaps`` names replaced (module attributes) while the block runs, restored after."""
-    saved = [getattr(module, attr) for module, attr, _ in swaps]
+    """The functions ``swaps`` names replaced (attributes of modules or objects) while the block runs, restored
+    after; one the object only had from its class (a torch module's ``forward``) is deleted again."""
+    saved = [vars(owner).get(attr, _ABSENT) for owner, attr, _ in swaps]
     try:
-        for module, attr, fn in swaps:
-            setattr(module, attr, fn)
+        for owner, attr, fn in swaps:
+            setattr(owner, attr, fn)
         yield
     finally:
-        for (module, attr, _), fn in zip(swaps, saved):
-            setattr(module, attr, fn)
+        for (owner, attr, _), fn in zip(swaps, saved):
+            if fn is _ABSENT:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, fn)
 
 
 def ssd_mixers(hf_model: nn.Module) -> list[nn.Module]:
@@ -333,8 +362,10 @@ class HFRecurrentAdapter(RecurrentLM):
             raise CheckpointError(f"{name}: {too_old}")
         _refuse_state_outside_cache(type(hf_model))
         self._state_argument = hf_rwkv.takes_state_argument(type(hf_model))
-        self._minimax = own_cache(type(hf_model)) is not None  # the own caches not refused above: MiniMax's
-        self.layer_kinds = (["recurrent"] * self.config.num_hidden_layers if self._state_argument
+        own = own_cache(type(hf_model)) or ""  # the own caches not refused above: MiniMax's, xLSTM's
+        self._minimax, self._xlstm = hf_minimax.carried(own), hf_xlstm.carried(own)
+        self._module_states = getattr(self.config, "model_type", None) == hf_recurrent_gemma.MODEL_TYPE
+        self.layer_kinds = (["recurrent"] * self.config.num_hidden_layers if every_layer_recurrent(type(hf_model))
                             else layer_kinds(self.config))
         other = {i: kind for i, kind in enumerate(self.layer_kinds)
                  if kind not in ("recurrent", "attention", "hybrid", "none")}
@@ -358,9 +389,10 @@ class HFRecurrentAdapter(RecurrentLM):
         self.blocks = nn.ModuleList(_StateHooks(k) for k in range(len(self.hf_layer_index)))
         self._kernel_swaps = kernel_swaps(hf_model)  # used on a CPU only (see torch_path)
         self._ssd_mixers = ssd_mixers(hf_model)       # likewise
+        self._own_swaps = self._family_swaps()         # on every device, in the adapter's calls only
         try:
             self._shapes, self._kv_shapes = self._probe_shapes()
-        except RuntimeError as error:  # the HF model's own forward, e.g. a GPU-only kernel on the CPU
+        except (RuntimeError, ValueError) as error:  # the HF model's own forward: a GPU-only kernel on the CPU, ...
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{name}: transformers' own forward fails on {self.device}: {first}") from error
         self.hook_points()  # names the hook points
@@ -424,19 +456,39 @@ class HFRecurrentAdapter(RecurrentLM):
         with swapped(self._kernel_swaps if on_cpu else []), chunk_sizes(mixers, length or 1):
             yield
 
+    def _family_swaps(self) -> list[tuple[object, str, object]]:
+        """What the adapter's calls swap into the HF model (:func:`swapped`): RecurrentGemma's recurrent blocks
+        continue their conv (:mod:`statelens.models.hf_recurrent_gemma`); a float64 xLSTM keeps its recurrent
+        kernels' states in float64 (:mod:`statelens.models.hf_xlstm`)."""
+        if self._module_states:
+            return hf_recurrent_gemma.continued_forwards(self.hf, self.hf_layer_index)
+        if self._xlstm:
+            return hf_xlstm.state_dtype_swaps(self.hf, self.dtype)
+        return []
+
+    def _new_cache(self):
+        """An empty cache of the kind the HF model takes, for one sequence."""
+        from transformers import DynamicCache
+
+        if self._minimax:
+            return hf_minimax.new_cache(self.hf)
+        if self._xlstm:
+            return hf_xlstm.new_cache(self.hf, 1, self.device, self.dtype)
+        if self._module_states:
+            hf_recurrent_gemma.zero_states(self.hf, self.hf_layer_index, 1, self.device, self.dtype)
+        return DynamicCache(config=self.config)
+
     def _probe_shapes(self):
         """Per recurrent layer: (ssm shape, dtype, conv shape, dtype); per attention layer: (key shape,
         value shape, dtype) with a zero-length sequence axis. One sequence, batch axis dropped."""
-        from transformers import DynamicCache
-
         tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         if self._state_argument:
             with torch.no_grad():
                 ssm, conv = hf_rwkv.from_transformers(self.hf.base_model(input_ids=tokens, use_cache=True).state)
             self._conv_only = [False] * len(ssm)
             return [(tuple(s.shape[1:]), s.dtype, tuple(c.shape[1:]), c.dtype) for s, c in zip(ssm, conv)], []
-        cache = hf_minimax.new_cache(self.hf) if self._minimax else DynamicCache(config=self.config)
-        with torch.no_grad(), self.torch_path():
+        cache = self._new_cache()
+        with torch.no_grad(), self.torch_path(), swapped(self._own_swaps):
             self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache})
         shapes, self._conv_only = [], []
         for i in self.hf_layer_index:
@@ -463,20 +515,36 @@ class HFRecurrentAdapter(RecurrentLM):
         return self.zero_state(state.batch_size, device=state.ssm[0].device).empty_like(state)
 
     def _layer(self, cache, i: int):
-        """HF layer ``i`` of ``cache``: its cache layer, or for MiniMax's lightning layers a view of it."""
-        return hf_minimax.LinearLayerView(cache, i) if self._minimax and i in self.hf_layer_index else cache.layers[i]
+        """HF layer ``i`` of ``cache``: its cache layer, or for MiniMax's lightning layers and xLSTM's layers a view of
+        it, for RecurrentGemma's recurrent layers a view of the states on their modules."""
+        if i not in self.hf_layer_index:
+            return cache.layers[i]
+        if self._minimax:
+            return hf_minimax.LinearLayerView(cache, i)
+        if self._xlstm:
+            return hf_xlstm.LayerView(cache, i)
+        if self._module_states:
+            return hf_recurrent_gemma.ModuleStateView(hf_recurrent_gemma.recurrent_block(self.hf, i))
+        return cache.layers[i]
 
     def _cache_from(self, state: State):
-        """A fresh DynamicCache holding ``state``, every recurrent layer marked as continuing."""
+        """A fresh DynamicCache holding ``state``, every recurrent layer marked as continuing (MiniMax's and xLSTM's
+        own caches; RecurrentGemma's recurrent states go onto its modules)."""
         from transformers import DynamicCache
 
+        if self._xlstm:
+            return hf_xlstm.cache_from(self.hf, [s.to(shape[1]) for s, shape in zip(state.ssm, self._shapes)],
+                                       [c.to(shape[3]) for c, shape in zip(state.conv, self._shapes)])
         if self._minimax:
             kv = {i: (state.keys[j], state.values[j]) for j, i in enumerate(self.attention_layer_index)
                   } if isinstance(state, HybridState) and state.kv_length else {}
             return hf_minimax.cache_from(self.hf, {i: state.ssm[k].to(self._shapes[k][1])
                                                    for k, i in enumerate(self.hf_layer_index)}, kv)
         cache = DynamicCache(config=self.config)
-        for k, i in enumerate(self.hf_layer_index):
+        if self._module_states:
+            hf_recurrent_gemma.set_states(self.hf, self.hf_layer_index, state.ssm,
+                                          [c.to(shape[3]) for c, shape in zip(state.conv, self._shapes)])
+        for k, i in enumerate([] if self._module_states else self.hf_layer_index):
             layer = cache.layers[i]
             _, ssm_dtype, _, conv_dtype = self._shapes[k]
             ssm, conv = state.ssm[k].to(ssm_dtype), state.conv[k].to(conv_dtype)
@@ -505,7 +573,7 @@ class HFRecurrentAdapter(RecurrentLM):
             state = self._as_hybrid(state)
             extra = self._mask_and_positions(state, tokens.shape[1])
         cache = self._cache_from(state)
-        with self.torch_path(tokens.shape[1]):
+        with self.torch_path(tokens.shape[1]), swapped(self._own_swaps):
             out = self.hf.base_model(input_ids=tokens, use_cache=True, **{self._cache_kw: cache}, **extra)
         ssm, conv = [], []
         for k, i in enumerate(self.hf_layer_index):
