@@ -554,12 +554,24 @@ def xlstm_steps(hf, x):
 
 
 def test_xlstm_carries_its_own_cache(tmp_path, tokens, monkeypatch, capsys):
-    """xLSTM keeps C, n and m in its own xLSTMCache: through --backend auto, 7-token chunks with a reset row equal
-    transformers' one-shot runs (its chunkwise kernel), and the states hook_state sees (C) and the conv state carries
-    (n, m) equal transformers' own token-by-token run (its recurrent step kernel) on the same tokens."""
+    """xLSTM keeps C, n and m in its own xLSTMCache: through --backend auto, from a config.json naming xLSTM-7b's
+    Triton kernels (which transformers' config refuses without the xlstm package, and which its torch code never
+    runs), 7-token chunks with a reset row equal transformers' one-shot runs (its chunkwise kernel), and the states
+    hook_state sees (C) and the conv state carries (n, m) equal transformers' own token-by-token run (its recurrent
+    step kernel) on the same tokens."""
+    import json
+
+    from huggingface_hub.errors import StrictDataclassError
+
     torch.manual_seed(0)
     hf = xlstm()
     hf.save_pretrained(tmp_path / "ckpt")
+    released = json.loads((tmp_path / "ckpt" / "config.json").read_text()) | {
+        "chunkwise_kernel": "chunkwise--triton_xl_chunk", "sequence_kernel": "native_sequence__triton",
+        "step_kernel": "triton"}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(released))
+    with pytest.raises(StrictDataclassError, match="chunkwise_kernel"):
+        transformers.AutoConfig.from_pretrained(tmp_path / "ckpt")
     checkpoint = load_model(tmp_path / "ckpt")
     adapter = checkpoint.model
     assert checkpoint.backend == "hf" and adapter.layer_kinds == ["recurrent"] * 2 and not adapter.token_by_token

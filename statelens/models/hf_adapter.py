@@ -425,10 +425,13 @@ class HFRecurrentAdapter(RecurrentLM):
         if too_old is not None:  # before its weights are read
             raise CheckpointError(f"{path}: {too_old}")
         _refuse_state_outside_cache(hf_class)
+        from huggingface_hub.errors import StrictDataclassError  # a config value transformers' config class refuses
+
         try:
+            own = hf_xlstm.torch_kernel_config(hf_class, config)
             hf_model = hf_class.from_pretrained(os.fspath(path), local_files_only=True, trust_remote_code=False,
-                                                dtype=dtype)
-        except (OSError, ValueError, KeyError) as error:
+                                                dtype=dtype, **({"config": own} if own is not None else {}))
+        except (OSError, ValueError, KeyError, StrictDataclassError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{path}: transformers cannot load it: {first}") from error
         return cls(hf_model.to(device), check=check)

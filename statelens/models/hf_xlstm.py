@@ -15,6 +15,11 @@ transformers' recurrent kernels keep C, n and m in ``inference_state_dtype`` (fl
 model, while its chunkwise kernel, which one-shot calls run on whole ``chunk_size`` blocks, keeps them in the
 model's dtype; :func:`state_dtype_swaps` sets the recurrent kernels' state dtype to a float64 model's own, so that a
 float64 run computes in float64 throughout and chunked equals one-shot to float64 rounding.
+
+Kernel names: without the ``xlstm`` package transformers runs its own torch kernels whatever config.json names, yet
+its config accepts only their names; the released xLSTM-7b config names Triton kernels, which transformers refuses
+to load. :func:`torch_kernel_config` loads such a config with the torch kernels' names, which changes nothing it
+computes (with the package installed transformers runs that package's Triton kernels, which need a GPU).
 """
 from __future__ import annotations
 
@@ -25,12 +30,30 @@ import torch
 from torch import nn
 
 CACHE_CLASS = "xLSTMCache"
+MODEL_TYPE = "xlstm"
+# The kernels transformers' own xLSTM runs (without the xlstm package), by the config keys that name them.
+TORCH_KERNELS = {"chunkwise_kernel": "chunkwise--native_autograd", "sequence_kernel": "native_sequence__native",
+                 "step_kernel": "native"}
 _STATE_KERNELS = ("mlstm_sequence_kernel", "mlstm_step_kernel")  # the recurrent kernels, bound with dtype_state
 
 
 def carried(cache_name: str) -> bool:
     """Whether ``cache_name`` is xLSTM's own cache."""
     return cache_name == CACHE_CLASS
+
+
+def torch_kernel_config(hf_class: type, config: dict):
+    """``hf_class``'s config from config.json's ``config`` with transformers' torch kernels named (see the module
+    docstring), or None when config.json may be loaded as it is: it names them already, or it is not an xLSTM
+    config, or transformers runs the xlstm package's kernels (then the adapter loads the config as written)."""
+    if config.get("model_type") != MODEL_TYPE:
+        return None
+    import transformers.models.xlstm.modeling_xlstm as modeling
+
+    named = {key: config.get(key, torch_name) for key, torch_name in TORCH_KERNELS.items()}
+    if named == TORCH_KERNELS or modeling.external_xlstm:
+        return None
+    return hf_class.config_class.from_dict({**config, **TORCH_KERNELS})
 
 
 def new_cache(hf_model: nn.Module, batch: int, device, dtype):
