@@ -288,9 +288,17 @@ def test_hybrid_attention_layers_are_reported(hybrid, monkeypatch, capsys):
     assert f"attention: HF layers {', '.join(map(str, attention))} (their KV cache is carried" in out
 
 
-def test_remembrance_command_on_a_hybrid_equals_brute_force(tmp_path, monkeypatch, capsys):
-    """EffRem through the CLI (rows reset inside batches) against one transformers forward per (sequence, t)."""
-    hf = hf_bamba(tmp_path / "ckpt")
+def saved_recurrent_gemma(path):
+    model = recurrent_gemma()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("build", [hf_bamba, saved_recurrent_gemma], ids=["bamba", "recurrent_gemma"])
+def test_remembrance_command_on_a_hybrid_equals_brute_force(build, tmp_path, monkeypatch, capsys):
+    """EffRem through the CLI (rows reset inside batches) against one transformers forward per (sequence, t);
+    RecurrentGemma's rows keep an 8-token window of keys and their RG-LRU restarts at each reset."""
+    hf = build(tmp_path / "ckpt")
     T, ts = 80, [0, 5, 40, 79]
     data = np.random.default_rng(3).integers(0, 64, (2, T))
     np.save(tmp_path / "tokens.npy", data)

@@ -74,9 +74,13 @@ def set_states(hf_model: nn.Module, layers: list[int], ssm, conv) -> None:
 
 
 def zero_states(hf_model: nn.Module, layers: list[int], batch: int, device, dtype) -> None:
-    """The blocks' zero states, as transformers' ``_setup_cache`` makes them."""
+    """The blocks' zero states: the RG-LRU's [b, c] in float32, the conv window [b, c, conv1d_width - 1] in ``dtype``
+    (transformers' ``_setup_cache`` gives the window ``hidden_size`` channels, which differs from ``lru_width`` in a
+    model where the two differ; its own multi-token calls then replace it before reading it)."""
     for i in layers:
-        recurrent_block(hf_model, i)._setup_cache(batch, device, dtype)
+        block = recurrent_block(hf_model, i)
+        block.rg_lru.recurrent_states = torch.zeros(batch, block.lru_width, device=device, dtype=torch.float32)
+        block.conv1d_state = torch.zeros(batch, block.lru_width, block.conv1d_width - 1, device=device, dtype=dtype)
 
 
 def continued_forwards(hf_model: nn.Module, layers: list[int]) -> list[tuple[object, str, object]]:
