@@ -181,15 +181,20 @@ def hybrid(request, tmp_path_factory):
     return request.param, hf, HFRecurrentAdapter.from_pretrained(path), path
 
 
-def hf_cache_after(hf, tokens):
-    """transformers' own DynamicCache after running ``tokens`` [b, l] in one call."""
+def cache_keyword(hf) -> str:
+    """The keyword ``hf``'s forward takes its cache by: "cache" from transformers 5.24, "cache_params" (pure SSMs,
+    xLSTM) or "past_key_values" before."""
     import inspect
 
+    params = inspect.signature(hf.forward).parameters
+    return next((kw for kw in ("cache", "cache_params") if kw in params), "past_key_values")
+
+
+def hf_cache_after(hf, tokens):
+    """transformers' own DynamicCache after running ``tokens`` [b, l] in one call."""
     cache = transformers.DynamicCache(config=hf.config)
-    params = inspect.signature(hf.forward).parameters  # "cache" from 5.24, "cache_params" before (pure SSMs)
-    keyword = next((kw for kw in ("cache", "cache_params") if kw in params), "past_key_values")
     with torch.no_grad():
-        hf(tokens, use_cache=True, **{keyword: cache})
+        hf(tokens, use_cache=True, **{cache_keyword(hf): cache})
     return cache
 
 
@@ -557,7 +562,7 @@ def xlstm_steps(hf, x):
     cache = xLSTMCache(hf.config, 1, dtype=hf.dtype)
     with torch.no_grad():
         for j in range(x.shape[1]):
-            hf(x[:, j:j + 1], cache=cache, use_cache=True)
+            hf(x[:, j:j + 1], use_cache=True, **{cache_keyword(hf): cache})
     return cache
 
 
@@ -610,10 +615,11 @@ def test_xlstm_in_float64_keeps_float64_states(tokens):
     x = tokens[:1, :48]                                          # 3 chunks of 16: one-shot is chunkwise throughout
     state = final_state(adapter, x, 7)
     with torch.no_grad():
-        one_shot = hf(x, use_cache=True).cache
+        out = hf(x, use_cache=True)
+        one_shot = out.cache if hasattr(out, "cache") else out.cache_params  # renamed in transformers 5.24
         own = xLSTMCache(hf.config, 1, dtype=torch.float64)
         for start in range(0, 48, 7):
-            hf(x[:, start:start + 7], cache=own, use_cache=True)
+            hf(x[:, start:start + 7], use_cache=True, **{cache_keyword(hf): own})
     for k in range(2):
         c, n, m = one_shot.rnn_state[k]
         assert state.ssm[k].dtype == torch.float64
@@ -646,7 +652,7 @@ def recurrent_gemma_after(hf, x):
     cache = transformers.DynamicCache(config=hf.config)
     hf.model._setup_cache(hf.config, 1, x.device, hf.dtype)  # what its forward does when given no cache
     with torch.no_grad():
-        hf(x, cache=cache, use_cache=True)
+        hf(x, use_cache=True, **{cache_keyword(hf): cache})
     blocks = [layer.temporal_block for layer in hf.model.layers if hasattr(layer.temporal_block, "rg_lru")]
     return [(b.rg_lru.recurrent_states.clone(), b.conv1d_state.clone()) for b in blocks], cache
 
