@@ -470,7 +470,8 @@ class HFRecurrentAdapter(RecurrentLM):
         return []
 
     def _new_cache(self):
-        """An empty cache of the kind the HF model takes, for one sequence."""
+        """An empty cache of the kind the HF model takes, for one sequence (RecurrentGemma: its modules' recurrent
+        states zeroed, for one sequence)."""
         from transformers import DynamicCache
 
         if self._minimax:
@@ -547,7 +548,18 @@ class HFRecurrentAdapter(RecurrentLM):
         if self._module_states:
             hf_recurrent_gemma.set_states(self.hf, self.hf_layer_index, state.ssm,
                                           [c.to(shape[3]) for c, shape in zip(state.conv, self._shapes)])
-        for k, i in enumerate([] if self._module_states else self.hf_layer_index):
+        else:
+            self._write_recurrent(cache, state)
+        if isinstance(state, HybridState) and state.kv_length:
+            for j, i in enumerate(self.attention_layer_index):
+                dtype = self._kv_shapes[j][2]
+                cache.layers[i].update(state.keys[j].to(dtype), state.values[j].to(dtype))
+        return cache
+
+    def _write_recurrent(self, cache, state: State) -> None:
+        """Writes ``state``'s recurrent and conv states into ``cache``'s linear-attention layers, each marked as
+        continuing."""
+        for k, i in enumerate(self.hf_layer_index):
             layer = cache.layers[i]
             _, ssm_dtype, _, conv_dtype = self._shapes[k]
             ssm, conv = state.ssm[k].to(ssm_dtype), state.conv[k].to(conv_dtype)
@@ -558,11 +570,6 @@ class HFRecurrentAdapter(RecurrentLM):
             if ssm is not None:
                 layer.recurrent_states[0].copy_(ssm)
             layer.has_previous_state[0] = True
-        if isinstance(state, HybridState) and state.kv_length:
-            for j, i in enumerate(self.attention_layer_index):
-                dtype = self._kv_shapes[j][2]
-                cache.layers[i].update(state.keys[j].to(dtype), state.values[j].to(dtype))
-        return cache
 
     def _call(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One backbone call on ``tokens`` [b, l] from ``state``; the states read back pass the hooks."""
