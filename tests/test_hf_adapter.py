@@ -443,12 +443,12 @@ def test_other_hybrids_match_transformers_chunked_and_reset(name, tmp_path, toke
     assert (logits[1, 17:] - hf_logits(hf, x[1:, 17:])[0]).abs().max().item() <= 1e-4
 
 
-def reset_rollout_is_transformers(adapter, hf, x, reset, hook):
+def reset_rollout_is_transformers(adapter, hf, x, reset, hook, tol=1e-4):
     """Asserts that 7-token chunks of ``x`` [2, l], row 1 reset after ``reset`` tokens, give transformers' one-shot
-    logits of x[0] and of x[1, reset:]; returns row 0's final state and the tensors ``hook`` saw on it."""
+    logits of x[0] and of x[1, reset:] within ``tol``; returns row 0's final state and the tensors ``hook`` saw on it."""
     logits = logits_of(adapter, x, 7, resets=[0, reset])
-    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= 1e-4
-    assert (logits[1, reset:] - hf_logits(hf, x[1:, reset:])[0]).abs().max().item() <= 1e-4
+    assert (logits[0] - hf_logits(hf, x[:1])[0]).abs().max().item() <= tol
+    assert (logits[1, reset:] - hf_logits(hf, x[1:, reset:])[0]).abs().max().item() <= tol
     seen = []
     with hooks(adapter, {hook: lambda t, hook: seen.append(t.clone())}):
         return final_state(adapter, x[:1], 7), seen
@@ -590,7 +590,9 @@ def test_xlstm_carries_its_own_cache(tmp_path, tokens, monkeypatch, capsys):
     assert checkpoint.backend == "hf" and adapter.layer_kinds == ["recurrent"] * 2 and not adapter.token_by_token
     assert adapter.state_shapes() == [{"ssm": (8, 8, 16), "conv": (8, 9)}] * 2 and adapter.n_heads == 8
     x = tokens[:, :48]
-    state, seen = reset_rollout_is_transformers(adapter, hf, x, 16, "blocks.1.hook_state")
+    # float32: transformers' own chunkwise (one-shot) and recurrent (short chunks) kernels differ by up to 2.2e-4
+    # on these logits of size 2.4, depending on the thread count; float64 holds the exact check (next test)
+    state, seen = reset_rollout_is_transformers(adapter, hf, x, 16, "blocks.1.hook_state", tol=1e-3)
     theirs = xlstm_steps(hf, x[:1])
     for k in range(2):
         c, n, m = theirs.rnn_state[k]
