@@ -66,10 +66,18 @@ def main() -> None:
         row(f"mamba2 {shape}: statelens plain / transformers tok/s", r["plain"] / r["hf"])
         row(f"mamba2 {shape}: CPU efficiency, model / matmul FLOP/s",
             efficiency, *((">= 0.70", at_least, 0.70) if shape == "130m" else ()))
+        big = shape == "130m"  # issue 21's targets for the compiled path (--compile on)
+        row(f"mamba2 {shape}: compiled: statelens recording / transformers tok/s", r["recorded_compiled"] / r["hf"],
+            *((">= 2.0", at_least, 2.0) if big else ()))
+        row(f"mamba2 {shape}: compiled: CPU efficiency, model / matmul FLOP/s", r["plain_compiled"] * flops / mm.rate(),
+            *((">= 0.85", at_least, 0.85) if big else ()))
+        row(f"mamba2 {shape}: compiled: recording / plain time", r["plain_compiled"] / r["recorded_compiled"],
+            *(("<= 1.10", at_most, 1.10) if big else ()))
+        row(f"mamba2 {shape}: compiled / eager tok/s, plain", r["plain_compiled"] / r["plain"])
         notes.append(f"{shape}: {flops / 1e6:.1f} MFLOP/token (SSD block {q}); statelens plain "
                      f"{r['plain']:.0f} tok/s = {r['plain'] * flops / 1e9:.1f} GFLOP/s, recording {r['recorded']:.0f} "
-                     f"tok/s, transformers {r['hf']:.0f} tok/s; torch.mm {mm.rate() / 1e9:.1f} GFLOP/s; "
-                     f"logits rel. diff {r['gap']:.1e}")
+                     f"tok/s, compiled {r['plain_compiled']:.0f} and {r['recorded_compiled']:.0f} tok/s, transformers "
+                     f"{r['hf']:.0f} tok/s; torch.mm {mm.rate() / 1e9:.1f} GFLOP/s; logits rel. diff {r['gap']:.1e}")
     r = throughput("mamba1", "small", args.tokens or TOKENS["small"])
     row(f"mamba1 small: statelens / transformers token by token ({r['tokens']} tok)", r["plain"] / r["hf"])
     notes.append(f"mamba1 small: logits rel. diff {r['gap']:.1e}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from diagnostics import best_of
 
-from statelens.models import Mamba1Config, Mamba1LM, Mamba2Config, Mamba2LM
+from statelens.models import Mamba1Config, Mamba1LM, Mamba2Config, Mamba2LM, fused
 from statelens.record import rollout
 from statelens.record.recorder import record
 
@@ -64,13 +64,22 @@ def ours_recording(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
+def compiled(fn: Callable, *args) -> Callable:
+    """``fn(*args)`` with the compiled path on (``--compile on``)."""
+    def run():
+        with fused.mode("on"):
+            return fn(*args)
+    return run
+
+
 def throughput(arch: str, shape: str, tokens: int, chunk: int = 1024, repeats: int = 2,
                also: Callable[[], None] | None = None) -> dict:
     """tokens/s of transformers (``hf``), statelens plain (``plain``) and recording (``recorded``, Mamba-2
-    only), and ``gap``: the largest difference of the chunks' last logits relative to the largest
-    logit. ``also`` runs interleaved with them (the matmul timing, so that a slow spell of this
-    shared machine falls on it too). transformers' Mamba-1 drops the state between multi-token
-    chunks: its only exact continuation is token by token, fed over at most 512 tokens."""
+    only, each also with the compiled path: ``plain_compiled``, ``recorded_compiled``), and ``gap``: the
+    largest difference of the chunks' last logits relative to the largest logit. ``also`` runs
+    interleaved with them (the matmul timing, so that a slow spell of this shared machine falls on it
+    too). transformers' Mamba-1 drops the state between multi-token chunks: its only exact continuation
+    is token by token, fed over at most 512 tokens. The compile itself happens in the warm-up, untimed."""
     hf, ours = pair(arch, *SHAPES[shape])
     stream = torch.randint(0, SHAPES[shape][-1], (1, tokens), generator=torch.Generator().manual_seed(0))
     hf_chunk = chunk if arch == "mamba2" else 1
@@ -86,6 +95,10 @@ def throughput(arch: str, shape: str, tokens: int, chunk: int = 1024, repeats: i
     fns = {"hf": keep("hf", hf_rollout, hf, stream, hf_chunk), "plain": keep("plain", ours_rollout, ours, stream, chunk)}
     if arch == "mamba2":
         fns["recorded"] = keep("recorded", ours_recording, ours, stream, chunk)
+        fns["plain_compiled"] = keep("plain_compiled", compiled(ours_rollout, ours, stream, chunk))
+        fns["recorded_compiled"] = keep("recorded_compiled", compiled(ours_recording, ours, stream, chunk))
+        compiled(ours_recording, ours, stream[:, :2 * chunk], chunk)()  # warm-up: compiles both graphs
+        compiled(ours_rollout, ours, stream[:, :chunk], chunk)()
     ours_rollout(ours, stream[:, :64], chunk)  # warm-up
     times = dict(zip(fns, best_of(*fns.values(), *([also] if also else []), repeats=repeats)))
     ref = results["hf"]

@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Data, Device, DType, Dtype, Group, Length,
-                                   MitigationSpec, NumSeqs, Out, Resume, Seed, TextField, TokenizerOpt, TrainLen)
+from statelens.cli.options import (Backend, BackendName, Chunk, Ckpt, Compile, CompileMode, Data, Device, DType, Dtype,
+                                   Group, Length, MitigationSpec, NumSeqs, Out, Resume, Seed, TextField, TokenizerOpt,
+                                   TrainLen)
 
 #: (name, annotation, default) of the options every analysis takes; the spec's own go after ``num_seqs``.
 BEFORE = [("ckpt", Ckpt, inspect.Parameter.empty), ("data", Data, None), ("train_len", TrainLen, None),
@@ -18,7 +19,7 @@ BEFORE = [("ckpt", Ckpt, inspect.Parameter.empty), ("data", Data, None), ("train
 AFTER = [("chunk", Chunk, 2048), ("group", Group, 1), ("resume", Resume, False), ("device", Device, "cpu"),
          ("backend", Backend, BackendName.auto), ("dtype", Dtype, DType.float32), ("seed", Seed, 0),
          ("out", Out, None), ("mitigation", MitigationSpec, None), ("tokenizer", TokenizerOpt, None),
-         ("text_field", TextField, "text")]
+         ("text_field", TextField, "text"), ("compile", Compile, CompileMode.auto)]
 
 
 def command(spec):

@@ -13,6 +13,12 @@ class DType(str, Enum):
     float64 = "float64"
 
 
+class CompileMode(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class BackendName(str, Enum):
     auto = "auto"
     native = "native"
@@ -32,6 +38,10 @@ Ckpt = Annotated[Path, typer.Option("--ckpt", help="Checkpoint directory (mamba-
 Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda:0.")]
 Dtype = Annotated[DType, typer.Option("--dtype", help="Compute dtype; float64 for verification.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
+Compile = Annotated[CompileMode, typer.Option(
+    "--compile", help="The Mamba-2 mixers' compiled CPU path (torch.compile; the same numbers to float rounding): on, "
+                      "off, or auto: on when the run's forward work (2 x parameters x tokens) repays the ~30 s "
+                      "compile. run.json says which ran.")]
 
 
 Data = Annotated[Optional[Path], typer.Option(

@@ -14,8 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from statelens.cli.options import (Backend, BackendName, Chunk, Data, Device, DType, Dtype, Group, Length,
-                                   MitigationSpec, NumSeqs, Out, Resume, Seed, TextField, TokenizerOpt, TrainLen)
+from statelens.cli.options import (Backend, BackendName, Chunk, Compile, CompileMode, Data, Device, DType, Dtype, Group,
+                                   Length, MitigationSpec, NumSeqs, Out, Resume, Seed, TextField, TokenizerOpt,
+                                   TrainLen)
 
 Ckpts = Annotated[Optional[list[Path]], typer.Option(
     "--ckpt", help="Checkpoint directory; repeat for a second checkpoint.", show_default=False)]
@@ -37,7 +38,7 @@ SHARED = [("label", Labels, None), ("from_", From, None), ("data", Data, None), 
           ("num_seqs", NumSeqs, 8), ("buckets", ReportBuckets, 32), ("stride", Stride, None), ("chunk", Chunk, 2048),
           ("device", Device, "cpu"), ("backend", Backend, BackendName.auto), ("dtype", Dtype, DType.float32),
           ("seed", Seed, 0), ("out", Out, None), ("mitigation", MitigationSpec, None), ("group", Group, 1),
-          ("resume", Resume, False)]
+          ("resume", Resume, False), ("compile", Compile, CompileMode.auto)]
 
 
 def _command(name: str, checkpoints: list[inspect.Parameter], doc: str):
@@ -175,7 +176,8 @@ def report_plan(local: Path, ckpt: Path, o: dict):
     settings = RunSettings(ckpt, data=o["data"], tokenizer=o.get("tokenizer"), text_field=o.get("text_field", "text"),
                            train_len=o["train_len"], length=length, num_seqs=o["num_seqs"], chunk=o["chunk"],
                            device=o["device"], backend=_value(o["backend"]), dtype=_value(o["dtype"]), seed=o["seed"],
-                           mitigation=o.get("mitigation"), resume=bool(o.get("resume")), group=o.get("group", 1))
+                           mitigation=o.get("mitigation"), resume=bool(o.get("resume")), group=o.get("group", 1),
+                           compile=_value(o.get("compile", "auto")))
     return plan, settings
 
 

@@ -50,6 +50,7 @@ class RunSettings:
     mitigation: str | None = None
     tokenizer: str | None = None
     text_field: str = "text"
+    compile: str = "auto"             # the Mamba-2 mixers' compiled path: auto, on, off (statelens.models.fused)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Run:
     resume: bool = False              # --resume: load the groups an interrupted run saved
     partials: object = None           # statelens.resumable.Partials of the grouped computation, if any
     nonfinite: dict = field(default_factory=dict)  # table -> its first non-finite row (set by finish)
+    compile: str = "off"              # the compiled path, as --compile resolved for this run (on or off)
     watched: dict = field(default_factory=dict)    # table -> (key columns, watched columns), see finish
     mitigation: object = None         # --mitigation: the parsed spec (statelens.interventions.mitigations)
     mitigated: object = None          # ... and its Applied handle, once applied (the cap: at the first sequences)
@@ -230,6 +232,7 @@ def start(command: str, settings: RunSettings, config: dict, *, draws_sequences:
 
     from statelens import distributed
     from statelens.interventions.mitigations import Cap, apply_mitigation, parse_mitigation, spec
+    from statelens.models import fused
 
     s = settings
     mitigation = parse_mitigation(s.mitigation) if s.mitigation is not None else None
@@ -252,6 +255,10 @@ def start(command: str, settings: RunSettings, config: dict, *, draws_sequences:
         run.config |= {"tokenizer": s.tokenizer, "text_field": s.text_field}
     if mitigation is not None and not isinstance(mitigation, Cap):
         run.mitigated = apply_mitigation(run.model, mitigation)
+    run.compile = fused.resolve(s.compile, sum(p.numel() for p in run.model.parameters()),
+                                s.num_seqs * (s.length or 4 * train_len))
+    if run.compile == "on":  # only then, so that earlier runs' configs (--resume) still match
+        run.config["compile"] = "on"
     run.lap("load")
     return run
 

@@ -31,6 +31,7 @@ def analyse(spec, settings, options):
     ``run.finish(outcome.tables, ...)`` writes the outputs. Nothing is written before that."""
     import dataclasses
 
+    from statelens.models import fused
     from statelens.runs import start
 
     s = settings
@@ -40,6 +41,7 @@ def analyse(spec, settings, options):
               | dataclasses.asdict(options) | {k: given[k] for k in ("chunk", "group") if k in spec.shared})
     run = start(spec.name, settings, config, draws_sequences=spec.draws_sequences)
     run.watched = watched()
-    outcome = spec.compute(run, settings, options)
+    with fused.mode(run.compile):
+        outcome = spec.compute(run, settings, options)
     run.lap("compute")
     return run, outcome

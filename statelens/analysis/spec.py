@@ -108,9 +108,9 @@ class Outcome:
 
 #: The shared options (fields of statelens.runs.RunSettings) an analysis' command takes: all of them.
 ANALYSIS_SHARED = ("ckpt", "data", "train_len", "length", "num_seqs", "chunk", "group", "resume", "device",
-                   "backend", "dtype", "seed", "out", "mitigation", "tokenizer", "text_field")
+                   "backend", "dtype", "seed", "out", "mitigation", "tokenizer", "text_field", "compile")
 #: ... and those every task's command takes (a task makes its own prompts).
-TASK_SHARED = ("ckpt", "chunk", "resume", "device", "backend", "dtype", "seed", "out", "mitigation")
+TASK_SHARED = ("ckpt", "chunk", "resume", "device", "backend", "dtype", "seed", "out", "mitigation", "compile")
 
 
 @dataclass(frozen=True)

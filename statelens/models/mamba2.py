@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.errors import ParameterError
-from statelens.models import kernels
+from statelens.models import fused, kernels
 from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import gated_rms_norm
@@ -155,14 +155,36 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
         """u [b, l, d]; ssm_state [b, h, p, n]; conv_state [b, conv_dim, k - 1] -> (out, ssm, conv)."""
+        blocks_wanted = self.hook_state_blocks.active
+        run = fused.in_pieces if fused.applies(self, u) else Mamba2Mixer.unhooked  # --compile: same numbers to rounding
+        out, ssm_state, conv_state, blocks = run(self, u, ssm_state, conv_state, blocks_wanted)
+        conv_state = self.hook_conv_state(conv_state)
+        if blocks_wanted:  # observe only
+            self.hook_state_blocks(blocks)
+        ssm_state = self.hook_state(ssm_state)
+        return self.hook_out(out), ssm_state, conv_state
+
+    def unhooked(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor, blocks_wanted: bool):
+        """:meth:`forward` without the hooks on its outputs (``hook_conv_state``, ``hook_state_blocks``,
+        ``hook_state``, ``hook_out``) -> (out [b, l, d], ssm state, conv state, the state at each block start
+        [b, c, h, p, n] or None when not ``blocks_wanted``)."""
         cfg = self.cfg
-        b, l, _ = u.shape
-        g, n, h, p = cfg.ngroups, cfg.d_state, cfg.nheads, cfg.headdim
         z0, x0, z, xBC, dt = self.in_proj(u).split(
             [cfg.d_mlp, cfg.d_mlp, cfg.d_ssm, cfg.conv_dim, cfg.nheads], dim=-1)
+        y, ssm_state, conv_state, blocks = self._scan(z, xBC, dt, ssm_state, conv_state, blocks_wanted)
+        if cfg.d_mlp:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y), ssm_state, conv_state, blocks
 
+    def _scan(self, z: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, ssm_state: torch.Tensor,
+              conv_state: torch.Tensor, blocks_wanted: bool):
+        """Between the two projections: z [b, l, d_ssm], xBC [b, l, conv_dim], dt [b, l, h] -> (y [b, l, d_ssm]
+        gated and normed, ssm state, conv state, block states or None), the hooks on the scan's inputs on the
+        way."""
+        cfg = self.cfg
+        b, l, _ = xBC.shape
+        g, n, h, p = cfg.ngroups, cfg.d_state, cfg.nheads, cfg.headdim
         xBC, conv_state = kernels.causal_conv(xBC.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
-        conv_state = self.hook_conv_state(conv_state)
         x, B, C = xBC.transpose(1, 2).split([cfg.d_ssm, g * n, g * n], dim=-1)
         x = self.hook_x(x.reshape(b, l, h, p))
         B = self.hook_B(B.reshape(b, l, g, n))
@@ -179,7 +201,6 @@ class Mamba2Mixer(nn.Module):
             log_a = self.hook_decay(log_a.exp()).log()
 
         block = self.block_length()
-        blocks_wanted = self.hook_state_blocks.active
         if (self.scan is None and not self.hook_decay.active and kernels.ready("ssd", log_a)
                 and not (blocks_wanted and torch.is_grad_enabled())):  # the kernels' block states: forward only
             y, ssm_state, blocks = kernels.ssd(x.to(wide), dt.to(wide), A, B.to(wide), C.to(wide), ssm_state, block,
@@ -191,10 +212,7 @@ class Mamba2Mixer(nn.Module):
             elif blocks_wanted:  # the states after each SSD block come for free
                 y, ssm_state, blocks = ssd_chunked_with_block_states(*scan_inputs)
             else:
-                y, ssm_state = ssd_chunked(*scan_inputs)
-        if blocks_wanted:  # observe only
-            self.hook_state_blocks(blocks)
-        ssm_state = self.hook_state(ssm_state)
+                (y, ssm_state), blocks = ssd_chunked(*scan_inputs), None
         D = self.D.view(h, p) if cfg.D_has_hdim else self.D[:, None]
         y = (y + x.to(wide) * D).reshape(b, l, cfg.d_ssm)
 
@@ -202,10 +220,7 @@ class Mamba2Mixer(nn.Module):
             y = gated_rms_norm(y, z, self.norm.weight, cfg.gated_norm_eps, cfg.d_ssm // g, cfg.norm_before_gate)
         else:
             y = y * F.silu(z.to(wide))
-        y = y.to(u.dtype)
-        if cfg.d_mlp:
-            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return self.hook_out(self.out_proj(y)), ssm_state, conv_state
+        return y.to(z.dtype), ssm_state, conv_state, blocks
 
 
 # -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------

@@ -58,16 +58,19 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     Summed by a masked cumsum rather than as ``cumsum[t] - cumsum[s]``, which cancels badly once
     the cumulative log-decay is large.
     """
-    above_diagonal, on_or_above = _masks(a.shape[-1], a.device)
+    masks = _masks.__wrapped__ if torch.compiler.is_compiling() else _masks  # compiled: inside the graph
+    above_diagonal, on_or_above = masks(a.shape[-1], a.device)
     out = a[..., :, None].expand(*a.shape, a.shape[-1]).masked_fill(on_or_above, 0).cumsum(dim=-2)
     return out.masked_fill(above_diagonal, -torch.inf)
 
 
 @functools.lru_cache(maxsize=16)
 def _masks(q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean [q, q] masks of the entries above the diagonal, and on or above it."""
-    lower = torch.ones(q, q, dtype=torch.bool, device=device).tril(-1)
-    return ~lower.logical_or(torch.eye(q, dtype=torch.bool, device=device)), ~lower
+    """Boolean [q, q] masks of the entries above the diagonal, and on or above it. Made outside inference
+    mode even when first asked for inside it: a cached inference tensor could not be saved for a later backward."""
+    with torch.inference_mode(False):
+        lower = torch.ones(q, q, dtype=torch.bool, device=device).tril(-1)
+        return ~lower.logical_or(torch.eye(q, dtype=torch.bool, device=device)), ~lower
 
 
 def ssd_chunked(

@@ -1,0 +1,123 @@
+"""The compiled fast path of the Mamba-2 mixer on CPU (``--compile``), beside the eager reference.
+
+Two things made the eager mixer (:class:`statelens.models.mamba2.Mamba2Mixer`) spend a third of a long
+forward outside matrix products (``benchmarks/profile_cpu.py``): each elementwise step (the conv's SiLU,
+softplus, the segment sums and their exp, the decay-weighted ``C B^T``, the read-out's decay, the D skip,
+the gated norm) is its own pass over memory, and over a call of thousands of tokens each pass streams
+tens of MB (the pairwise decays ``[b, h, c, q, q]``, the block states ``[b, c, h, p, n]``) through a
+2 MiB L2 cache. Here a call runs as consecutive pieces of :data:`PIECE` tokens, each continuing from the
+last one's states, so a piece's intermediates stay in cache and the layer's weights in L3; and each full
+piece runs the mixer (:meth:`~statelens.models.mamba2.Mamba2Mixer.unhooked`) as one graph compiled by
+torch.compile (inductor's CPU backend, static shapes: one compile per batch size), which fuses each
+elementwise chain into one loop and leaves the matrix products to BLAS. A call's last, shorter piece
+runs eager.
+
+Piece boundaries are SSD block boundaries and the formulas are the reference's (the segment sums by
+masked cumsum, the same block length), so the two paths differ by float rounding only; tests hold them
+together.
+
+When it runs: ``mode`` ``on`` (``--compile on``, or ``auto`` resolved to on by :func:`resolve`); a call
+of at least one SSD block; no gradient; on CPU, where mamba-ssm's kernels do not run; no mitigation's
+scan and no hook on the scan's inputs (``hook_x``, ``hook_B``, ``hook_C``, ``hook_dt``, ``hook_decay``).
+The output hooks (``hook_state``, ``hook_state_blocks``, ``hook_conv_state``, ``hook_out``) see the same
+tensors as on the eager path. Anything else runs eager.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+
+MODES = ("auto", "on", "off")
+_mode = "off"
+
+#: ``auto`` compiles when the run's forward work, 2 x parameters x tokens, reaches this many FLOPs: about
+#: 2 minutes of eager forward at the 2-core machine's ~100 GFLOP/s, four times the ~30 s the two graphs
+#: take to compile there (README, "--compile").
+AUTO_MIN_FLOPS = 1.2e13
+
+
+def set_mode(mode: str) -> None:
+    """``on``: the mixers take the compiled path where it applies; ``off``: always eager; ``auto``
+    behaves as ``off`` until a run resolves it (:func:`resolve`)."""
+    global _mode
+    if mode not in MODES:
+        from statelens.errors import ParameterError
+
+        raise ParameterError("--compile", f"{mode!r} is not one of {', '.join(MODES)}")
+    _mode = mode
+
+
+@contextlib.contextmanager
+def mode(value: str) -> Iterator[None]:
+    """The compile mode within the block (restored after it)."""
+    previous = _mode
+    set_mode(value)
+    try:
+        yield
+    finally:
+        set_mode(previous)
+
+
+def active() -> bool:
+    """Whether the fast path is on (``mode`` on)."""
+    return _mode == "on"
+
+
+def auto_on(parameters: int, tokens: int) -> bool:
+    """Whether ``auto`` compiles for a run pushing ``tokens`` tokens through a model of ``parameters``
+    parameters. A rule on the work, not on measured time, so that a run's numbers do not depend on how
+    busy the machine was."""
+    return 2.0 * parameters * tokens >= AUTO_MIN_FLOPS
+
+
+def resolve(value: str, parameters: int, tokens: int) -> str:
+    """``on`` or ``off``: what ``value`` means for a run of this size."""
+    if value == "auto":
+        return "on" if auto_on(parameters, tokens) else "off"
+    return value
+
+
+def applies(mixer, u: torch.Tensor) -> bool:
+    """Whether this call of a Mamba-2 mixer takes the compiled path (the conditions in the module's
+    docstring)."""
+    return (_mode == "on" and u.device.type == "cpu" and u.shape[1] >= piece_length(mixer, u.shape[0])
+            and not torch.is_grad_enabled() and mixer.scan is None
+            and not any(getattr(mixer, name).active for name in ("hook_x", "hook_B", "hook_C", "hook_dt",
+                                                                  "hook_decay")))
+
+
+#: Tokens per piece, over the batch: at the 130M shape a piece's intermediates (its projections, pairwise
+#: decays, block states) stay in cache, and the layer's weights stay in L3 from one piece to the next.
+#: Measured at batch 1: 512 a little faster than 256 and 1024, 128 slower.
+PIECE = 512
+
+
+def piece_length(mixer, batch: int) -> int:
+    """Tokens per row of a piece: :data:`PIECE` over the batch, in whole SSD blocks (at least one)."""
+    return max(PIECE // batch // mixer.ssd_block, 1) * mixer.ssd_block
+
+
+def in_pieces(mixer, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor, blocks_wanted: bool):
+    """``mixer.unhooked`` (same inputs and outputs) over consecutive pieces of :data:`PIECE` tokens, each
+    continuing from the last one's states, the full pieces through the compiled graph. Piece boundaries
+    are block boundaries, so every block is computed as in one call; what changes is the memory the
+    intermediates occupy, and the fusion."""
+    piece = piece_length(mixer, u.shape[0])
+    outs, blocks = [], []
+    for start in range(0, u.shape[1], piece):
+        part = u[:, start:start + piece].contiguous()  # one stride for every piece: one compiled graph
+        run = _compiled(type(mixer)) if part.shape[1] == piece else type(mixer).unhooked
+        out, ssm_state, conv_state, starts = run(mixer, part, ssm_state.contiguous(), conv_state.contiguous(),
+                                                 blocks_wanted)
+        outs.append(out)
+        blocks.append(starts)
+    return torch.cat(outs, dim=1), ssm_state, conv_state, torch.cat(blocks, dim=1) if blocks_wanted else None
+
+
+@functools.cache
+def _compiled(mixer_class):
+    """``mixer_class.unhooked`` compiled once per process (and per batch size: static shapes)."""
+    return torch.compile(mixer_class.unhooked, dynamic=False)

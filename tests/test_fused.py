@@ -1,0 +1,135 @@
+"""The compiled fast path of the Mamba-2 mixer (statelens.models.fused, ``--compile``) against the eager
+reference: the same logits, states and block states to float rounding, on configurations that exercise every
+branch of the mixer, and the same CSVs from the CLI within the README's determinism tolerance."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from statelens.models import Mamba2Config, Mamba2LM, fused
+from statelens.models.hooks import hooks
+from tests.conftest import run_cli
+
+CONFIGS = {  # every branch of the mixer: grouped B/C, gated MLP beside the SSM, D per channel, dt limits, no norm
+    "grouped": dict(ngroups=2),
+    "mlp-and-D-per-channel": dict(d_ssm=64, D_has_hdim=True, dt_limit=(0.01, 0.5)),
+    "norm-before-gate": dict(norm_before_gate=True),
+    "no-norm": dict(rmsnorm=False),
+}
+
+
+def model(**options) -> Mamba2LM:
+    """A random 2-layer Mamba-2 with decays spread as in trained models (dt_bias, A_log not at zero)."""
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=50, d_state=16, headdim=16, chunk_size=16, **options)
+    m = Mamba2LM(cfg).eval()
+    with torch.no_grad():
+        for block in m.blocks:
+            block.mixer.dt_bias.normal_(-2.0, 1.0)
+            block.mixer.A_log.uniform_(0.0, 2.5)
+            block.mixer.D.normal_()
+    return m
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """How many full pieces went through the compiled graph (the fast path really ran)."""
+    calls = []
+    compiled = fused._compiled
+
+    def counting(cls):
+        graph = compiled(cls)
+        return lambda *args: calls.append(args[1].shape) or graph(*args)
+    monkeypatch.setattr(fused, "_compiled", counting)
+    return calls
+
+
+def run(m: Mamba2LM, x: torch.Tensor, state, mode: str):
+    """Logits [b, l, V], final states and the block states layer 1's hook saw."""
+    seen = []
+    with torch.inference_mode(), fused.mode(mode), hooks(m, {"blocks.1.hook_state_blocks":
+                                                             lambda t, hook: seen.append(t.clone())}):
+        logits, final = m(x, state)
+    return logits, final, seen[0]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_path_equals_eager(name, compiled_calls):
+    """Two rows of 1100 tokens (four full pieces of 256 and an eager tail of 76) from a nonzero state: logits
+    within 2e-6 of the logit scale (float32 rounding; the backends' tolerance is 1e-4), states and block states
+    within 1e-5 relative."""
+    m = model(**CONFIGS[name])
+    x = torch.randint(0, 50, (2, 1100), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        _, state = m(x[:, :37], m.zero_state(2))                      # an arbitrary, nonzero starting state
+    eager, eager_state, eager_blocks = run(m, x, state, "off")
+    assert not compiled_calls
+    fast, fast_state, fast_blocks = run(m, x, state, "on")
+    piece = fused.piece_length(m.blocks[0].mixer, 2)                  # 512 tokens over 2 rows
+    assert compiled_calls == [torch.Size([2, piece, 64])] * (1100 // piece) * 2  # 2 layers; the tail runs eager
+    assert (fast - eager).abs().max() <= 2e-6 * eager.abs().max()
+    for mine, theirs in [*zip(fast_state.ssm + fast_state.conv, eager_state.ssm + eager_state.conv),
+                         (fast_blocks, eager_blocks)]:
+        assert mine.shape == theirs.shape
+        assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_compiled_path_in_float64_is_the_reference_to_rounding(compiled_calls):
+    m = model(ngroups=2).double()
+    x = torch.randint(0, 50, (1, 600), generator=torch.Generator().manual_seed(2))
+    eager, eager_state, _ = run(m, x, m.zero_state(1), "off")
+    fast, fast_state, _ = run(m, x, m.zero_state(1), "on")
+    assert compiled_calls and (fast - eager).abs().max() <= 1e-13 * eager.abs().max()
+    assert (fast_state.ssm[1] - eager_state.ssm[1]).abs().max() <= 1e-13 * eager_state.ssm[1].abs().max()
+
+
+def test_hooks_on_the_scan_inputs_and_gradients_keep_the_eager_path(compiled_calls):
+    """A hook on a layer's x, or a gradient, needs the eager path's intermediates: that layer, or that call,
+    does not compile."""
+    m = model()
+    x = torch.randint(0, 50, (1, 600))
+    with fused.mode("on"):
+        with torch.inference_mode(), hooks(m, {"blocks.0.hook_x": lambda t, hook: t}):
+            m(x, m.zero_state(1))
+        assert compiled_calls == [torch.Size([1, 512, 64])]              # layer 1 only: layer 0's x is hooked
+        m(x, m.zero_state(1))[0].sum().backward()
+    assert len(compiled_calls) == 1
+
+
+def test_auto_resolves_on_the_work_not_the_clock():
+    """auto: on from 2 x parameters x tokens >= 1.2e13 FLOPs (a 130M model over 8 sequences of 8192 tokens: 1.7e13),
+    off for the demo's 2-layer model at any length a command would use."""
+    assert fused.resolve("auto", 130_000_000, 8 * 8192) == "on"
+    assert fused.resolve("auto", 130_000_000, 8 * 2048) == "off"          # 4.3e12
+    assert fused.resolve("auto", 500_000, 1_000_000) == "off"
+    assert fused.resolve("on", 1, 1) == "on" and fused.resolve("off", 10**12, 10**9) == "off"
+
+
+def test_cli_compile_on_gives_the_eager_csvs(tmp_path, monkeypatch, capsys, compiled_calls):
+    """perplexity and states on the demo baseline, 1024-token sequences in 1024-token calls, --compile on against
+    off: every value within the README's determinism tolerance |a - b| <= 1e-6 |a| + 1e-8; run.json says on."""
+    from statelens.demo import BASELINE
+
+    for mode in ("off", "on"):
+        for command in ("perplexity", "states"):
+            code, _, err = run_cli(monkeypatch, capsys, command, "--ckpt", BASELINE, "--length", 1024,
+                                   "--num-seqs", 2, "--chunk", 1024, "--compile", mode, "--out",
+                                   tmp_path / mode / command)
+            assert code == 0, err
+    assert compiled_calls
+    assert json.loads((tmp_path / "on" / "states" / "run.json").read_text())["config"]["compile"] == "on"
+    assert "compile" not in json.loads((tmp_path / "off" / "states" / "run.json").read_text())["config"]
+    for table in ("perplexity/positionwise.csv", "states/state_stats.csv", "states/collapse.csv"):
+        off, on = pd.read_csv(tmp_path / "off" / table), pd.read_csv(tmp_path / "on" / table)
+        assert list(off.columns) == list(on.columns) and len(off) == len(on) > 0
+        numbers = off.select_dtypes("number").columns
+        a, b = off[numbers].to_numpy(), on[numbers].to_numpy()
+        both_nan = pd.isna(a) & pd.isna(b)
+        worst = max((abs(x - y) - 1e-6 * abs(x) - 1e-8) for x, y, skip in zip(a.ravel(), b.ravel(), both_nan.ravel())
+                    if not skip)
+        assert worst <= 0, f"{table}: beyond the determinism tolerance by {worst:.3g}"
+        assert not math.isnan(worst)
