@@ -10,7 +10,10 @@ at each ``--batch`` (default 1 and 8), after one warm-up call. Self CPU time per
 The unembedding (the 50288-way vocabulary projection of every token) is profiled in its own label at
 batch 1 only: at batch 8 its logits alone would take 6.6 GB.
 
-    python benchmarks/profile_cpu.py [--tokens 4096] [--batch 1 8] [--top 12]
+With ``--compile on`` the forward takes the compiled path (``statelens.models.fused``; compiled in the
+warm-up, untimed): its fused loops show as ``graph_...cpp_fused...`` rows, grouped as elementwise.
+
+    python benchmarks/profile_cpu.py [--tokens 4096] [--batch 1 8] [--top 12] [--compile off|on]
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from throughput import SHAPES
 
-from statelens.models import Mamba2Config, Mamba2LM
+from statelens.models import Mamba2Config, Mamba2LM, fused
 
 GROUPS = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm"),
           "data movement": ("aten::cat", "aten::stack", "aten::copy_", "aten::clone"),
@@ -36,7 +39,7 @@ def profile_forward(model: Mamba2LM, batch: int, tokens: int, unembed: bool):
     """The profiler's averages over one ``hidden`` call (and ``unembed`` when asked) of [batch, tokens]."""
     x = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        model.hidden(x[:, :512], model.zero_state(batch))          # warm-up: allocator, kernels chosen
+        model.hidden(x[:, :1024], model.zero_state(batch))         # warm-up: allocator, kernels chosen, compile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             with record_function("mixer stack"):
                 h, _ = model.hidden(x, model.zero_state(batch))
@@ -47,12 +50,12 @@ def profile_forward(model: Mamba2LM, batch: int, tokens: int, unembed: bool):
 
 
 def report(averages, top: int) -> None:
-    ops = [e for e in averages if e.key.startswith("aten::")]
+    ops = [e for e in averages if e.key.startswith("aten::") or "cpp_fused" in e.key]
     total = sum(e.self_cpu_time_total for e in ops)
     groups: dict[str, float] = {}
     for e in ops:
         groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + e.self_cpu_time_total
-    print(f"  total self CPU time of aten ops: {total / 1e6:.2f} s")
+    print(f"  total self CPU time of aten ops and fused loops: {total / 1e6:.2f} s")
     for name, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<26} {t / 1e6:8.2f} s  {100 * t / total:5.1f}%")
     print("  top operators:")
@@ -68,12 +71,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--compile", default="off", choices=("off", "on"))
     args = parser.parse_args()
+    if args.compile == "on":
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True  # the fused loops' own rows
+    fused.set_mode(args.compile)
     d, n_layer, d_state, headdim, vocab = SHAPES["130m"]
     torch.manual_seed(0)
     model = Mamba2LM(Mamba2Config(d_model=d, n_layer=n_layer, vocab_size=vocab, d_state=d_state,
                                   headdim=headdim)).eval()
-    print(f"130M-shaped Mamba-2, {args.tokens} tokens per call, torch threads {torch.get_num_threads()}")
+    print(f"130M-shaped Mamba-2, {args.tokens} tokens per call, torch threads {torch.get_num_threads()}, "
+          f"--compile {args.compile}")
     for batch in args.batch:
         print(f"batch {batch}:")
         report(profile_forward(model, batch, args.tokens, unembed=batch == 1), args.top)
