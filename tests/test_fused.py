@@ -14,6 +14,9 @@ from statelens.models import Mamba2Config, Mamba2LM, fused
 from statelens.models.hooks import hooks
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.skipif(not fused.compiler_available(), reason="torch.compile's CPU backend needs a C++ "
+                                "compiler")
+
 CONFIGS = {  # every branch of the mixer: grouped B/C, gated MLP beside the SSM, D per channel, dt limits, no norm
     "grouped": dict(ngroups=2),
     "mlp-and-D-per-channel": dict(d_ssm=64, D_has_hdim=True, dt_limit=(0.01, 0.5)),
@@ -107,6 +110,18 @@ def test_auto_resolves_on_the_work_not_the_clock():
     assert fused.resolve("auto", 130_000_000, 8 * 2048) == "off"          # 4.3e12
     assert fused.resolve("auto", 500_000, 1_000_000) == "off"
     assert fused.resolve("on", 1, 1) == "on" and fused.resolve("off", 10**12, 10**9) == "off"
+
+
+def test_without_a_compiler_auto_is_off_and_on_is_refused(monkeypatch, tmp_path, capsys):
+    from statelens.demo import BASELINE
+
+    monkeypatch.setenv("PATH", str(tmp_path))                             # no g++, c++ nor clang++ there
+    monkeypatch.delenv("CXX", raising=False)
+    assert fused.resolve("auto", 130_000_000, 8 * 8192) == "off"
+    code, out, err = run_cli(monkeypatch, capsys, "perplexity", "--ckpt", BASELINE, "--compile", "on", "--out",
+                             tmp_path / "out")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1 and "C++ compiler" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_compile_on_gives_the_eager_csvs(tmp_path, monkeypatch, capsys, compiled_calls):

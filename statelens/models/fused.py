@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
 from collections.abc import Iterator
 
 import torch
@@ -74,10 +76,23 @@ def auto_on(parameters: int, tokens: int) -> bool:
     return 2.0 * parameters * tokens >= AUTO_MIN_FLOPS
 
 
+def compiler_available() -> bool:
+    """Whether a C++ compiler is on PATH (``$CXX``, else g++, c++ or clang++): inductor's CPU backend
+    compiles its loops with one."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return any(shutil.which(name) for name in names)
+
+
 def resolve(value: str, parameters: int, tokens: int) -> str:
-    """``on`` or ``off``: what ``value`` means for a run of this size."""
+    """``on`` or ``off``: what ``value`` means for a run of this size (``auto`` without a C++ compiler: off;
+    ``on`` without one is refused)."""
     if value == "auto":
-        return "on" if auto_on(parameters, tokens) else "off"
+        return "on" if auto_on(parameters, tokens) and compiler_available() else "off"
+    if value == "on" and not compiler_available():
+        from statelens.errors import ParameterError
+
+        raise ParameterError("--compile", "on needs a C++ compiler on PATH (g++, c++ or clang++, or $CXX) for "
+                                          "torch.compile's CPU backend; install one or use --compile off")
     return value
 
 
