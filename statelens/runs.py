@@ -255,8 +255,7 @@ def start(command: str, settings: RunSettings, config: dict, *, draws_sequences:
         run.config |= {"tokenizer": s.tokenizer, "text_field": s.text_field}
     if mitigation is not None and not isinstance(mitigation, Cap):
         run.mitigated = apply_mitigation(run.model, mitigation)
-    run.compile = fused.resolve(s.compile, sum(p.numel() for p in run.model.parameters()),
-                                s.num_seqs * (s.length or 4 * train_len))
+    run.compile = fused.resolve(s.compile, run.model.num_parameters(), s.num_seqs * (s.length or 4 * train_len))
     if run.compile == "on":  # only then, so that earlier runs' configs (--resume) still match
         run.config["compile"] = "on"
     run.lap("load")

@@ -93,6 +93,24 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return info.value.code, out, err
 
 
+def assert_rollouts_equal_one_shot(model, x: torch.Tensor, *, logits_tol: float, state_rtol: float,
+                                   state_atol: float, chunks=(1, 7, 64, 100)) -> torch.Tensor:
+    """For each chunk length, the rollout's logits (all chunks together) and final states equal one call over x
+    [b, l] within the tolerances (1: token by token); returns that call's logits."""
+    from statelens.record import rollout
+
+    with torch.no_grad():
+        expected, final = model(x)
+    for chunk in chunks:
+        pieces = list(rollout(model, x, chunk=chunk))
+        got = torch.cat([c.logits() for c in pieces], dim=1)
+        torch.testing.assert_close(got, expected, rtol=logits_tol, atol=logits_tol)
+        for part in ("ssm", "conv"):
+            for s, s_ref in zip(getattr(pieces[-1].state, part), getattr(final, part)):
+                torch.testing.assert_close(s, s_ref, rtol=state_rtol, atol=state_atol)
+    return expected
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test, as torchrun's workers and the recorded golden outputs run."""

@@ -21,6 +21,7 @@ from statelens.models import backends, hooks, load_checkpoint, save_checkpoint
 from statelens.models.checkpoint import parse_config
 from statelens.models.gated_deltanet import DeltaNetConfig, DeltaNetLM, GatedDeltaNetConfig, GatedDeltaNetLM
 from statelens.record import rollout
+from tests.conftest import assert_rollouts_equal_one_shot
 from fla_oracle import fla_runs
 
 VOCAB = 61
@@ -136,15 +137,7 @@ def native(family: str, **overrides):
 def test_one_shot_equals_chunked_equals_token_by_token(family, one_thread):
     model = native(family)
     x = tokens(length=100, seed=2)
-    with torch.no_grad():
-        expected, final = model(x)
-    for chunk in (1, 7, 64, 100):
-        chunks = list(rollout(model, x, chunk=chunk))
-        got = torch.cat([c.logits() for c in chunks], dim=1)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-        for part in ("ssm", "conv"):
-            for s, s_ref in zip(getattr(chunks[-1].state, part), getattr(final, part)):
-                torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+    expected = assert_rollouts_equal_one_shot(model, x, logits_tol=1e-4, state_rtol=1e-4, state_atol=1e-5)
     state = model.zero_state(2)
     with torch.no_grad():
         for t in range(x.shape[1]):

@@ -22,6 +22,7 @@ from statelens.models import Mamba3Config, Mamba3LM, backends, hooks, load_check
 from statelens.models.checkpoint import mamba_ssm_checkpoint, parse_config
 from statelens.models.mamba3 import mamba3_chunked, mamba3_sequential
 from statelens.record import rollout
+from tests.conftest import assert_rollouts_equal_one_shot
 
 VOCAB = 53
 
@@ -205,24 +206,13 @@ def test_logits_equal_the_oracle_float32(tokens):
 
 
 def test_one_shot_equals_chunked_equals_token_by_token(model, tokens, one_thread):
-    with torch.no_grad():
-        expected, final = model(tokens)
-    for chunk in (1, 7, 64, 100):
-        chunks = list(rollout(model, tokens, chunk=chunk))
-        torch.testing.assert_close(torch.cat([c.logits() for c in chunks], dim=1), expected, rtol=1e-9, atol=1e-9)
-        for part in ("ssm", "conv"):
-            for s, s_ref in zip(getattr(chunks[-1].state, part), getattr(final, part)):
-                torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+    assert_rollouts_equal_one_shot(model, tokens, logits_tol=1e-9, state_rtol=1e-9, state_atol=1e-9)
 
 
 def test_mimo_one_shot_equals_chunked_equals_token_by_token(tokens):
     model = tiny(is_mimo=True, mimo_rank=3)
-    with torch.no_grad():
-        expected, final = model(tokens[:, :40])
-        for chunk in (1, 7):
-            chunks = list(rollout(model, tokens[:, :40], chunk=chunk))
-            torch.testing.assert_close(torch.cat([c.logits() for c in chunks], 1), expected, rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(chunks[-1].state.conv[1], final.conv[1], rtol=1e-9, atol=1e-9)
+    assert_rollouts_equal_one_shot(model, tokens[:, :40], logits_tol=1e-9, state_rtol=1e-9, state_atol=1e-9,
+                                   chunks=(1, 7))
     assert model.state_shapes()[0]["conv"] == (4, 3 * 8 + 8 + 2)
 
 

@@ -19,6 +19,7 @@ from statelens.models import backends, hooks, load_checkpoint, save_checkpoint
 from statelens.models.checkpoint import parse_config
 from statelens.models.rwkv7 import RWKV7Config, RWKV7LM, rwkv7_chunked, rwkv7_config_kwargs, rwkv7_sequential
 from statelens.record import rollout
+from tests.conftest import assert_rollouts_equal_one_shot
 from fla_oracle import fla_runs
 from test_delta_rule import fla_naive
 
@@ -169,15 +170,7 @@ def model():
 
 def test_one_shot_equals_chunked_equals_token_by_token(model):
     """Calls of 1 token (token by token), 7, 64 and 100 tokens against one call."""
-    x = tokens()
-    with torch.no_grad():
-        expected, final = model(x)
-    for chunk in (1, 7, 64, 100):
-        chunks = list(rollout(model, x, chunk=chunk))
-        torch.testing.assert_close(torch.cat([c.logits() for c in chunks], dim=1), expected, rtol=1e-4, atol=1e-4)
-        for part in ("ssm", "conv"):
-            for s, s_ref in zip(getattr(chunks[-1].state, part), getattr(final, part)):
-                torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+    assert_rollouts_equal_one_shot(model, tokens(), logits_tol=1e-4, state_rtol=1e-4, state_atol=1e-5)
 
 
 def test_one_shot_equals_token_by_token_in_float64(model):

@@ -155,6 +155,15 @@ def interleave(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.stack([first, second], dim=2).flatten(1, 2)
 
 
+class FlaTiedEmbeddings:
+    """For the configs read from flash-linear-attention's directories: fla names it ``tie_word_embeddings``,
+    the checkpoint loader (mamba's name) reads ``tie_embeddings``."""
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.tie_word_embeddings
+
+
 def check_dims(config, names: tuple[str, ...]) -> None:
     """Raises ValueError naming the first of ``names`` that is not a positive integer (bools refused)."""
     for name in names:

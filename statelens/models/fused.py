@@ -17,7 +17,7 @@ masked cumsum, the same block length), so the two paths differ by float rounding
 together.
 
 When it runs: ``mode`` ``on`` (``--compile on``, or ``auto`` resolved to on by :func:`resolve`); a call
-of at least one SSD block; no gradient; on CPU, where mamba-ssm's kernels do not run; no mitigation's
+of at least one piece; no gradient; on CPU, where mamba-ssm's kernels do not run; no mitigation's
 scan and no hook on the scan's inputs (``hook_x``, ``hook_B``, ``hook_C``, ``hook_dt``, ``hook_decay``).
 The output hooks (``hook_state``, ``hook_state_blocks``, ``hook_conv_state``, ``hook_out``) see the same
 tensors as on the eager path. Anything else runs eager.
@@ -99,7 +99,7 @@ def resolve(value: str, parameters: int, tokens: int) -> str:
 def applies(mixer, u: torch.Tensor) -> bool:
     """Whether this call of a Mamba-2 mixer takes the compiled path (the conditions in the module's
     docstring)."""
-    return (_mode == "on" and u.device.type == "cpu" and u.shape[1] >= piece_length(mixer, u.shape[0])
+    return (active() and u.device.type == "cpu" and u.shape[1] >= piece_length(mixer, u.shape[0])
             and not torch.is_grad_enabled() and mixer.scan is None
             and not any(getattr(mixer, name).active for name in ("hook_x", "hook_B", "hook_C", "hook_dt",
                                                                   "hook_decay")))

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.errors import ParameterError
-from statelens.models.base import Layout, ScanAdapter, backends, check_dims
+from statelens.models.base import FlaTiedEmbeddings, Layout, ScanAdapter, backends, check_dims
 from statelens.models.delta_rule import delta_rule_chunked, delta_rule_stepper
 from statelens.models.gla import FlaBlock
 from statelens.models.hooks import HookPoint
@@ -75,7 +75,7 @@ GATE_ACTIVATIONS = ("swish", "silu", "sigmoid")
 
 
 @dataclass
-class DeltaRuleConfig:
+class DeltaRuleConfig(FlaTiedEmbeddings):
     """The fields fla's ``GatedDeltaNetConfig`` and ``DeltaNetConfig`` share (defaults are fla's); the
     subclasses add their own and say how heads are sized."""
 
@@ -93,11 +93,6 @@ class DeltaRuleConfig:
     chunk_size: int = 64                # statelens's chunk length of the scan (results do not depend on it)
 
     gated: ClassVar[bool]               # a gate exp(g) (Gated DeltaNet) or none (DeltaNet)
-
-    @property
-    def tie_embeddings(self) -> bool:
-        """The name the checkpoint loader reads (mamba's), for fla's ``tie_word_embeddings``."""
-        return self.tie_word_embeddings
 
     def __post_init__(self):
         check_dims(self, ("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "conv_size", "chunk_size"))

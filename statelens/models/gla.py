@@ -50,7 +50,7 @@ from torch import nn
 
 from statelens.errors import ParameterError
 from statelens.models import kernels
-from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
+from statelens.models.base import FlaTiedEmbeddings, Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import RMSNorm
 from statelens.models.lm import LMHeadModel
@@ -58,7 +58,7 @@ from statelens.models.ssd import segsum
 
 
 @dataclass
-class GLAConfig:
+class GLAConfig(FlaTiedEmbeddings):
     """fla's ``GLAConfig`` fields that change the forward (defaults are fla's)."""
 
     hidden_size: int
@@ -82,11 +82,6 @@ class GLAConfig:
     norm_eps: float = 1e-6              # every RMSNorm (block, final and the output norm)
     tie_word_embeddings: bool = False
     chunk_size: int = 16                # statelens's chunk length of the scan (results do not depend on it)
-
-    @property
-    def tie_embeddings(self) -> bool:
-        """The name the checkpoint loader reads (mamba's), for fla's ``tie_word_embeddings``."""
-        return self.tie_word_embeddings
 
     def __post_init__(self):
         self.num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads

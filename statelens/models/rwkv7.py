@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.errors import ParameterError
-from statelens.models.base import Layout, ScanAdapter, State, backends, check_dims
+from statelens.models.base import FlaTiedEmbeddings, Layout, ScanAdapter, State, backends, check_dims
 from statelens.models.hooks import HookPoint
 from statelens.models.lm import LMHeadModel
 from statelens.models.ssd import segsum
@@ -81,7 +81,7 @@ _W_SCALE = -0.6065306597126334
 
 
 @dataclass
-class RWKV7Config:
+class RWKV7Config(FlaTiedEmbeddings):
     """fla's ``RWKV7Config`` fields that change the forward (defaults are fla's)."""
 
     hidden_size: int
@@ -103,11 +103,6 @@ class RWKV7Config:
     fuse_norm: bool = True               # True: kk = k / sqrt(|k|^2 + 1e-6) (fla's l2_norm); False: F.normalize
     tie_word_embeddings: bool = False
     chunk_size: int = 16                 # statelens's chunk length of the scan (results do not depend on it)
-
-    @property
-    def tie_embeddings(self) -> bool:
-        """The name the checkpoint loader reads, for fla's ``tie_word_embeddings``."""
-        return self.tie_word_embeddings
 
     def __post_init__(self):
         check_dims(self, ("hidden_size", "num_hidden_layers", "vocab_size", "chunk_size"))
