@@ -148,3 +148,32 @@ def test_cli_compile_on_gives_the_eager_csvs(tmp_path, monkeypatch, capsys, comp
                     if not skip)
         assert worst <= 0, f"{table}: beyond the determinism tolerance by {worst:.3g}"
         assert not math.isnan(worst)
+
+
+def test_a_decay_of_zero_is_zero_on_the_compiled_path_too(compiled_calls):
+    """Heads whose A is -inf (A_log past float32's exp range) forget at every token: the compiled path's segment
+    sums (differences of cumsums) must give a decay of 0 there, as the eager masked cumsum does, not inf - inf."""
+    m = model()
+    with torch.no_grad():
+        m.blocks[0].mixer.A_log[::2] = 100.0
+    x = torch.randint(0, 50, (1, 600), generator=torch.Generator().manual_seed(3))
+    eager, eager_state, _ = run(m, x, m.zero_state(1), "off")
+    fast, fast_state, _ = run(m, x, m.zero_state(1), "on")
+    assert compiled_calls and torch.isfinite(eager).all()
+    assert (fast - eager).abs().max() <= 2e-6 * eager.abs().max()
+    assert (fast_state.ssm[0] - eager_state.ssm[0]).abs().max() <= 1e-5 * eager_state.ssm[0].abs().max()
+
+
+def test_the_compiled_loss_is_cross_entropy():
+    """The fast path's per-token loss against torch's cross_entropy, in float64, on logits with a spread of
+    scales and a row whose target is its smallest logit; rows of two counts (dynamic in the rows: one compile)."""
+    gen = torch.Generator().manual_seed(4)
+    for rows in (7, 300):
+        logits = torch.randn(rows, 1000, generator=gen) * torch.linspace(0.1, 30, rows)[:, None]
+        target = torch.randint(0, 1000, (rows,), generator=gen)
+        target[0] = logits[0].argmin()
+        with torch.inference_mode():
+            mine = fused.token_nll(logits, target)
+        theirs = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
+        assert mine.shape == (rows,)
+        assert ((mine.double() - theirs).abs() <= 1e-6 * theirs.abs() + 1e-6).all()

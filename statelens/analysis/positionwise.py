@@ -40,9 +40,8 @@ def chunk_nll(chunk: Chunk, tokens: np.ndarray | torch.Tensor) -> tuple[np.ndarr
     target = torch.as_tensor(np.asarray(tokens[:, chunk.start + 1: stop + 1]), device=chunk.hidden.device)
     with torch.no_grad():
         logits = chunk.model.unembed(chunk.hidden[:, : stop - chunk.start])          # [b, n, vocab]
-        if fused.active():  # the fast path: the logits' rows as they lie (4x faster, the same to rounding)
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.long().flatten(),
-                                                    reduction="none").view(target.shape)
+        if fused.active():  # the fast path: one compiled loop over the logits as they lie (the same to rounding)
+            nll = fused.token_nll(logits.flatten(0, 1).float(), target.long().flatten()).view(target.shape)
         else:
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), target.long(), reduction="none")
     return np.arange(chunk.start + 1, stop + 1), nll

@@ -58,9 +58,19 @@ def causal_conv(
     k = weight.shape[-1]
     window = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # [b, c, k - 1 + length]
     if torch.compiler.is_compiling():  # the compiled path: k shifted products, fused into one loop with the SiLU
-        length = x.shape[-1]
-        y = sum(window[:, :, j:j + length] * weight[:, 0, j, None] for j in range(k))
-        y = y if bias is None else y + bias[:, None]
+        y = _shifted_products(window, weight, bias, x.shape[-1], silu)
     else:
         y = F.conv1d(window, weight, bias, groups=x.shape[1])
-    return F.silu(y) if silu else y, window[:, :, window.shape[-1] - (k - 1):]
+        y = F.silu(y) if silu else y
+    return y, window[:, :, window.shape[-1] - (k - 1):]
+
+
+def _shifted_products(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int,
+                      silu: bool) -> torch.Tensor:
+    """The depthwise conv (and SiLU) as k shifted products, window [b, c, k - 1 + length] -> [b, c, length]
+    laid out token-major (a transposed view of [b, length, c]), as the projections hand it over and the scan
+    reads it: in channel-major order the compiled scan's loops would gather across channels token by token."""
+    window = window.transpose(1, 2)                                          # [b, k - 1 + length, c]
+    y = sum(window[:, j:j + length] * weight[:, 0, j] for j in range(weight.shape[-1]))
+    y = y if bias is None else y + bias
+    return (F.silu(y) if silu else y).transpose(1, 2)

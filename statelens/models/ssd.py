@@ -56,10 +56,17 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     """a [..., q] -> [..., q, q] with entry (t, s) = a[s+1] + ... + a[t] for t >= s, -inf above.
 
     Summed by a masked cumsum rather than as ``cumsum[t] - cumsum[s]``, which cancels badly once
-    the cumulative log-decay is large.
+    the cumulative log-decay is large. Inside a compiled graph (:mod:`statelens.models.fused`) it is
+    that difference after all, of float64 cumsums, which inductor fuses into the loop that uses it:
+    float64 keeps the cancellation below float32's rounding, and the log-decays are clamped at -1e4
+    (a decay exp(-1e4) is 0 in either precision), so that a decay of 0 (-inf) gives 0, not inf - inf.
     """
-    masks = _masks.__wrapped__ if torch.compiler.is_compiling() else _masks  # compiled: inside the graph
-    above_diagonal, on_or_above = masks(a.shape[-1], a.device)
+    if torch.compiler.is_compiling():
+        position = torch.arange(a.shape[-1], device=a.device)
+        cum = a.to(torch.float64).clamp(min=-1e4).cumsum(dim=-1)
+        out = (cum[..., :, None] - cum[..., None, :]).to(a.dtype)
+        return out.masked_fill(position[None, :] > position[:, None], -torch.inf)
+    above_diagonal, on_or_above = _masks(a.shape[-1], a.device)
     out = a[..., :, None].expand(*a.shape, a.shape[-1]).masked_fill(on_or_above, 0).cumsum(dim=-2)
     return out.masked_fill(above_diagonal, -torch.inf)
 
@@ -98,6 +105,8 @@ def ssd_chunked_with_block_states(
 def _ssd(x, log_a, B, C, h0, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked form; returns y [b, l, h, p], the final state [b, h, p, n] and the state at the
     start of each block [b, c, h, p, n]."""
+    if torch.compiler.is_compiling() and x.shape[1] % min(chunk, x.shape[1]) == 0:
+        return _ssd_block_by_block(x, log_a, B, C, h0, min(chunk, x.shape[1]))
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
@@ -134,3 +143,34 @@ def _ssd(x, log_a, B, C, h0, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.T
     y = y + torch.einsum("bctgn,bcgrpn->bctgrp", C, starts) * a_cum.exp().permute(0, 3, 4, 1, 2)[..., None]
     return y.reshape(b, c * q, h, p)[:, :l], state.reshape(b, h, p, n), starts.reshape(b, c, h, p, n)
 
+
+
+def _ssd_block_by_block(x, log_a, B, C, h0, q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_ssd` as the compiled path runs it (:mod:`statelens.models.fused`), for a length that is a
+    whole number of blocks ``q``: steps 1 and 2 as there, then steps 3 and 4 a block at a time, so that the
+    carried state [b, h, p, n] stays in cache between its two products (read out by the block's C, then
+    decayed and added to the block's own contribution) instead of every block's state making a round trip
+    through memory. The same sums in another order: equal to float rounding."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r, c = h // g, l // q
+    x = x.view(b, c, q, g, r, p)
+    B, C = B.view(b, c, q, g, n), C.view(b, c, q, g, n)
+    a = log_a.view(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, c, q]
+    a_cum = a.cumsum(dim=-1)
+    decay = segsum(a).exp()  # [b, g, r, c, t, s]
+    CB = torch.einsum("bctgn,bcsgn->bgcts", C, B)
+    y = torch.einsum("bgrcts,bcsgrp->bctgrp", CB[:, :, None] * decay, x)
+    x_to_end = x * decay[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]  # [b, c, q, g, r, p]
+    chunk_decay = a_cum[..., -1].exp()  # [b, g, r, c]
+    chunk_decay = chunk_decay.view(b, g, r, 1, c).expand(b, g, r, p, c).reshape(b, g, r * p, 1, c)
+    state = h0.view(b, g, r * p, n).to(x.dtype)
+    starts, from_state = [], []
+    for k in range(c):  # the products as [r p, n] x [n, q] and [r p, q] x [q, n]: BLAS's fastest orientation here
+        starts.append(state)
+        from_state.append(C[:, k].transpose(1, 2) @ state.transpose(-1, -2))         # [b, g, t, r p]
+        own = x_to_end[:, k].permute(0, 2, 3, 4, 1).reshape(b, g, r * p, q) @ B[:, k].transpose(1, 2)
+        state = chunk_decay[..., k] * state + own                                      # [b, g, r p, n]
+    from_state = torch.stack(from_state, dim=1).view(b, c, g, q, r, p).transpose(2, 3)
+    y = y + from_state * a_cum.exp().permute(0, 3, 4, 1, 2)[..., None]
+    return y.reshape(b, l, h, p), state.reshape(b, h, p, n), torch.stack(starts, dim=1).reshape(b, c, h, p, n)
