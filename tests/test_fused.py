@@ -177,3 +177,21 @@ def test_the_compiled_loss_is_cross_entropy():
         theirs = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
         assert mine.shape == (rows,)
         assert ((mine.double() - theirs).abs() <= 1e-6 * theirs.abs() + 1e-6).all()
+
+
+def test_the_recorder_s_compiled_statistics_are_the_eager_ones():
+    """Per-head norm, mean, std, absmax and finiteness under --compile (one compiled reduction) against the eager
+    ones, on states with an offset (so the mean is not ~0), one huge finite head (its norm overflows float32:
+    recomputed in float64 on both paths) and one head holding a NaN."""
+    from statelens.record.recorder import head_stats
+
+    x = torch.randn(3, 2, 4, 500, generator=torch.Generator().manual_seed(5)) * 0.3 + 0.05
+    x[0, 0, 1] *= 3e37
+    x[1, 1, 2, 7] = math.nan
+    eager = head_stats(x)
+    with fused.mode("on"):
+        fast = head_stats(x)
+    assert eager[0, 0, 1, 0] > 1e38 and math.isfinite(eager[0, 0, 1, 0]) and eager[1, 1, 2, 4] == 0
+    assert torch.equal(fast.isnan(), eager.isnan())
+    both = ~eager.isnan()
+    assert ((fast - eager).abs()[both] <= 1e-6 * eager.abs()[both] + 1e-8).all()

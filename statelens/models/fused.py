@@ -153,9 +153,8 @@ def token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Each row's negative log-likelihood of its target, logits [rows, vocab], target [rows] -> [rows]:
     ``cross_entropy(..., reduction="none")`` as one compiled loop (logsumexp less the target's logit), which
     reads the logits twice and writes nothing of their size; the eager function writes a log-softmax as
-    large as the logits first (at the 130M shape, 4096 x 50288 floats per call: 6x slower). Compiled once
-    per process, dynamic in the rows."""
-    return _nll_graph()(logits, target)
+    large as the logits first (at the 130M shape, 4096 x 50288 floats per call: 6x slower)."""
+    return dynamic(_nll)(logits, target)
 
 
 def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -163,5 +162,7 @@ def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _nll_graph():
-    return torch.compile(_nll, dynamic=True)
+def dynamic(fn):
+    """``fn`` compiled once per process, dynamic in its inputs' sizes: for the reductions around the model
+    (the loss, the recorder's statistics), whose shapes change with the chunk and the positions recorded."""
+    return torch.compile(fn, dynamic=True)

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from statelens.errors import ParameterError
+from statelens.models import fused
 from statelens.models.base import RecurrentLM, State
 from statelens.models.hooks import HookPoint, NamesFilter, hooks, name_hook_points, names_matcher
 from statelens.outputs import remove_stale_temporaries, temporary_name
@@ -56,7 +57,8 @@ def head_stats(x: torch.Tensor) -> torch.Tensor:
     every recorded position of every layer); heads whose entries are finite but whose norm or moments
     overflow it are recomputed in float64, so a large finite state never reads as an infinite norm.
     """
-    stats = _moments(x)
+    fast = fused.active() and x.device.type == "cpu"  # --compile: one fused pass, the same to rounding
+    stats = (fused.dynamic(_moments) if fast else _moments)(x)
     overflow = torch.isfinite(stats[..., 3]) & ~torch.isfinite(stats[..., :3]).all(-1)
     if overflow.any():
         stats = stats.double()
