@@ -23,8 +23,11 @@ Columns: measure, value, target (issue 7), met.
 from __future__ import annotations
 
 import argparse
+import os
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI runs (cli/main.py): set before torch is imported
+
+import torch  # noqa: E402
 
 from adapter import adapter_ratio
 from diagnostics import effrem_cost, recording_overhead, rss_ratio
