@@ -195,3 +195,26 @@ def test_the_recorder_s_compiled_statistics_are_the_eager_ones():
     assert torch.equal(fast.isnan(), eager.isnan())
     both = ~eager.isnan()
     assert ((fast - eager).abs()[both] <= 1e-6 * eager.abs()[both] + 1e-8).all()
+
+
+def test_check_verifies_the_compiled_path_and_fails_when_it_is_wrong(monkeypatch, capsys):
+    """statelens check --compile on: the one-shot run's pieces go through the compiled graph (2 layers x 2 full
+    pieces of 512 in 1100 tokens) and agree with the eager chunked and token-by-token runs; a compiled graph that
+    drops the carried state between pieces makes check exit 1."""
+    from statelens.demo import BASELINE
+
+    code, out, err = run_cli(monkeypatch, capsys, "check", "--ckpt", BASELINE, "--compile", "on", "--length", 1100)
+    assert code == 0, err
+    assert "the compiled path: 4 pieces" in out and "ok:" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", BASELINE, "--compile", "on")
+    assert code == 0 and "the compiled path did not run" in out             # 300 tokens: shorter than a piece
+
+    graph = fused._compiled
+
+    def forgetting(cls):
+        def run(mixer, u, ssm_state, *rest):
+            return graph(cls)(mixer, u, torch.zeros_like(ssm_state), *rest)
+        return run
+    monkeypatch.setattr(fused, "_compiled", forgetting)
+    code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", BASELINE, "--compile", "on", "--length", 1100)
+    assert code == 1 and "FAILED" in out
