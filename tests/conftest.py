@@ -120,6 +120,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """The input shape of each piece that went through a compiled graph (``--compile``: the fast path really
+    ran; statelens.models.fused)."""
+    from statelens.models import fused
+
+    calls = []
+    compiled = fused._compiled
+
+    def counting(cls):
+        graph = compiled(cls)
+        return lambda *args: calls.append(args[1].shape) or graph(*args)
+    monkeypatch.setattr(fused, "_compiled", counting)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def byte_vocab_ckpt(tmp_path_factory):
     """A tiny Mamba-2 checkpoint with a 256-id vocabulary, so text is tokenized as bytes."""

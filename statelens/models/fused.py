@@ -106,41 +106,44 @@ def resolve(value: str, parameters: int, tokens: int) -> str:
     return value
 
 
-def applies(mixer, u: torch.Tensor) -> bool:
-    """Whether this call of a Mamba-2 mixer takes the compiled path (the conditions in the module's
-    docstring)."""
-    return (active() and u.device.type == "cpu" and u.shape[1] >= piece_length(mixer, u.shape[0])
-            and not torch.is_grad_enabled() and mixer.scan is None
-            and not any(getattr(mixer, name).active for name in ("hook_x", "hook_B", "hook_C", "hook_dt",
-                                                                  "hook_decay")))
+def applies(mixer, u: torch.Tensor, input_hooks, piece: int) -> bool:
+    """Whether this call of ``mixer`` (u [b, l, d]) takes the compiled path, ``piece`` its tokens per row of
+    a piece (:func:`piece_length`) and ``input_hooks`` the hook points on its scan's inputs (the conditions in
+    the module's docstring)."""
+    return (active() and u.device.type == "cpu" and u.shape[1] >= piece and not torch.is_grad_enabled()
+            and mixer.scan is None and not any(hook.active for hook in input_hooks))
 
 
-#: Tokens per piece, over the batch: at the 130M shape a piece's intermediates (its projections, pairwise
-#: decays, block states) stay in cache, and the layer's weights stay in L3 from one piece to the next.
-#: Measured at batch 1: 512 a little faster than 256 and 1024, 128 slower.
+#: Tokens per piece of a Mamba-2 mixer, over the batch: at the 130M shape a piece's intermediates (its
+#: projections, pairwise decays, block states) stay in cache, and the layer's weights stay in L3 from one piece
+#: to the next. Measured at batch 1: 512 a little faster than 256 and 1024, 128 slower.
 PIECE = 512
 
 
-def piece_length(mixer, batch: int) -> int:
-    """Tokens per row of a piece: :data:`PIECE` over the batch, in whole SSD blocks (at least one)."""
-    return max(PIECE // batch // mixer.ssd_block, 1) * mixer.ssd_block
+def piece_length(batch: int, block: int, tokens: int = PIECE) -> int:
+    """Tokens per row of a piece: ``tokens`` over the batch, in whole scan blocks of ``block`` (at least one)."""
+    return max(tokens // batch // block, 1) * block
 
 
-def in_pieces(mixer, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor, blocks_wanted: bool):
-    """``mixer.unhooked`` (same inputs and outputs) over consecutive pieces of :data:`PIECE` tokens, each
-    continuing from the last one's states, the full pieces through the compiled graph. Piece boundaries
-    are block boundaries, so every block is computed as in one call; what changes is the memory the
+def in_pieces(mixer, u: torch.Tensor, states: tuple[torch.Tensor, ...], piece: int, *options):
+    """``type(mixer).unhooked(mixer, u, *states, *options)`` over consecutive pieces of ``piece`` tokens per
+    row, each continuing from the last one's states, the full pieces through the compiled graph.
+
+    ``unhooked`` returns ``(out [b, l, d], *new states, *extras)``, one new state per state given; each extra is
+    None or a tensor laid along the call's length in dim 1 (Mamba-2's block states [b, c, h, p, n]). Returns the
+    same: the outputs and extras concatenated over the pieces, the last piece's states. Piece boundaries are
+    scan block boundaries, so every block is computed as in one call; what changes is the memory the
     intermediates occupy, and the fusion."""
-    piece = piece_length(mixer, u.shape[0])
-    outs, blocks = [], []
+    outs, extras = [], []
     for start in range(0, u.shape[1], piece):
         part = u[:, start:start + piece].contiguous()  # one stride for every piece: one compiled graph
         run = _compiled(type(mixer)) if part.shape[1] == piece else type(mixer).unhooked
-        out, ssm_state, conv_state, starts = run(mixer, part, ssm_state.contiguous(), conv_state.contiguous(),
-                                                 blocks_wanted)
+        out, *rest = run(mixer, part, *(s.contiguous() for s in states), *options)
+        states, piece_extras = tuple(rest[:len(states)]), rest[len(states):]
         outs.append(out)
-        blocks.append(starts)
-    return torch.cat(outs, dim=1), ssm_state, conv_state, torch.cat(blocks, dim=1) if blocks_wanted else None
+        extras.append(piece_extras)
+    joined = [None if parts[0] is None else torch.cat(parts, dim=1) for parts in zip(*extras)]
+    return torch.cat(outs, dim=1), *states, *joined
 
 
 @functools.cache
