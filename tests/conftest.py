@@ -123,9 +123,12 @@ def one_thread():
 @pytest.fixture
 def compiled_calls(monkeypatch):
     """The input shape of each piece that went through a compiled graph (``--compile``: the fast path really
-    ran; statelens.models.fused)."""
+    ran; statelens.models.fused). Dynamo starts afresh, and past its recompile limit (8 graphs of one function:
+    configurations, batch sizes, dtypes) it raises instead of quietly running the function eager, which a count
+    of calls would not see (so it did for test_fused.py's later tests before this)."""
     from statelens.models import fused
 
+    torch._dynamo.reset()
     calls = []
     compiled = fused._compiled
 
@@ -133,7 +136,8 @@ def compiled_calls(monkeypatch):
         graph = compiled(cls)
         return lambda *args: calls.append(args[1].shape) or graph(*args)
     monkeypatch.setattr(fused, "_compiled", counting)
-    return calls
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield calls
 
 
 @pytest.fixture(scope="module")

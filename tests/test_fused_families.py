@@ -5,13 +5,17 @@ gradients keep the eager path. (The Mamba-2 mixer's: tests/test_fused.py.)"""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from statelens.models import Mamba1Config, Mamba1LM, fused, gla, mamba1
+from statelens.models.checkpoint import Checkpoint, save_checkpoint
 from statelens.models.gla import GLAConfig, GLALM
 from statelens.models.hooks import hooks
+from tests.conftest import hf_mamba1
+from tests.test_fused import assert_cli_compile_on_gives_the_eager_csvs
 
 pytestmark = pytest.mark.skipif(not fused.compiler_available(), reason="torch.compile's CPU backend needs a C++ "
                                 "compiler")
@@ -116,3 +120,22 @@ def test_hooks_on_the_scan_inputs_and_gradients_keep_the_eager_path(family, comp
         assert compiled_calls == [torch.Size([1, piece, m.embedding.embedding_dim])] * (300 // piece)  # layer 1
         m(x, m.zero_state(1))[0].sum().backward()
     assert len(compiled_calls) == 300 // piece
+
+
+def write_checkpoint(family: str, path):
+    """A tiny random checkpoint directory of ``family``: transformers' Mamba-1 (its initialisation spreads the
+    decays as mamba-ssm's does), or :func:`gla_model` in fla's layout."""
+    if family == "mamba1":
+        hf_mamba1(path, vocab=50)
+        return path
+    config = {"model_type": "gla", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 50, "num_heads": 4}
+    return save_checkpoint(Checkpoint(gla_model(), Path(path), "hf", "bin", config), path)
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_cli_compile_on_gives_the_eager_csvs(family, tmp_path, monkeypatch, capsys, compiled_calls):
+    """perplexity and states, --compile on against off, as for Mamba-2 (tests/test_fused.py): every value within
+    the README's determinism tolerance, and the compiled graph really ran."""
+    ckpt = write_checkpoint(family, tmp_path / "ckpt")
+    assert_cli_compile_on_gives_the_eager_csvs(ckpt, tmp_path, monkeypatch, capsys, "--train-len", 256)
+    assert compiled_calls
