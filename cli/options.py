@@ -39,7 +39,7 @@ Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or
 Dtype = Annotated[DType, typer.Option("--dtype", help="Compute dtype; float64 for verification.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 Compile = Annotated[CompileMode, typer.Option(
-    "--compile", help="The Mamba-2 mixers' compiled CPU path (torch.compile; the same numbers to float rounding): on, "
+    "--compile", help="The Mamba-2, Mamba-1 and GLA mixers' compiled CPU path (torch.compile; the same numbers to float rounding): on, "
                       "off, or auto: on when the run's forward work (2 x parameters x tokens >= 1.2e13) repays the "
                       "10-25 s of compiling. run.json says when it ran.")]
 

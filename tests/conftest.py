@@ -120,6 +120,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """The input shape of each piece that went through a compiled graph (``--compile``: the fast path really
+    ran; statelens.models.fused). Dynamo starts afresh, and past its recompile limit (8 graphs of one function:
+    configurations, batch sizes, dtypes) it raises instead of quietly running the function eager, which a count
+    of calls would not see (so it did for test_fused.py's later tests before this)."""
+    from statelens.models import fused
+
+    torch._dynamo.reset()
+    calls = []
+    compiled = fused._compiled
+
+    def counting(cls):
+        graph = compiled(cls)
+        return lambda *args: calls.append(args[1].shape) or graph(*args)
+    monkeypatch.setattr(fused, "_compiled", counting)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield calls
+
+
 @pytest.fixture(scope="module")
 def byte_vocab_ckpt(tmp_path_factory):
     """A tiny Mamba-2 checkpoint with a 256-id vocabulary, so text is tokenized as bytes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -38,19 +39,6 @@ def model(**options) -> Mamba2LM:
     return m
 
 
-@pytest.fixture
-def compiled_calls(monkeypatch):
-    """How many full pieces went through the compiled graph (the fast path really ran)."""
-    calls = []
-    compiled = fused._compiled
-
-    def counting(cls):
-        graph = compiled(cls)
-        return lambda *args: calls.append(args[1].shape) or graph(*args)
-    monkeypatch.setattr(fused, "_compiled", counting)
-    return calls
-
-
 def run(m: Mamba2LM, x: torch.Tensor, state, mode: str):
     """Logits [b, l, V], final states and the block states layer 1's hook saw."""
     seen = []
@@ -72,7 +60,7 @@ def test_compiled_path_equals_eager(name, compiled_calls):
     eager, eager_state, eager_blocks = run(m, x, state, "off")
     assert not compiled_calls
     fast, fast_state, fast_blocks = run(m, x, state, "on")
-    piece = fused.piece_length(m.blocks[0].mixer, 2)                  # 512 tokens over 2 rows
+    piece = fused.piece_length(2, m.blocks[0].mixer.ssd_block)                  # 512 tokens over 2 rows
     assert compiled_calls == [torch.Size([2, piece, 64])] * (1100 // piece) * 2  # 2 layers; the tail runs eager
     assert (fast - eager).abs().max() <= 2e-6 * eager.abs().max()
     for mine, theirs in [*zip(fast_state.ssm + fast_state.conv, eager_state.ssm + eager_state.conv),
@@ -125,29 +113,45 @@ def test_without_a_compiler_auto_is_off_and_on_is_refused(monkeypatch, tmp_path,
 
 
 def test_cli_compile_on_gives_the_eager_csvs(tmp_path, monkeypatch, capsys, compiled_calls):
-    """perplexity and states on the demo baseline, 1024-token sequences in 1024-token calls, --compile on against
-    off: every value within the README's determinism tolerance |a - b| <= 1e-6 |a| + 1e-8; run.json says on."""
+    """perplexity and states on the demo baseline, --compile on against off (see the helper below)."""
     from statelens.demo import BASELINE
 
-    for mode in ("off", "on"):
-        for command in ("perplexity", "states"):
-            code, _, err = run_cli(monkeypatch, capsys, command, "--ckpt", BASELINE, "--length", 1024,
-                                   "--num-seqs", 2, "--chunk", 1024, "--compile", mode, "--out",
-                                   tmp_path / mode / command)
-            assert code == 0, err
+    assert_cli_compile_on_gives_the_eager_csvs(BASELINE, tmp_path, monkeypatch, capsys, "--train-len", 256)
     assert compiled_calls
+
+
+def assert_cli_compile_on_gives_the_eager_csvs(ckpt, tmp_path, monkeypatch, capsys, *options):
+    """perplexity and states of ``ckpt`` (2 sequences of 1024 tokens in 1024-token calls, states recorded every
+    256 tokens so that the calls are whole pieces, and ``options``) with --compile off and on: the same tables,
+    every value within the README's determinism tolerance |a - b| <= 1e-6 |a| + 1e-8, but for two columns held
+    to their conditioning. ``ppl`` is exp(loss): on it that tolerance would ask the loss for an absolute 1e-6, one
+    float32 rounding at a loss of 14 (the demo baseline's first positions; measured 1.9x over), so ``ppl`` is held
+    to exp of its row's loss and the loss to the tolerance. A head's ``mean`` sums entries that cancel (GLA's:
+    -7.471e-4 against -7.473e-4 at std 13.6, 21x over), so it is held to the tolerance relative to its row's
+    ``std``. run.json says on."""
+    for mode in ("off", "on"):
+        for command, more in (("perplexity", ()), ("states", ("--stride", 256))):
+            code, _, err = run_cli(monkeypatch, capsys, command, "--ckpt", ckpt, "--length", 1024,
+                                   "--num-seqs", 2, "--chunk", 1024, "--compile", mode, "--out",
+                                   tmp_path / mode / command, *more, *options)
+            assert code == 0, err
     assert json.loads((tmp_path / "on" / "states" / "run.json").read_text())["config"]["compile"] == "on"
     assert "compile" not in json.loads((tmp_path / "off" / "states" / "run.json").read_text())["config"]
     for table in ("perplexity/positionwise.csv", "states/state_stats.csv", "states/collapse.csv"):
         off, on = pd.read_csv(tmp_path / "off" / table), pd.read_csv(tmp_path / "on" / table)
         assert list(off.columns) == list(on.columns) and len(off) == len(on) > 0
+        if "ppl" in on:
+            assert ((on.ppl - on.loss.map(math.exp)).abs() <= 1e-9 * on.ppl).all()
+            off, on = off.drop(columns="ppl"), on.drop(columns="ppl")
         numbers = off.select_dtypes("number").columns
         a, b = off[numbers].to_numpy(), on[numbers].to_numpy()
-        both_nan = pd.isna(a) & pd.isna(b)
-        worst = max((abs(x - y) - 1e-6 * abs(x) - 1e-8) for x, y, skip in zip(a.ravel(), b.ravel(), both_nan.ravel())
-                    if not skip)
-        assert worst <= 0, f"{table}: beyond the determinism tolerance by {worst:.3g}"
-        assert not math.isnan(worst)
+        scale = abs(off[numbers]).to_numpy()
+        if "mean" in off and "std" in off:
+            scale[:, list(numbers).index("mean")] += off["std"].to_numpy()
+        excess = np.abs(a - b) - 1e-6 * scale - 1e-8
+        excess = excess[~(pd.isna(a) & pd.isna(b))]
+        assert not np.isnan(excess).any() and excess.max() <= 0, \
+            f"{table}: beyond the determinism tolerance by {excess.max():.3g}"
 
 
 def test_a_decay_of_zero_is_zero_on_the_compiled_path_too(compiled_calls):
@@ -197,7 +201,7 @@ def test_the_recorder_s_compiled_statistics_are_the_eager_ones():
     assert ((fast - eager).abs()[both] <= 1e-6 * eager.abs()[both] + 1e-8).all()
 
 
-def test_check_verifies_the_compiled_path_and_fails_when_it_is_wrong(monkeypatch, capsys):
+def test_check_verifies_the_compiled_path_and_fails_when_it_is_wrong(monkeypatch, capsys, compiled_calls):
     """statelens check --compile on: the one-shot run's pieces go through the compiled graph (2 layers x 2 full
     pieces of 512 in 1100 tokens) and agree with the eager chunked and token-by-token runs; a compiled graph that
     drops the carried state between pieces makes check exit 1."""
@@ -205,7 +209,7 @@ def test_check_verifies_the_compiled_path_and_fails_when_it_is_wrong(monkeypatch
 
     code, out, err = run_cli(monkeypatch, capsys, "check", "--ckpt", BASELINE, "--compile", "on", "--length", 1100)
     assert code == 0, err
-    assert "the compiled path: 4 pieces" in out and "ok:" in out
+    assert "the compiled path: 4 pieces" in out and "ok:" in out and len(compiled_calls) == 4
     code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", BASELINE, "--compile", "on")
     assert code == 0 and "the compiled path did not run" in out             # 300 tokens: shorter than a piece
 
@@ -218,3 +222,15 @@ def test_check_verifies_the_compiled_path_and_fails_when_it_is_wrong(monkeypatch
     monkeypatch.setattr(fused, "_compiled", forgetting)
     code, out, _ = run_cli(monkeypatch, capsys, "check", "--ckpt", BASELINE, "--compile", "on", "--length", 1100)
     assert code == 1 and "FAILED" in out
+
+
+def test_a_process_meeting_many_models_keeps_the_compiled_path(compiled_calls):
+    """Ten configurations in one process (more than dynamo's default limit of 8 graphs per function) all take the
+    compiled path: the fixture makes hitting the limit an error rather than a quiet fallback to eager."""
+    for width in range(10):
+        torch.manual_seed(width)
+        m = Mamba2LM(Mamba2Config(d_model=32 + 8 * width, n_layer=1, vocab_size=20, d_state=8, headdim=8,
+                                  chunk_size=16)).eval()
+        with torch.inference_mode(), fused.mode("on"):
+            m(torch.zeros(1, 512, dtype=torch.long), m.zero_state(1))
+    assert len(compiled_calls) == 10

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.errors import ParameterError
-from statelens.models import kernels
+from statelens.models import fused, kernels
 from statelens.models.base import FlaTiedEmbeddings, Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.layers import RMSNorm
@@ -268,6 +268,18 @@ class GatedLinearAttention(nn.Module):
     def forward(self, u: torch.Tensor, state: torch.Tensor, hooks: GLABlock) -> tuple[torch.Tensor, torch.Tensor]:
         """u [b, l, d]; state [b, h, k, v] -> (out [b, l, d], state [b, h, k, v]). ``hooks`` holds the
         hook points."""
+        piece = fused.piece_length(u.shape[0], self.cfg.chunk_size, PIECE)
+        inputs = (hooks.hook_C, hooks.hook_B, hooks.hook_x, hooks.hook_dt, hooks.hook_decay)
+        if fused.applies(self, u, inputs, piece) and not kernels.ready("gla", u):
+            out, state = fused.in_pieces(self, u, (state,), piece, hooks)  # --compile: the same numbers to rounding
+        else:
+            out, state = self.unhooked(u, state, hooks)
+        state = hooks.hook_state(state)
+        return hooks.hook_out(out), state
+
+    def unhooked(self, u: torch.Tensor, state: torch.Tensor, hooks: GLABlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` without the hooks on its outputs (``hook_state``, ``hook_out``): u [b, l, d];
+        state [b, h, k, v] -> (out [b, l, d], state [b, h, k, v])."""
         cfg = self.cfg
         b, l, _ = u.shape
         h, dk, dv, g = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.kv_groups
@@ -290,7 +302,6 @@ class GatedLinearAttention(nn.Module):
             o, state = kernels.gla(q.to(wide), k.to(wide), v.to(wide), gk, state)
         else:
             o, state = (self.scan or gla_chunked)(q.to(wide), k.to(wide), v.to(wide), gk, state, cfg.chunk_size)
-        state = hooks.hook_state(state)
 
         # Per-head RMSNorm over d_v, then the swish output gate (fla: FusedRMSNormGated or RMSNorm * swish).
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
@@ -299,8 +310,15 @@ class GatedLinearAttention(nn.Module):
             o = o * weight.to(wide)
         if cfg.use_output_gate:
             o = o * F.silu(self.g_proj(u).view(b, l, h, dv).to(wide))
-        out = self.o_proj(o.reshape(b, l, cfg.value_dim).to(u.dtype))
-        return hooks.hook_out(out), state
+        return self.o_proj(o.reshape(b, l, cfg.value_dim).to(u.dtype)), state
+
+
+#: Tokens per piece on the compiled path (:mod:`statelens.models.fused`), over the batch, in whole chunks; the
+#: chunked scan is the eager one, its pairwise decays and einsum operand layouts fused into inductor's loops.
+#: Measured on one 130M-shaped layer (hidden 768, 4 heads) over 4096 tokens at batch 1: 128 and 256 tokens 244
+#: and 241 ms (512: 266, 64: 255; 32-token chunks in 128-token pieces: 282) against 700 ms eager; 128 compiles
+#: faster.
+PIECE = 128
 
 
 class GatedMLP(nn.Module):

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from statelens.errors import ParameterError
-from statelens.models import kernels
+from statelens.models import fused, kernels
 from statelens.models.base import Layout, ScanAdapter, backends, check_dims, interleave
 from statelens.models.hooks import HookPoint
 from statelens.models.lm import LMHeadModel
 from statelens.models.mamba_layouts import (HF_KEYS, HF_NAMES, MAMBA_SSM_NAMES, hf_kwargs, mamba_ssm_config,
                                             mamba_ssm_kwargs)
-from statelens.models.selective_scan import selective_scan_chunked, selective_scan_steps
+from statelens.models.selective_scan import selective_scan_chunked, selective_scan_sequential, selective_scan_steps
 
 
 @dataclass
@@ -102,10 +102,22 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
         """u [b, l, d_model]; ssm_state [b, d, n]; conv_state [b, d, k - 1] -> (out, ssm, conv)."""
+        piece = fused.piece_length(u.shape[0], 1, PIECE)
+        if fused.applies(self, u, (self.hook_x, self.hook_B, self.hook_C, self.hook_dt, self.hook_decay), piece):
+            # --compile: the same numbers to float rounding
+            out, ssm_state, conv_state = fused.in_pieces(self, u, (ssm_state, conv_state), piece)
+        else:
+            out, ssm_state, conv_state = self.unhooked(u, ssm_state, conv_state)
+        conv_state = self.hook_conv_state(conv_state)  # the scan does not read it: hooking it last changes nothing
+        ssm_state = self.hook_state(ssm_state)
+        return self.hook_out(out), ssm_state, conv_state
+
+    def unhooked(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
+        """:meth:`forward` without the hooks on its outputs (``hook_conv_state``, ``hook_state``, ``hook_out``)
+        -> (out [b, l, d_model], ssm state [b, d, n], conv state [b, d, k - 1])."""
         cfg = self.cfg
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x, conv_state = kernels.causal_conv(x.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
-        conv_state = self.hook_conv_state(conv_state)
         x = self.hook_x(x.transpose(1, 2))
         dt_low, B, C = self.x_proj(x).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         B, C = self.hook_B(B), self.hook_C(C)
@@ -120,11 +132,22 @@ class Mamba1Mixer(nn.Module):
         if (self.scan is None and log_decay is None and not torch.is_grad_enabled()
                 and kernels.ready("selective_scan", scan_inputs[0])):  # the kernel's last state has no gradient
             y, ssm_state = kernels.selective_scan(*scan_inputs)
+        elif torch.compiler.is_compiling() and self.scan is None and log_decay is None:
+            # The compiled path (statelens.models.fused): the recurrence itself, a token at a time, each step
+            # fused into one loop over the [b, d, n] state (in cache); the same sums as the chunked form's.
+            y, ssm_state = selective_scan_sequential(*scan_inputs)
         else:
             y, ssm_state = (self.scan or selective_scan_chunked)(*scan_inputs, log_decay=log_decay)
-        ssm_state = self.hook_state(ssm_state)
         y = (y + x.to(wide) * self.D) * F.silu(z.to(wide))
-        return self.hook_out(self.out_proj(y.to(u.dtype))), ssm_state, conv_state
+        return self.out_proj(y.to(u.dtype)), ssm_state, conv_state
+
+
+#: Tokens per piece on the compiled path (:mod:`statelens.models.fused`), over the batch. There the scan is the
+#: recurrence a token at a time, which inductor unrolls into loops over the [b, d, n] state (in L2 at the 130M
+#: shape); the eager chunked form's [b, q, d, n] decays and partial products go through memory log2(q) times.
+#: Measured on one 130M-shaped layer over 4096 tokens at batch 1: 32 and 64 tokens 449 and 446 ms against
+#: 1330 ms eager; the chunked form compiled, 16-token blocks in 128-token pieces, 670 ms. 32 compiles faster.
+PIECE = 32
 
 
 # -- what the mitigations need (statelens.models.base.ScanAdapter) -------------------------------------

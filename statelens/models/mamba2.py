@@ -156,8 +156,13 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
         """u [b, l, d]; ssm_state [b, h, p, n]; conv_state [b, conv_dim, k - 1] -> (out, ssm, conv)."""
         blocks_wanted = self.hook_state_blocks.active
-        run = fused.in_pieces if fused.applies(self, u) else Mamba2Mixer.unhooked  # --compile: same numbers to rounding
-        out, ssm_state, conv_state, blocks = run(self, u, ssm_state, conv_state, blocks_wanted)
+        piece = fused.piece_length(u.shape[0], self.ssd_block)
+        inputs = (self.hook_x, self.hook_B, self.hook_C, self.hook_dt, self.hook_decay)
+        if fused.applies(self, u, inputs, piece) and not kernels.ready("ssd", u):
+            # --compile: the same numbers to float rounding
+            out, ssm_state, conv_state, blocks = fused.in_pieces(self, u, (ssm_state, conv_state), piece, blocks_wanted)
+        else:
+            out, ssm_state, conv_state, blocks = self.unhooked(u, ssm_state, conv_state, blocks_wanted)
         conv_state = self.hook_conv_state(conv_state)
         if blocks_wanted:  # observe only
             self.hook_state_blocks(blocks)
