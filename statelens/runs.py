@@ -50,7 +50,7 @@ class RunSettings:
     mitigation: str | None = None
     tokenizer: str | None = None
     text_field: str = "text"
-    compile: str = "auto"             # the Mamba-2 mixers' compiled path: auto, on, off (statelens.models.fused)
+    compile: str = "auto"             # the compiled CPU path (Mamba-2, Mamba-1, GLA): auto, on, off (statelens.models.fused)
 
 
 @dataclass
