@@ -18,11 +18,8 @@ warm-up, untimed): its fused loops show as ``graph_...cpp_fused...`` rows, group
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI runs (cli/main.py): set before torch is imported
-
-import torch  # noqa: E402
+import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from throughput import SHAPES

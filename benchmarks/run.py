@@ -9,6 +9,8 @@ ratios within one run are what is reported).
 - CPU efficiency (``efficiency.py``): statelens's plain rollout's model FLOP/s over fp32 ``torch.mm``
   FLOP/s at the model's projection sizes, timed interleaved with the rollouts;
 - the diagnostics' costs (``diagnostics.py``): recording overhead, EffRem, peak RSS;
+- the compiled path per mixer (``fused_mixers.py``): one 130M-shaped Mamba-2, Mamba-1 and GLA layer, eager
+  against ``--compile on``, 4096 tokens at batch 1;
 - the newer families (``families.py``): each backend's chunked forward against token by token, 4096 tokens
   (Mamba-3, Gated DeltaNet, DeltaNet, RWKV-7);
 - remembrance through the transformers adapter (``adapter.py``): ``--backend hf`` against the native
@@ -23,16 +25,14 @@ Columns: measure, value, target (issue 7), met.
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI runs (cli/main.py): set before torch is imported
-
-import torch  # noqa: E402
+import torch
 
 from adapter import adapter_ratio
 from diagnostics import effrem_cost, recording_overhead, rss_ratio
 from efficiency import MatmulRate, flops_per_token
 from families import FAMILIES, chunked_vs_steps
+from fused_mixers import measure as fused_mixer
 from monitor import monitor_overhead
 from throughput import SHAPES, throughput
 
@@ -81,6 +81,11 @@ def main() -> None:
                      f"{r['plain']:.0f} tok/s = {r['plain'] * flops / 1e9:.1f} GFLOP/s, recording {r['recorded']:.0f} "
                      f"tok/s, compiled {r['plain_compiled']:.0f} and {r['recorded_compiled']:.0f} tok/s, transformers "
                      f"{r['hf']:.0f} tok/s; torch.mm {mm.rate() / 1e9:.1f} GFLOP/s; logits rel. diff {r['gap']:.1e}")
+    for family in ("mamba2", "mamba1", "gla"):  # one 130M-shaped mixer, 4096 tokens at batch 1 (fused_mixers.py)
+        r = fused_mixer(family, 4096, 1, 3)
+        row(f"{family} 130m mixer: compiled / eager time, 4096 tok", r["eager_ms"] / r["compiled_ms"])
+        notes.append(f"{family} 130m mixer: eager {r['eager_ms']:.0f} ms, compiled {r['compiled_ms']:.0f} ms; outputs "
+                     f"rel. diff {r['rel_diff']:.1e}")
     r = throughput("mamba1", "small", args.tokens or TOKENS["small"])
     row(f"mamba1 small: statelens / transformers token by token ({r['tokens']} tok)", r["plain"] / r["hf"])
     notes.append(f"mamba1 small: logits rel. diff {r['gap']:.1e}")

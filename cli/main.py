@@ -3,17 +3,9 @@ error policy: bad input -> one line, exit 2; internal failure -> one line, exit 
 the traceback."""
 from __future__ import annotations
 
-import os
 import sys
 
-# torch's large CPU tensors on transparent huge pages (torch's THP_MEM_ALLOC_ENABLE; it takes effect where the
-# system leaves THP to madvise, as most Linux distributions do). A call's logits are 4096 x 50288 floats: in 4 KiB
-# pages a fresh 824 MB allocation cost 278 ms of page faults on the 2-core VM of the benchmarks, 48 ms in 2 MiB
-# pages. torch reads the variable at its first allocation, so it is set before torch is imported; a setting in the
-# environment wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import typer  # noqa: E402
+import typer
 
 from statelens.analysis import analyses
 from statelens.cli import check, demo, posttrain, report

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -147,21 +143,3 @@ def test_the_hf_backend_gives_the_native_answer(ckpt, token_file, tmp_path, monk
     np.testing.assert_allclose(tables["hf"].loss, tables["native"].loss, atol=1e-5)
     assert json.loads((tmp_path / "hf" / "run.json").read_text())["config"]["backend"] == "hf"
 
-
-THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@pytest.mark.skipif(not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(),
-                    reason="no transparent huge pages on this system")
-def test_the_cli_puts_torch_s_large_tensors_on_huge_pages():
-    """The CLI's process maps a 64 MiB tensor in 2 MiB pages (AnonHugePages in /proc/self/smaps_rollup), where
-    the same process with the setting turned off maps none of it so."""
-    script = ("import statelens.cli.main, torch; x = torch.ones(64 * 2**20 // 4); "
-              "print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))")
-
-    def huge_kib(**env) -> int:
-        environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
-        return int(subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True,
-                                  check=True).stdout)
-    assert huge_kib() >= 32 * 1024
-    assert huge_kib(THP_MEM_ALLOC_ENABLE="0") < 4 * 1024
