@@ -115,19 +115,7 @@ def _ssd(x, log_a, B, C, h0, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if pad:  # zero input and zero log-decay (alpha = 1) past the end leave the final state exact
         x, log_a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, log_a, B, C))
     c = (l + pad) // q
-    x = x.view(b, c, q, g, r, p)
-    B, C = B.view(b, c, q, g, n), C.view(b, c, q, g, n)
-    a = log_a.view(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, c, q]
-    a_cum = a.cumsum(dim=-1)
-
-    # 1. Within each chunk (diagonal blocks): y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) x_s
-    CB = torch.einsum("bctgn,bcsgn->bgcts", C, B)
-    decay = segsum(a).exp()  # [b, g, r, c, t, s]
-    y = torch.einsum("bgrcts,bcsgrp->bctgrp", CB[:, :, None] * decay, x)
-
-    # 2. Each chunk's own contribution to the state at its end. The decays to the end are the last
-    # row of step 1's: no cum[q] - cum[s], which is nan when a patched alpha is 0 (log-decay -inf).
-    x_to_end = x * decay[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]  # [b, c, q, g, r, p]
+    x, B, C, a_cum, y, x_to_end = _within_blocks(x, log_a, B, C, q)
     chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, x_to_end)
 
     # 3. Carry the state across chunk boundaries (a short loop: c = l / chunk).
@@ -145,6 +133,30 @@ def _ssd(x, log_a, B, C, h0, chunk) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 
+def _within_blocks(x, log_a, B, C, q):
+    """Steps 1 and 2 of the chunked form, for a length that is a whole number of blocks ``q``: the inputs as
+    blocks (x [b, c, q, g, r, p], B and C [b, c, q, g, n]), the cumulative log-decays within each block
+    a_cum [b, g, r, c, q], the output from the block's own tokens y [b, c, q, g, r, p], and x decayed to its
+    block's end x_to_end [b, c, q, g, r, p]."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r, c = h // g, l // q
+    x = x.view(b, c, q, g, r, p)
+    B, C = B.view(b, c, q, g, n), C.view(b, c, q, g, n)
+    a = log_a.view(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, c, q]
+    a_cum = a.cumsum(dim=-1)
+
+    # 1. Within each chunk (diagonal blocks): y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) x_s
+    CB = torch.einsum("bctgn,bcsgn->bgcts", C, B)
+    decay = segsum(a).exp()  # [b, g, r, c, t, s]
+    y = torch.einsum("bgrcts,bcsgrp->bctgrp", CB[:, :, None] * decay, x)
+
+    # 2. Each chunk's own contribution to the state at its end. The decays to the end are the last
+    # row of step 1's: no cum[q] - cum[s], which is nan when a patched alpha is 0 (log-decay -inf).
+    x_to_end = x * decay[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]  # [b, c, q, g, r, p]
+    return x, B, C, a_cum, y, x_to_end
+
+
 def _ssd_block_by_block(x, log_a, B, C, h0, q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_ssd` as the compiled path runs it (:mod:`statelens.models.fused`), for a length that is a
     whole number of blocks ``q``: steps 1 and 2 as there, then steps 3 and 4 a block at a time, so that the
@@ -154,14 +166,7 @@ def _ssd_block_by_block(x, log_a, B, C, h0, q) -> tuple[torch.Tensor, torch.Tens
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r, c = h // g, l // q
-    x = x.view(b, c, q, g, r, p)
-    B, C = B.view(b, c, q, g, n), C.view(b, c, q, g, n)
-    a = log_a.view(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, c, q]
-    a_cum = a.cumsum(dim=-1)
-    decay = segsum(a).exp()  # [b, g, r, c, t, s]
-    CB = torch.einsum("bctgn,bcsgn->bgcts", C, B)
-    y = torch.einsum("bgrcts,bcsgrp->bctgrp", CB[:, :, None] * decay, x)
-    x_to_end = x * decay[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]  # [b, c, q, g, r, p]
+    x, B, C, a_cum, y, x_to_end = _within_blocks(x, log_a, B, C, q)
     chunk_decay = a_cum[..., -1].exp()  # [b, g, r, c]
     chunk_decay = chunk_decay.view(b, g, r, 1, c).expand(b, g, r, p, c).reshape(b, g, r * p, 1, c)
     state = h0.view(b, g, r * p, n).to(x.dtype)
