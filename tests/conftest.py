@@ -120,6 +120,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class CompiledCalls(list):
+    """The input shape of each piece that went through a compiled graph; ``classes``: the compiled module's class
+    of each (a mixer, or the block around it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classes: list[str] = []
+
+
 @pytest.fixture
 def compiled_calls(monkeypatch):
     """The input shape of each piece that went through a compiled graph (``--compile``: the fast path really
@@ -129,12 +138,12 @@ def compiled_calls(monkeypatch):
     from statelens.models import fused
 
     torch._dynamo.reset()
-    calls = []
+    calls = CompiledCalls()
     compiled = fused._compiled
 
     def counting(cls):
         graph = compiled(cls)
-        return lambda *args: calls.append(args[1].shape) or graph(*args)
+        return lambda *args: calls.classes.append(cls.__name__) or calls.append(args[1].shape) or graph(*args)
     monkeypatch.setattr(fused, "_compiled", counting)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield calls

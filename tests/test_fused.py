@@ -62,6 +62,7 @@ def test_compiled_path_equals_eager(name, compiled_calls):
     fast, fast_state, fast_blocks = run(m, x, state, "on")
     piece = fused.piece_length(2, m.blocks[0].mixer.ssd_block)                  # 512 tokens over 2 rows
     assert compiled_calls == [torch.Size([2, piece, 64])] * (1100 // piece) * 2  # 2 layers; the tail runs eager
+    assert set(compiled_calls.classes) == {"Block"}                               # norm, mixer, residual add
     assert (fast - eager).abs().max() <= 2e-6 * eager.abs().max()
     for mine, theirs in [*zip(fast_state.ssm + fast_state.conv, eager_state.ssm + eager_state.conv),
                          (fast_blocks, eager_blocks)]:
@@ -80,13 +81,22 @@ def test_compiled_path_in_float64_is_the_reference_to_rounding(compiled_calls):
 
 def test_hooks_on_the_scan_inputs_and_gradients_keep_the_eager_path(compiled_calls):
     """A hook on a layer's x, or a gradient, needs the eager path's intermediates: that layer, or that call,
-    does not compile."""
+    does not compile. A hook on a layer's output (hook_out) keeps that layer's norm and residual add out of the
+    graph: the mixer alone compiles, and the hook sees its whole output, as eager."""
     m = model()
     x = torch.randint(0, 50, (1, 600))
+    seen = {}
     with fused.mode("on"):
-        with torch.inference_mode(), hooks(m, {"blocks.0.hook_x": lambda t, hook: t}):
-            m(x, m.zero_state(1))
+        for mode in ("off", "on"):
+            with torch.inference_mode(), fused.mode(mode), hooks(m, {
+                    "blocks.0.hook_x": lambda t, hook: t,
+                    "blocks.1.hook_out": lambda t, hook, mode=mode: seen.setdefault(mode, t.clone())}):
+                seen[mode, "logits"] = m(x, m.zero_state(1))[0]
         assert compiled_calls == [torch.Size([1, 512, 64])]              # layer 1 only: layer 0's x is hooked
+        assert compiled_calls.classes == ["Mamba2Mixer"]                 # layer 1's output is hooked
+        assert seen["on"].shape == (1, 600, 64)
+        assert (seen["on"] - seen["off"]).abs().max() <= 1e-5 * seen["off"].abs().max()
+        assert (seen["on", "logits"] - seen["off", "logits"]).abs().max() <= 2e-6 * seen["off", "logits"].abs().max()
         m(x, m.zero_state(1))[0].sum().backward()
     assert len(compiled_calls) == 1
 

@@ -87,6 +87,7 @@ def test_compiled_path_equals_eager(family, name, compiled_calls):
     piece = piece_of(m, 2)
     assert 300 % piece                                                # an eager tail
     assert compiled_calls == [torch.Size([2, piece, m.embedding.embedding_dim])] * (300 // piece) * 2  # 2 layers
+    assert set(compiled_calls.classes) == {"Block" if family == "mamba1" else "GatedLinearAttention"}
     assert close(fast, eager, 2e-6)
     for mine, theirs in zip(fast_state.ssm + fast_state.conv, eager_state.ssm + eager_state.conv):
         assert close(mine, theirs, 1e-5)
@@ -107,17 +108,23 @@ def test_compiled_path_in_float64_is_the_reference_to_rounding(family, compiled_
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_hooks_on_the_scan_inputs_and_gradients_keep_the_eager_path(family, compiled_calls):
     """A hook on layer 0's values (hook_x) sees the whole call and keeps that layer eager, layer 1 compiled; a
-    gradient keeps the whole call eager."""
+    hook on layer 1's output (hook_out) sees its whole output, as eager (Mamba-1: that layer's mixer compiles
+    alone, its norm and residual add out of the graph); a gradient keeps the whole call eager."""
     make, piece_of, _ = CASES[family]
     m = make()
     x = torch.randint(0, 50, (1, 300))
-    seen = []
+    seen, out = [], {}
     with fused.mode("on"):
-        with torch.inference_mode(), hooks(m, {"blocks.0.hook_x": lambda t, hook: seen.append(t.shape)}):
-            m(x, m.zero_state(1))
+        for mode in ("off", "on"):
+            with torch.inference_mode(), fused.mode(mode), hooks(m, {
+                    "blocks.0.hook_x": lambda t, hook: seen.append(t.shape),
+                    "blocks.1.hook_out": lambda t, hook, mode=mode: out.setdefault(mode, t.clone())}):
+                out[mode, "logits"] = m(x, m.zero_state(1))[0]
         piece = piece_of(m, 1)
-        assert seen[0][:2] == (1, 300)
+        assert seen[1][:2] == (1, 300)
         assert compiled_calls == [torch.Size([1, piece, m.embedding.embedding_dim])] * (300 // piece)  # layer 1
+        assert "Block" not in compiled_calls.classes
+        assert close(out["on"], out["off"], 1e-5) and close(out["on", "logits"], out["off", "logits"], 2e-6)
         m(x, m.zero_state(1))[0].sum().backward()
     assert len(compiled_calls) == 300 // piece
 

@@ -44,6 +44,11 @@ The other two mixers plug in the same way: their ``forward`` is the output hooks
   float64 cumsums, as for Mamba-2): 700 ms eager, 244 ms compiled. The block's MLP stays eager (matrix
   products and one SiLU).
 
+Around the Mamba-1 and Mamba-2 mixers, the residual block's norm and residual add join the graph too
+(:meth:`statelens.models.lm.Block.forward`), unless a hook watches the mixer's output (``hook_out``), which
+must see it whole: eager, at batch 8 each is a pass over the whole call's ``[b, l, d]`` residual stream, more
+than a piece holds in cache.
+
 When it runs (:func:`applies`): ``mode`` ``on`` (``--compile on``, or ``auto`` resolved to on by
 :func:`resolve`); a call of at least one piece; no gradient; on CPU, where mamba-ssm's and fla's kernels do not
 run; no mitigation's scan and no hook on the scan's inputs (``hook_x``, ``hook_B``, ``hook_C``, ``hook_dt``,
@@ -145,7 +150,9 @@ def piece_length(batch: int, block: int, tokens: int = PIECE) -> int:
 
 def in_pieces(mixer, u: torch.Tensor, states: tuple[torch.Tensor, ...], piece: int, *options):
     """``type(mixer).unhooked(mixer, u, *states, *options)`` over consecutive pieces of ``piece`` tokens per
-    row, each continuing from the last one's states, the full pieces through the compiled graph.
+    row, each continuing from the last one's states, the full pieces through the compiled graph. ``mixer`` is a
+    mixer, or the residual block around one (:class:`statelens.models.lm.Block`, whose ``unhooked`` adds the
+    norm before the mixer and the residual add after it to the graph).
 
     ``unhooked`` returns ``(out [b, l, d], *new states, *extras)``, one new state per state given; each extra is
     None or a tensor laid along the call's length in dim 1 (Mamba-2's block states [b, c, h, p, n]). Returns the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from statelens.models import fused
 from statelens.models.base import RecurrentLM, State
 from statelens.models.layers import block_norm
 
@@ -23,10 +24,24 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, residual: torch.Tensor, *states: torch.Tensor):
+        """residual [b, l, d], the mixer's states -> (residual + mixer(norm(residual)), new states)."""
         if self.residual_in_fp32:
             residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        piece = self.mixer.fast_piece(residual) if hasattr(self.mixer, "fast_piece") else 0
+        if piece and not self.mixer.hook_out.active:
+            # --compile: the norm and the residual add join the mixer's graph, a piece at a time in cache, where
+            # eager they are passes over the whole call (fused.in_pieces)
+            residual, *rest = fused.in_pieces(self, residual, states, piece, *self.mixer.options())
+            return residual, *self.mixer.observe(*rest)
         out, *states = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), *states)
         return residual + out, *states
+
+    def unhooked(self, residual: torch.Tensor, *states_and_options):
+        """:meth:`forward` with the mixer's ``unhooked`` (no hooks) -> (new residual, what ``unhooked`` returned
+        after its output): what :func:`fused.in_pieces` runs a piece at a time."""
+        out, *rest = type(self.mixer).unhooked(self.mixer, self.norm(residual.to(self.norm.weight.dtype)),
+                                               *states_and_options)
+        return residual + out, *rest
 
 
 class LMHeadModel(RecurrentLM):

@@ -102,15 +102,30 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
         """u [b, l, d_model]; ssm_state [b, d, n]; conv_state [b, d, k - 1] -> (out, ssm, conv)."""
-        piece = fused.piece_length(u.shape[0], 1, PIECE)
-        if fused.applies(self, u, (self.hook_x, self.hook_B, self.hook_C, self.hook_dt, self.hook_decay), piece):
-            # --compile: the same numbers to float rounding
-            out, ssm_state, conv_state = fused.in_pieces(self, u, (ssm_state, conv_state), piece)
+        piece = self.fast_piece(u)
+        if piece:  # --compile: the same numbers to float rounding
+            out, *rest = fused.in_pieces(self, u, (ssm_state, conv_state), piece)
         else:
-            out, ssm_state, conv_state = self.unhooked(u, ssm_state, conv_state)
-        conv_state = self.hook_conv_state(conv_state)  # the scan does not read it: hooking it last changes nothing
-        ssm_state = self.hook_state(ssm_state)
+            out, *rest = self.unhooked(u, ssm_state, conv_state)
+        ssm_state, conv_state = self.observe(*rest)  # the states' hooks first, then hook_out, as always
         return self.hook_out(out), ssm_state, conv_state
+
+    def fast_piece(self, u: torch.Tensor) -> int:
+        """Tokens per row of a piece when a call on u [b, l, d_model] takes the compiled path (:mod:`fused`),
+        else 0."""
+        piece = fused.piece_length(u.shape[0], 1, PIECE)
+        return piece if fused.applies(self, u, (self.hook_x, self.hook_B, self.hook_C, self.hook_dt,
+                                                self.hook_decay), piece) else 0
+
+    def options(self) -> tuple:
+        """:meth:`unhooked`'s arguments after the states: none."""
+        return ()
+
+    def observe(self, ssm_state: torch.Tensor, conv_state: torch.Tensor):
+        """The hooks on the states :meth:`unhooked` returned -> (ssm state, conv state). The conv state is
+        hooked last: the scan does not read it, so hooking it after changes nothing."""
+        conv_state = self.hook_conv_state(conv_state)
+        return self.hook_state(ssm_state), conv_state
 
     def unhooked(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
         """:meth:`forward` without the hooks on its outputs (``hook_conv_state``, ``hook_state``, ``hook_out``)

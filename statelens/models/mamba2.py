@@ -155,19 +155,30 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
         """u [b, l, d]; ssm_state [b, h, p, n]; conv_state [b, conv_dim, k - 1] -> (out, ssm, conv)."""
-        blocks_wanted = self.hook_state_blocks.active
+        piece = self.fast_piece(u)
+        if piece:  # --compile: the same numbers to float rounding
+            out, *rest = fused.in_pieces(self, u, (ssm_state, conv_state), piece, *self.options())
+        else:
+            out, *rest = self.unhooked(u, ssm_state, conv_state, *self.options())
+        ssm_state, conv_state = self.observe(*rest)  # the states' hooks first, then hook_out, as always
+        return self.hook_out(out), ssm_state, conv_state
+
+    def fast_piece(self, u: torch.Tensor) -> int:
+        """Tokens per row of a piece when a call on u [b, l, d] takes the compiled path (:mod:`fused`), else 0."""
         piece = fused.piece_length(u.shape[0], self.ssd_block)
         inputs = (self.hook_x, self.hook_B, self.hook_C, self.hook_dt, self.hook_decay)
-        if fused.applies(self, u, inputs, piece) and not kernels.ready("ssd", u):
-            # --compile: the same numbers to float rounding
-            out, ssm_state, conv_state, blocks = fused.in_pieces(self, u, (ssm_state, conv_state), piece, blocks_wanted)
-        else:
-            out, ssm_state, conv_state, blocks = self.unhooked(u, ssm_state, conv_state, blocks_wanted)
+        return piece if fused.applies(self, u, inputs, piece) and not kernels.ready("ssd", u) else 0
+
+    def options(self) -> tuple[bool]:
+        """:meth:`unhooked`'s arguments after the states: whether the block states are wanted."""
+        return (self.hook_state_blocks.active,)
+
+    def observe(self, ssm_state: torch.Tensor, conv_state: torch.Tensor, blocks: torch.Tensor | None):
+        """The hooks on the states :meth:`unhooked` returned -> (ssm state, conv state)."""
         conv_state = self.hook_conv_state(conv_state)
-        if blocks_wanted:  # observe only
+        if blocks is not None:  # observe only
             self.hook_state_blocks(blocks)
-        ssm_state = self.hook_state(ssm_state)
-        return self.hook_out(out), ssm_state, conv_state
+        return self.hook_state(ssm_state), conv_state
 
     def unhooked(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor, blocks_wanted: bool):
         """:meth:`forward` without the hooks on its outputs (``hook_conv_state``, ``hook_state_blocks``,
