@@ -18,16 +18,17 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.skipif(not fused.compiler_available(), reason="torch.compile's CPU backend needs a C++ "
                                 "compiler")
 
-CONFIGS = {  # every branch of the mixer: grouped B/C, gated MLP beside the SSM, D per channel, dt limits, no norm
-    "grouped": dict(ngroups=2),
-    "mlp-and-D-per-channel": dict(d_ssm=64, D_has_hdim=True, dt_limit=(0.01, 0.5)),
-    "norm-before-gate": dict(norm_before_gate=True),
-    "no-norm": dict(rmsnorm=False),
+CONFIGS = {  # every branch of the mixer, each switch away from its default in one of the two (the other tests: defaults)
+    "grouped-norm-before-gate": dict(ngroups=2, norm_before_gate=True),
+    "mlp-D-per-channel-dt-limits-no-norm": dict(d_ssm=64, D_has_hdim=True, dt_limit=(0.01, 0.5), rmsnorm=False),
 }
 
 
 def model(**options) -> Mamba2LM:
-    """A random 2-layer Mamba-2 with decays spread as in trained models (dt_bias, A_log not at zero)."""
+    """A random 2-layer Mamba-2 with decays spread as in trained models (dt_bias, A_log not at zero), but for one
+    head of layer 0 that forgets at every token: its A_log of 1000 is past even float64's exp range, so A = -inf
+    and its decay is 0, which the compiled path's segment sums (differences of cumsums) must keep at 0, as the
+    eager masked cumsum does, not turn into inf - inf."""
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=50, d_state=16, headdim=16, chunk_size=16, **options)
     m = Mamba2LM(cfg).eval()
@@ -36,6 +37,7 @@ def model(**options) -> Mamba2LM:
             block.mixer.dt_bias.normal_(-2.0, 1.0)
             block.mixer.A_log.uniform_(0.0, 2.5)
             block.mixer.D.normal_()
+        m.blocks[0].mixer.A_log[0] = 1000.0
     return m
 
 
@@ -63,7 +65,7 @@ def test_compiled_path_equals_eager(name, compiled_calls):
     piece = fused.piece_length(2, m.blocks[0].mixer.ssd_block)                  # 512 tokens over 2 rows
     assert compiled_calls == [torch.Size([2, piece, 64])] * (1100 // piece) * 2  # 2 layers; the tail runs eager
     assert set(compiled_calls.classes) == {"Block"}                               # norm, mixer, residual add
-    assert (fast - eager).abs().max() <= 2e-6 * eager.abs().max()
+    assert torch.isfinite(eager).all() and (fast - eager).abs().max() <= 2e-6 * eager.abs().max()
     for mine, theirs in [*zip(fast_state.ssm + fast_state.conv, eager_state.ssm + eager_state.conv),
                          (fast_blocks, eager_blocks)]:
         assert mine.shape == theirs.shape
@@ -164,20 +166,6 @@ def assert_cli_compile_on_gives_the_eager_csvs(ckpt, tmp_path, monkeypatch, caps
             f"{table}: beyond the determinism tolerance by {excess.max():.3g}"
 
 
-def test_a_decay_of_zero_is_zero_on_the_compiled_path_too(compiled_calls):
-    """Heads whose A is -inf (A_log past float32's exp range) forget at every token: the compiled path's segment
-    sums (differences of cumsums) must give a decay of 0 there, as the eager masked cumsum does, not inf - inf."""
-    m = model()
-    with torch.no_grad():
-        m.blocks[0].mixer.A_log[::2] = 100.0
-    x = torch.randint(0, 50, (1, 600), generator=torch.Generator().manual_seed(3))
-    eager, eager_state, _ = run(m, x, m.zero_state(1), "off")
-    fast, fast_state, _ = run(m, x, m.zero_state(1), "on")
-    assert compiled_calls and torch.isfinite(eager).all()
-    assert (fast - eager).abs().max() <= 2e-6 * eager.abs().max()
-    assert (fast_state.ssm[0] - eager_state.ssm[0]).abs().max() <= 1e-5 * eager_state.ssm[0].abs().max()
-
-
 def test_the_compiled_loss_is_cross_entropy():
     """The fast path's per-token loss against torch's cross_entropy, in float64, on logits with a spread of
     scales and a row whose target is its smallest logit; rows of two counts (dynamic in the rows: one compile)."""
@@ -235,17 +223,17 @@ def test_check_verifies_the_compiled_path_and_fails_when_it_is_wrong(monkeypatch
 
 
 def test_a_process_meeting_many_models_keeps_the_compiled_path(monkeypatch):
-    """Ten configurations in one process (more than dynamo's default limit of 8 graphs per function) all take the
+    """Nine configurations in one process (more than dynamo's default limit of 8 graphs per function) all take the
     compiled path: hitting the limit is made an error here rather than a quiet fallback to eager. The subject is
     dynamo's bookkeeping, so the graphs are traced with its "eager" backend, without inductor's C++ compile of
-    each (70 s of a cold CI run)."""
+    each (70 s of a cold CI run for ten)."""
     torch._dynamo.reset()
     fused._compiled.cache_clear()
     monkeypatch.setattr(fused, "BACKEND", "eager")
     before = fused.pieces_compiled()
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            for width in range(10):
+            for width in range(9):
                 torch.manual_seed(width)
                 m = Mamba2LM(Mamba2Config(d_model=32 + 8 * width, n_layer=1, vocab_size=20, d_state=8, headdim=8,
                                           chunk_size=16)).eval()
@@ -254,4 +242,4 @@ def test_a_process_meeting_many_models_keeps_the_compiled_path(monkeypatch):
     finally:  # the next test's graphs are inductor's again
         fused._compiled.cache_clear()
         torch._dynamo.reset()
-    assert fused.pieces_compiled() - before == 10
+    assert fused.pieces_compiled() - before == 9

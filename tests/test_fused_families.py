@@ -52,10 +52,10 @@ def gla_model(**options) -> GLALM:
 
 CASES = {  # family -> (model, piece length of the family's mixer at batch b, configurations covering its branches)
     "mamba1": (mamba1_model, lambda m, b: fused.piece_length(b, 1, mamba1.PIECE),
-               {"biases": dict(bias=True), "no-conv-bias": dict(conv_bias=False)}),
+               {"biases-no-conv-bias": dict(bias=True, conv_bias=False)}),  # the defaults: the other tests
     "gla": (gla_model, lambda m, b: fused.piece_length(b, m.config.chunk_size, gla.PIECE),
-            {"gated": {}, "kv-groups-and-clamp": dict(num_kv_heads=2, clamp_min=-0.3),
-             "no-gate-no-affine": dict(use_output_gate=False, elementwise_affine=False)}),
+            {"gated": {}, "kv-groups-clamp-no-gate-no-affine": dict(num_kv_heads=2, clamp_min=-0.3,
+                                                                    use_output_gate=False, elementwise_affine=False)}),
 }
 PARAMS = [(family, name) for family, (_, _, configs) in CASES.items() for name in sorted(configs)]
 
