@@ -1,7 +1,9 @@
 """The residual stack shared by the Mamba backends: embedding, pre-norm blocks, final norm, lm_head.
 
 A backend subclasses :class:`LMHeadModel`, builds its mixers and calls ``_build``; the mixer of layer
-``i`` takes ``(u, ssm_state, conv_state)`` and returns ``(out, ssm_state, conv_state)``.
+``i`` takes ``(u, ssm_state, conv_state)`` and returns ``(out, ssm_state, conv_state)``. A mixer with a compiled
+CPU path (:mod:`statelens.models.fused`) also has ``fast_piece``, ``options`` and ``observe``, through which its
+block runs the norm, the mixer and the residual add as one graph a piece at a time.
 """
 from __future__ import annotations
 
