@@ -172,6 +172,24 @@ def in_pieces(mixer, u: torch.Tensor, states: tuple[torch.Tensor, ...], piece: i
     return torch.cat(outs, dim=1), *states, *joined
 
 
+class Piecewise:
+    """Mixin of a mixer with a compiled path (Mamba-2's, Mamba-1's). It provides ``fast_piece(u)`` (tokens per row
+    of a piece when the compiled path applies to a call on u, else 0), ``options()`` (``unhooked``'s arguments after
+    the states) and ``observe(*new states, *extras)`` (the hooks on what ``unhooked`` returned -> the new states);
+    its ``forward`` is then those hooks and ``hook_out`` around one ``unhooked`` call, run :func:`in_pieces` where
+    the compiled path applies. :class:`statelens.models.lm.Block` uses the same three to run itself in pieces."""
+
+    def forward(self, u: torch.Tensor, *states: torch.Tensor):
+        """u [b, l, d] and the mixer's states -> (out [b, l, d], *new states)."""
+        piece = self.fast_piece(u)
+        if piece:  # --compile: the same numbers to float rounding
+            out, *rest = in_pieces(self, u, states, piece, *self.options())
+        else:
+            out, *rest = self.unhooked(u, *states, *self.options())
+        states = self.observe(*rest)  # the states' hooks first, then hook_out, as always
+        return self.hook_out(out), *states
+
+
 _count = [0]  # full pieces run through a compiled graph in this process
 
 

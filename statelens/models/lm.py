@@ -29,7 +29,7 @@ class Block(nn.Module):
         """residual [b, l, d], the mixer's states -> (residual + mixer(norm(residual)), new states)."""
         if self.residual_in_fp32:
             residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        piece = self.mixer.fast_piece(residual) if hasattr(self.mixer, "fast_piece") else 0
+        piece = self.mixer.fast_piece(residual) if isinstance(self.mixer, fused.Piecewise) else 0
         if piece and not self.mixer.hook_out.active:
             # --compile: the norm and the residual add join the mixer's graph, a piece at a time in cache, where
             # eager they are passes over the whole call (fused.in_pieces)

@@ -75,7 +75,11 @@ class Mamba1Config:
         return self.vocab_size * self.d_model + self.n_layer * mixer + norms + head
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(fused.Piecewise, nn.Module):
+    """One Mamba-1 layer's mixer: ``forward(u [b, l, d_model], ssm_state [b, d, n], conv_state [b, d, k - 1]) ->
+    (out [b, l, d_model], ssm state, conv state)`` (:class:`~statelens.models.fused.Piecewise`), its hooks on the
+    way."""
+
     def __init__(self, cfg: Mamba1Config, layer: int):
         super().__init__()
         self.cfg = cfg
@@ -99,16 +103,6 @@ class Mamba1Mixer(nn.Module):
         self.hook_state = HookPoint(layer)       # [b, d, n]
         self.hook_conv_state = HookPoint(layer)  # [b, d, k - 1]
         self.hook_out = HookPoint(layer)         # [b, l, d_model]
-
-    def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
-        """u [b, l, d_model]; ssm_state [b, d, n]; conv_state [b, d, k - 1] -> (out, ssm, conv)."""
-        piece = self.fast_piece(u)
-        if piece:  # --compile: the same numbers to float rounding
-            out, *rest = fused.in_pieces(self, u, (ssm_state, conv_state), piece)
-        else:
-            out, *rest = self.unhooked(u, ssm_state, conv_state)
-        ssm_state, conv_state = self.observe(*rest)  # the states' hooks first, then hook_out, as always
-        return self.hook_out(out), ssm_state, conv_state
 
     def fast_piece(self, u: torch.Tensor) -> int:
         """Tokens per row of a piece when a call on u [b, l, d_model] takes the compiled path (:mod:`fused`),

@@ -116,7 +116,10 @@ class Mamba2Config:
         return self.vocab_size * self.d_model + self.n_layer * mixer + norms + head
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(fused.Piecewise, nn.Module):
+    """One Mamba-2 layer's mixer: ``forward(u [b, l, d], ssm_state [b, h, p, n], conv_state [b, conv_dim, k - 1])
+    -> (out [b, l, d], ssm state, conv state)`` (:class:`~statelens.models.fused.Piecewise`), its hooks on the way."""
+
     def __init__(self, cfg: Mamba2Config, layer: int):
         super().__init__()
         self.cfg = cfg
@@ -152,16 +155,6 @@ class Mamba2Mixer(nn.Module):
         (:mod:`statelens.models.kernels`), else ``ssd_block``. The same on both paths, so that the
         states ``hook_state_blocks`` sees fall where the recorder expects them."""
         return self.cfg.chunk_size if kernels.ready("ssd", self.A_log) else self.ssd_block
-
-    def forward(self, u: torch.Tensor, ssm_state: torch.Tensor, conv_state: torch.Tensor):
-        """u [b, l, d]; ssm_state [b, h, p, n]; conv_state [b, conv_dim, k - 1] -> (out, ssm, conv)."""
-        piece = self.fast_piece(u)
-        if piece:  # --compile: the same numbers to float rounding
-            out, *rest = fused.in_pieces(self, u, (ssm_state, conv_state), piece, *self.options())
-        else:
-            out, *rest = self.unhooked(u, ssm_state, conv_state, *self.options())
-        ssm_state, conv_state = self.observe(*rest)  # the states' hooks first, then hook_out, as always
-        return self.hook_out(out), ssm_state, conv_state
 
     def fast_piece(self, u: torch.Tensor) -> int:
         """Tokens per row of a piece when a call on u [b, l, d] takes the compiled path (:mod:`fused`), else 0."""
