@@ -103,6 +103,23 @@ def test_hooks_on_the_scan_inputs_and_gradients_keep_the_eager_path(compiled_cal
     assert len(compiled_calls) == 1
 
 
+def test_a_torch_hook_on_the_mixer_sees_its_whole_call(compiled_calls):
+    """A forward hook registered with torch on a layer's mixer module fires once, on the mixer's whole output, under
+    --compile as eager: that layer's mixer compiles alone, outside its block's graph."""
+    m = model()
+    x = torch.randint(0, 50, (1, 600))
+    seen = {}
+    for mode in ("off", "on"):
+        handle = m.blocks[1].mixer.register_forward_hook(
+            lambda module, args, out, mode=mode: seen.setdefault(mode, []).append(out[0].clone()))
+        with torch.inference_mode(), fused.mode(mode):
+            m(x, m.zero_state(1))
+        handle.remove()
+    assert [t.shape for t in seen["on"]] == [(1, 600, 64)] and len(seen["off"]) == 1
+    assert (seen["on"][0] - seen["off"][0]).abs().max() <= 1e-5 * seen["off"][0].abs().max()
+    assert compiled_calls.classes == ["Block", "Mamba2Mixer"]               # layer 0 whole, layer 1's mixer alone
+
+
 def test_auto_resolves_on_the_work_not_the_clock():
     """auto: on from 2 x parameters x tokens >= 1.2e13 FLOPs (a 130M model over 8 sequences of 8192 tokens: 1.7e13),
     off for the demo's 2-layer model at any length a command would use."""

@@ -30,9 +30,11 @@ class Block(nn.Module):
         if self.residual_in_fp32:
             residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
         piece = self.mixer.fast_piece(residual) if isinstance(self.mixer, fused.Piecewise) else 0
-        if piece and not self.mixer.hook_out.active:
+        watched = self.mixer.hook_out.active or self.mixer._forward_hooks or self.mixer._forward_pre_hooks
+        if piece and not watched:
             # --compile: the norm and the residual add join the mixer's graph, a piece at a time in cache, where
-            # eager they are passes over the whole call (fused.in_pieces)
+            # eager they are passes over the whole call (fused.in_pieces). A hook on the mixer's output, ours or
+            # torch's on the module, must see its whole call: the mixer then runs (and compiles) alone.
             residual, *rest = fused.in_pieces(self, residual, states, piece, *self.mixer.options())
             return residual, *self.mixer.observe(*rest)
         out, *states = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), *states)
